@@ -1,0 +1,318 @@
+"""Typed, documented configuration: one frozen dataclass per params.yaml section.
+
+This module owns the schema and its validation. It imports only the standard library,
+so it loads anywhere (the CLI validates params before importing torch). Reading
+params.yaml from disk is the caller's job: `Config.from_dict` takes a plain mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "DataConfig",
+    "TokenizerConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "BenchConfig",
+    "TrackingConfig",
+    "flatten",
+]
+
+
+class ConfigError(ValueError):
+    """A params value that is missing, unknown, of the wrong type or out of range.
+
+    `str(err)` is one line: the dotted key, the bad value and what is allowed.
+    """
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}: got {value!r}; {allowed}")
+
+
+def _spec(default: Any = dataclasses.MISSING, *, doc: str, factory: Any = None, **rules: Any) -> Any:
+    """A dataclass field with a docstring and validation rules (min, max, gt, choices)."""
+    meta = {"doc": doc, **rules}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the raw text comes from and how it is split into train and val documents."""
+
+    source: str = _spec("stdlib", doc="corpus source", choices=("stdlib", "files", "hf"))
+    paths: tuple[str, ...] = _spec(
+        factory=tuple, doc="source=files: paths or globs of .txt, .jsonl or .parquet files"
+    )
+    text_field: str = _spec("text", doc="field/column holding the text in .jsonl, .parquet and hf data")
+    hf_name: str = _spec("openwebtext", doc="source=hf: dataset name on the Hugging Face hub, or a local folder")
+    hf_config: str | None = _spec(None, doc="source=hf: dataset configuration name")
+    hf_split: str = _spec("train", doc="source=hf: split to read (streamed)")
+    max_documents: int | None = _spec(None, doc="stop after this many documents (null: no limit)", min=1)
+    max_bytes: int | None = _spec(None, doc="stop after this many UTF-8 bytes of text (null: no limit)", min=1)
+    val_fraction: float = _spec(
+        0.05, doc="share of documents held out for validation, chosen by a seeded hash", gt=0.0, max=0.5
+    )
+    shard_mb: int = _spec(64, doc="split each text output into shards of about this many MB", min=1)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """The byte-level BPE tokenizer (or tiktoken's GPT-2 encoding when available locally)."""
+
+    kind: str = _spec("bpe", doc="bpe: train our own; gpt2: tiktoken's GPT-2 encoding", choices=("bpe", "gpt2"))
+    vocab_size: int = _spec(
+        4096,
+        doc="tokens in the vocabulary, the 256 bytes and the special tokens included (kind=bpe)",
+        min=1,
+        max=2**20,  # ids must fit the uint32 memmaps with room to spare; GPT-4o's is ~200k
+    )
+    split_pattern: str = _spec("gpt4", doc="pre-tokenizer regex", choices=("gpt2", "gpt4"))
+    special_tokens: tuple[str, ...] = _spec(
+        factory=lambda: ("<|endoftext|>",), doc="special tokens; the first separates documents"
+    )
+
+    def __post_init__(self) -> None:
+        if not self.special_tokens:
+            raise ConfigError("tokenizer.special_tokens", list(self.special_tokens), "needs at least <|endoftext|>")
+        if len(set(self.special_tokens)) != len(self.special_tokens) or not all(self.special_tokens):
+            raise ConfigError("tokenizer.special_tokens", list(self.special_tokens), "must be distinct non-empty strings")
+        floor = 256 + len(self.special_tokens)
+        if self.kind == "bpe" and self.vocab_size < floor:
+            raise ConfigError(
+                "tokenizer.vocab_size", self.vocab_size, f"must be >= {floor} (256 bytes + {len(self.special_tokens)} special tokens)"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-style decoder-only Transformer. The vocabulary size comes from the tokenizer."""
+
+    n_layer: int = _spec(4, doc="Transformer blocks", min=1)
+    n_head: int = _spec(4, doc="attention heads (query)", min=1)
+    n_kv_head: int | None = _spec(None, doc="key/value heads for grouped-query attention (null: n_head)", min=1)
+    n_embd: int = _spec(256, doc="residual stream width", min=8)
+    block_size: int = _spec(256, doc="training context length in tokens", min=8)
+    mlp: str = _spec("swiglu", doc="feed-forward type", choices=("swiglu", "gelu"))
+    mlp_hidden: int | None = _spec(
+        None, doc="MLP hidden width (null: 8/3*n_embd rounded up to 64 for swiglu, 4*n_embd for gelu)", min=1
+    )
+    tie_embeddings: bool = _spec(True, doc="share the token embedding with the LM head")
+    attention: str = _spec("sdpa", doc="attention backend", choices=("sdpa", "naive"))
+    rope_theta: float = _spec(10000.0, doc="RoPE base frequency", gt=0.0)
+    norm_eps: float = _spec(1e-5, doc="RMSNorm epsilon", gt=0.0)
+    init_std: float = _spec(0.02, doc="std of the normal weight init", gt=0.0)
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ConfigError("model.n_embd", self.n_embd, f"must be divisible by model.n_head ({self.n_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise ConfigError("model.n_embd", self.n_embd, "n_embd / n_head must be even for RoPE")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ConfigError("model.n_kv_head", self.n_kv_head, f"must divide model.n_head ({self.n_head})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        # SwiGLU has three matrices, so 8/3 * n_embd keeps the parameter count of a 4x GELU
+        # MLP; rounding up to a multiple of 64 keeps matmul shapes friendly.
+        return -(-int(8 * self.n_embd / 3) // 64) * 64
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop: AdamW, linear warmup then cosine decay, accumulation, clipping."""
+
+    batch_size: int = _spec(16, doc="sequences per micro-batch", min=1)
+    grad_accum: int = _spec(1, doc="micro-batches accumulated per optimizer step", min=1)
+    max_steps: int = _spec(600, doc="optimizer steps", min=1)
+    lr: float = _spec(3e-3, doc="peak learning rate", gt=0.0, max=1.0)
+    min_lr: float = _spec(3e-4, doc="learning rate at the end of the cosine decay", min=0.0)
+    warmup_steps: int = _spec(50, doc="steps of linear warmup from 0 to lr", min=0)
+    weight_decay: float = _spec(0.1, doc="AdamW decay on matrices (never on norms or embeddings)", min=0.0)
+    beta1: float = _spec(0.9, doc="AdamW beta1", min=0.0, max=0.999999)
+    beta2: float = _spec(0.95, doc="AdamW beta2", min=0.0, max=0.999999)
+    grad_clip: float = _spec(1.0, doc="clip the global gradient norm to this (0: no clipping)", min=0.0)
+    eval_interval: int = _spec(100, doc="steps between val-loss estimates", min=1)
+    eval_batches: int = _spec(10, doc="micro-batches per val-loss estimate", min=1)
+    log_interval: int = _spec(10, doc="steps between logged step metrics", min=1)
+    device: str = _spec("auto", doc="auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
+    dtype: str = _spec(
+        "float32", doc="compute dtype (autocast for bf16/fp16)", choices=("float32", "bfloat16", "float16")
+    )
+
+    def __post_init__(self) -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError("train.min_lr", self.min_lr, f"must be <= train.lr ({self.lr})")
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError("train.warmup_steps", self.warmup_steps, f"must be <= train.max_steps ({self.max_steps})")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out metrics and text samples."""
+
+    batch_size: int = _spec(16, doc="sequences per forward pass", min=1)
+    max_tokens: int | None = _spec(None, doc="evaluate at most this many val tokens (null: all)", min=1)
+    prompts: tuple[str, ...] = _spec(
+        factory=lambda: ("import ", "def main():\n", "class Parser:\n    def "), doc="fixed prompts for samples"
+    )
+    sample_tokens: int = _spec(128, doc="new tokens per sample", min=1)
+    temperature: float = _spec(0.8, doc="sampling temperature (0: greedy)", min=0.0)
+    top_k: int | None = _spec(50, doc="sample among the k most likely tokens (null: all)", min=1)
+    top_p: float | None = _spec(None, doc="nucleus sampling threshold (null: off)", gt=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The KV-cache benchmark: greedy decoding with and without the cache."""
+
+    prompt_lengths: tuple[int, ...] = _spec(factory=lambda: (16, 128, 512), doc="prompt lengths in tokens", min=1)
+    new_tokens: tuple[int, ...] = _spec(factory=lambda: (64, 256), doc="tokens generated per measurement", min=1)
+    repeats: int = _spec(3, doc="timed repetitions per point (the median is reported)", min=1)
+    warmup: int = _spec(1, doc="untimed repetitions before timing", min=0)
+
+    def __post_init__(self) -> None:
+        for key in ("prompt_lengths", "new_tokens"):
+            if not getattr(self, key):
+                raise ConfigError(f"bench.{key}", [], "needs at least one value")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking. MLFLOW_TRACKING_URI, when set, overrides `uri`."""
+
+    enabled: bool = _spec(True, doc="log runs to MLflow")
+    uri: str | None = _spec(None, doc="tracking URI (null: sqlite:///<project root>/mlflow.db)")
+    experiment: str = _spec("nanollm", doc="MLflow experiment name")
+
+
+@dataclass(frozen=True)
+class Config:
+    """All of params.yaml."""
+
+    seed: int = _spec(1337, doc="seeds the data split, initialisation, batches and sampling", min=0)
+    data: DataConfig = _spec(factory=DataConfig, doc="corpus")
+    tokenizer: TokenizerConfig = _spec(factory=TokenizerConfig, doc="tokenizer")
+    model: ModelConfig = _spec(factory=ModelConfig, doc="model architecture")
+    train: TrainConfig = _spec(factory=TrainConfig, doc="training")
+    eval: EvalConfig = _spec(factory=EvalConfig, doc="evaluation")
+    bench: BenchConfig = _spec(factory=BenchConfig, doc="KV-cache benchmark")
+    tracking: TrackingConfig = _spec(factory=TrackingConfig, doc="MLflow")
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "Config":
+        """Build and validate a Config; raises ConfigError naming the first bad key."""
+        return _build(cls, raw, prefix="")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "params"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(where, raw, "must be a mapping of keys to values")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(f"{prefix}{key}", raw[key], f"unknown key; known keys here: {known}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], f"{prefix}{name}", f.metadata)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, meta: Any) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key, meta)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, value, f"must be a list of {args[0].__name__}")
+        return tuple(_coerce(args[0], v, key, meta) for v in value)
+    return _check_scalar(hint, value, key, meta)
+
+
+def _check_scalar(hint: type, value: Any, key: str, meta: Any) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, value, "must be an integer")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "must be a number")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(key, value, "must be a finite number")
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, "must be a string")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(key, value, "must be one of " + ", ".join(map(str, meta["choices"])))
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(key, value, f"must be >= {meta['min']}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise ConfigError(key, value, f"must be > {meta['gt']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(key, value, f"must be <= {meta['max']}")
+    return value
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'n_layer': 4}} -> {'model.n_layer': 4}; lists are kept as values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

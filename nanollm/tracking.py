@@ -1,0 +1,216 @@
+"""Experiment tracking: the only module of the library that talks to MLflow.
+
+A `Tracker` wraps one MLflow run (created or re-opened by id); a `NullTracker` has the
+same methods and does nothing, so call sites never branch on whether tracking is on.
+mlflow is imported lazily: constructing a tracker is the first moment it is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nanollm.config import TrackingConfig
+from nanollm.errors import NanollmError
+
+log = logging.getLogger(__name__)
+
+# MLflow caps a param value at 6000 characters (mlflow.utils.validation).
+_MAX_PARAM_CHARS = 6000
+
+
+def tracking_uri(cfg: TrackingConfig, root: Path) -> str:
+    """MLFLOW_TRACKING_URI, else tracking.uri, else an absolute sqlite store in the project root.
+
+    The default is absolute so that a stage run by `dvc exp run --queue` in a temporary copy
+    of the repo (under .dvc/tmp) still logs to the store the user looks at.
+    """
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if cfg.uri:
+        return cfg.uri
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def git_commit(root: Path) -> str | None:
+    """The HEAD commit of the repo holding `root`, or None outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def run_tags(root: Path, **extra: Any) -> dict[str, str]:
+    """Tags every run carries: git commit and DVC experiment name (when DVC runs one)."""
+    tags = {
+        "mlflow.source.git.commit": git_commit(root),
+        "dvc.experiment": os.environ.get("DVC_EXP_NAME"),
+        **extra,
+    }
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+class NullTracker:
+    """Tracking switched off: every method accepts its arguments and does nothing."""
+
+    run_id: str | None = None
+    uri: str | None = None
+
+    def start(self, run_name: str | None = None, tags: Mapping[str, str] | None = None) -> None:
+        pass
+
+    def resume(self, run_id: str | None) -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        pass
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.end("FAILED" if exc_type else "FINISHED")
+
+
+class Tracker(NullTracker):
+    """One MLflow run in one experiment of one tracking store."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id = None
+        try:
+            self.experiment_id = self._experiment_id(experiment, artifact_root)
+        except Exception as err:  # MlflowException, or sqlalchemy errors from a bad database
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise NanollmError(
+                f"MLflow store {uri} is unusable ({first}); fix MLFLOW_TRACKING_URI/tracking.uri "
+                "or set tracking.enabled: false"
+            ) from None
+
+    def _experiment_id(self, name: str, artifact_root: Path | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = artifact_root.resolve().as_uri() if artifact_root else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            # another stage (a parallel queued experiment) created it first
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def start(self, run_name: str | None = None, tags: Mapping[str, str] | None = None) -> None:
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
+        self.run_id = run.info.run_id
+        log.info("MLflow run %s (%s) in %s", run.info.run_name, self.run_id, self.uri)
+
+    def resume(self, run_id: str | None) -> None:
+        if run_id is None:
+            log.warning("no MLflow run id recorded upstream; starting a new run")
+            self.start()
+            return
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            raise NanollmError(
+                f"MLflow run {run_id} (recorded by pretrain) is not in {self.uri}; "
+                "re-run pretrain (dvc repro -f pretrain) or point MLFLOW_TRACKING_URI at its store"
+            ) from None
+        self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ]
+        for i in range(0, len(items), 1000):  # log_batch takes at most 1000 metrics per call
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        if items:
+            self.client.log_batch(self.run_id, tags=items)
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def _param_value(value: Any) -> str:
+    text = str(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."
+
+
+def _probe_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on an unreachable tracking server (MLflow's own client retries for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise NanollmError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix MLFLOW_TRACKING_URI/"
+            "tracking.uri, or set tracking.enabled: false"
+        ) from None
+
+
+def make_tracker(cfg: TrackingConfig, root: Path) -> NullTracker:
+    """A Tracker on the configured store, or a NullTracker when tracking is disabled."""
+    if not cfg.enabled:
+        return NullTracker()
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = tracking_uri(cfg, root)
+    if uri.startswith(("http://", "https://")):
+        _probe_server(uri)
+    artifact_root = Path(root) / "mlartifacts" if uri.startswith("sqlite:") else None
+    return Tracker(uri, cfg.experiment, artifact_root=artifact_root)

@@ -1,0 +1,1 @@
+"""Thin Click commands, one module per pipeline stage, over the nanollm library."""

@@ -1,0 +1,163 @@
+"""The `nanollm` command group: loads and validates params.yaml once, dispatches to stages.
+
+Each stage lives in its own module under stages/ and is imported only when it is
+invoked (or listed by --help), and stage modules import torch, mlflow and datasets
+inside their command bodies, so `nanollm --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nanollm.config import Config, ConfigError
+from nanollm.errors import NanollmError
+
+# command name -> module under stages/ that defines `command`
+COMMANDS = {
+    "download": "stages.download",
+    "train_tokenizer": "stages.train_tokenizer",
+    "tokenize": "stages.tokenize",
+    "pretrain": "stages.pretrain",
+    "evaluate": "stages.evaluate",
+    "bench_kvcache": "stages.bench_kvcache",
+}
+
+log = logging.getLogger("nanollm")
+
+
+class _YamlLoader:
+    """PyYAML's SafeLoader, but reading `1e-3` as a float (YAML 1.1 insists on `1.0e-3`)."""
+
+    @staticmethod
+    @functools.cache
+    def cls() -> type:
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_implicit_resolver(
+            "tag:yaml.org,2002:float",
+            re.compile(
+                r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""",
+                re.X,
+            ),
+            list("-+0123456789."),
+        )
+        return Loader
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    """Parse params.yaml into a mapping; raises ConfigError with a one-line reason."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(str(path), None, "params file not found; run from the project root or pass --params")
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader.cls())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}{where}", None, f"{problem}; fix the YAML syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), None, "is not UTF-8 text") from None
+    return raw if raw is not None else {}
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What every stage command receives: the validated config and where the project is."""
+
+    config: Config
+    params_path: Path
+    root: Path  # the project root: DVC_ROOT when DVC runs us, else the folder of params.yaml
+
+    def tracker(self, **kwargs: Any) -> Any:
+        """An MLflow tracker for this project (a no-op one when tracking is disabled)."""
+        from nanollm.tracking import make_tracker
+
+        return make_tracker(self.config.tracking, root=self.root, **kwargs)
+
+
+def pass_context(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a stage command so it receives a StageContext as first argument."""
+
+    @functools.wraps(fn)
+    @click.pass_context
+    def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
+        params_path: Path = ctx.find_root().params["params"]
+        config = Config.from_dict(read_params(params_path))
+        root = Path(os.environ.get("DVC_ROOT") or params_path.resolve().parent)
+        return fn(StageContext(config, params_path, root), *args, **kwargs)
+
+    return wrapper
+
+
+class _Group(click.Group):
+    """Imports stage modules on demand and turns user errors into one-line messages."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        return importlib.import_module(COMMANDS[name]).command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as err:
+            where = "" if str(err).startswith(str(ctx.params["params"])) else f"{ctx.params['params']}: "
+            click.echo(f"Error: {where}{err}", err=True)
+            ctx.exit(2)
+        except NanollmError as err:
+            click.echo(f"Error: {err}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--params",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("params.yaml"),
+    show_default=True,
+    help="The params file every stage reads its settings from.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.version_option(package_name="nanollm")
+def cli(params: Path, verbose: bool) -> None:
+    """nanollm: a from-scratch small-LLM lab run as a DVC pipeline.
+
+    download -> train_tokenizer -> tokenize -> pretrain -> evaluate / bench_kvcache.
+    `dvc repro` runs them all with the settings in params.yaml.
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def main() -> None:
+    cli(prog_name="nanollm")

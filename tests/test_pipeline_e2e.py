@@ -1,0 +1,141 @@
+"""The whole pipeline for real: `dvc repro` in a temporary git repo, MLflow in its sqlite store.
+
+Tiny overrides keep it to well under a minute of work on 2 cores; everything else is the
+shipped dvc.yaml, the real stages, real tiktoken, real memmaps and a real MLflow store.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = ["download", "train_tokenizer", "tokenize", "pretrain", "evaluate", "bench_kvcache"]
+
+TINY = {
+    "data": {"max_bytes": 600_000, "val_fraction": 0.1},
+    "tokenizer": {"vocab_size": 512},
+    "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},
+    "train": {"batch_size": 8, "max_steps": 30, "warmup_steps": 5, "eval_interval": 10, "eval_batches": 2,
+              "log_interval": 5},
+    "eval": {"max_tokens": 4000, "sample_tokens": 16},
+    "bench": {"prompt_lengths": [8, 32], "new_tokens": [8], "repeats": 1, "warmup": 0},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "DVC_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        HF_HUB_OFFLINE="1",
+        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+    )
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done.stdout + done.stderr
+
+
+def _ran_stages(output: str) -> list[str]:
+    return [name for name in PIPELINE if f"Running stage '{name}'" in output]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("project")
+    for name in ["nanollm", "stages", "dvc.yaml", ".dvc", ".dvcignore", ".gitignore", "pyproject.toml"]:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+        else:
+            shutil.copy2(src, repo / name)
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "init"], repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def first_repro(project: Path) -> str:
+    return _run([sys.executable, "-m", "dvc", "repro"], project)
+
+
+def _client(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+def _pretrain_runs(project: Path):
+    client = _client(project)
+    experiment = client.get_experiment_by_name("nanollm")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'pretrain'")
+    return client, runs
+
+
+@pytest.mark.slow
+def test_repro_runs_every_stage_and_writes_outputs(project, first_repro):
+    assert _ran_stages(first_repro) == PIPELINE
+    for path in ["data/corpus/manifest.json", "data/tokenizer/tokenizer.json", "data/tokens/train.bin",
+                 "data/tokens/val.bin", "data/tokens/meta.json", "models/checkpoint/model.pt",
+                 "models/checkpoint/config.json", "reports/samples.txt", "reports/bench_kvcache.png",
+                 "reports/pretrain_loss.png", "reports/train_curve.csv", "reports/val_curve.csv"]:
+        assert (project / path).is_file(), path
+    evaluate = json.loads((project / "metrics/evaluate.json").read_text())
+    assert 0 < evaluate["bits_per_byte"] < 8
+    for key in ["gzip_bits_per_byte", "bz2_bits_per_byte", "lzma_bits_per_byte", "perplexity", "accuracy"]:
+        assert key in evaluate
+    assert json.loads((project / "metrics/tokenizer.json").read_text())["vocab_size"] == 512
+    assert json.loads((project / "metrics/pretrain.json").read_text())["tokens"] > 0
+    assert json.loads((project / "metrics/bench_kvcache.json").read_text())
+
+
+@pytest.mark.slow
+def test_one_mlflow_run_per_model_with_params_and_every_stage_metrics(project, first_repro):
+    client, runs = _pretrain_runs(project)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["model.n_layer"] == "2"
+    assert run.data.params["train.max_steps"] == "30"
+    assert run.data.params["seed"] == "1337"
+    for metric in ["train_loss", "val_loss", "lr", "eval_bits_per_byte"]:
+        assert metric in run.data.metrics, metric
+    assert any(key.startswith("bench_") for key in run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2
+    assert run.data.tags.get("data.sha256") and run.data.tags.get("tokenizer.sha256")
+    checkpoint_run = json.loads((project / "models/checkpoint/run.json").read_text())["run_id"]
+    assert checkpoint_run == run.info.run_id
+
+
+@pytest.mark.slow
+def test_second_repro_is_a_noop_and_model_edit_reruns_exactly_downstream(project, first_repro):
+    again = _run([sys.executable, "-m", "dvc", "repro"], project)
+    assert _ran_stages(again) == []
+    assert len(_pretrain_runs(project)[1]) == 1
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"]["n_layer"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = _run([sys.executable, "-m", "dvc", "status"], project)
+    changed = [name for name in PIPELINE if f"{name}:" in status]
+    assert changed == ["pretrain", "evaluate", "bench_kvcache"], status
+
+    rerun = _run([sys.executable, "-m", "dvc", "repro"], project)
+    assert _ran_stages(rerun) == ["pretrain", "evaluate", "bench_kvcache"]
+    client, runs = _pretrain_runs(project)
+    assert sorted(r.data.params["model.n_layer"] for r in runs) == ["1", "2"]
