@@ -39,9 +39,10 @@ def atomic_path(target: str | os.PathLike[str], *, directory: bool = False) -> I
         fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
         os.close(fd)
         tmp = Path(name)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs get normal permissions
+    # mkstemp/mkdtemp create 0600/0700; outputs get the permissions a plain open() would give
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~umask)
     try:
         yield tmp
         if target.exists() or target.is_symlink():

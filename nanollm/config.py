@@ -58,7 +58,7 @@ class DataConfig:
         factory=tuple, doc="source=files: paths or globs of .txt, .jsonl or .parquet files"
     )
     text_field: str = _spec("text", doc="field/column holding the text in .jsonl, .parquet and hf data")
-    hf_name: str = _spec("openwebtext", doc="source=hf: dataset name on the Hugging Face hub, or a local folder")
+    hf_name: str = _spec("Skylion007/openwebtext", doc="source=hf: dataset name on the Hugging Face hub, or a local folder")
     hf_config: str | None = _spec(None, doc="source=hf: dataset configuration name")
     hf_split: str = _spec("train", doc="source=hf: split to read (streamed)")
     max_documents: int | None = _spec(None, doc="stop after this many documents (null: no limit)", min=1)
