@@ -1,0 +1,82 @@
+"""`nanollm tokenize`: encode the corpus train/val splits into token memmaps plus meta.json.
+
+Encoding is the tokenizer's (tiktoken, batched over threads) and the file format
+nanollm.data.tokens'; this module wires paths and metrics. No MLflow run: pretrain logs the
+tokenizer and corpus hashes that meta.json records.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from stages.cli import StageContext, pass_context
+
+_MB = 10**6  # megabytes are 10^6 bytes, as in the download metrics
+
+
+@click.command("tokenize")
+@click.option(
+    "--corpus",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("data/corpus"),
+    show_default=True,
+    help="Corpus folder (train/val shards + manifest.json).",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("data/tokenizer"),
+    show_default=True,
+    help="Tokenizer folder (tokenizer.json).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("data/tokens"),
+    show_default=True,
+    help="Tokens folder to (re)write: train.bin, val.bin, meta.json.",
+)
+@click.option(
+    "--metrics",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("metrics/tokenize.json"),
+    show_default=True,
+    help="Metrics JSON: tokens per split, bytes/token, throughput.",
+)
+@pass_context
+def command(ctx: StageContext, corpus: Path, tokenizer: Path, out: Path, metrics: Path) -> None:
+    """Tokenize every corpus split; each document is followed by <|endoftext|>."""
+    from nanollm.atomic import write_json
+    from nanollm.data.corpus import SPLITS, iter_documents, read_manifest
+    from nanollm.data.tokens import encode_documents, write_tokens
+    from nanollm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    manifest = read_manifest(corpus)
+    start = time.perf_counter()
+    meta = write_tokens(
+        out,
+        {split: encode_documents(tok, iter_documents(corpus, split)) for split in SPLITS},
+        vocab_size=tok.vocab_size,
+        eot_id=tok.eot_id,
+        tokenizer_sha256=tok.sha256,
+        corpus_sha256=manifest["sha256"],
+        total_bytes={split: manifest["splits"][split]["bytes"] for split in SPLITS},
+    )
+    seconds = time.perf_counter() - start
+    stats = meta.splits.values()
+    total_bytes = sum(s["bytes"] for s in stats)
+    text_tokens = sum(s["tokens"] - s["documents"] for s in stats)  # the eot separators carry no bytes
+    write_json(
+        metrics,
+        {
+            "train_tokens": meta.splits["train"]["tokens"],
+            "val_tokens": meta.splits["val"]["tokens"],
+            "bytes_per_token": round(total_bytes / text_tokens, 4) if text_tokens else 0.0,
+            "mb_per_s": round(total_bytes / _MB / seconds, 2),
+            "seconds": round(seconds, 2),
+        },
+    )

@@ -1,0 +1,81 @@
+"""`nanollm train_tokenizer`: train the byte-level BPE tokenizer on the corpus train split.
+
+Training and the file format live in nanollm.tokenizer; this module wires paths, metrics and an
+MLflow run of its own (one per tokenizer: every model trained on it shares it).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from stages.cli import StageContext, pass_context
+
+_MB = 10**6  # megabytes are 10^6 bytes, as in the download metrics
+
+
+@click.command("train_tokenizer")
+@click.option(
+    "--corpus",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("data/corpus"),
+    show_default=True,
+    help="Corpus folder (train/val shards + manifest.json).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("data/tokenizer"),
+    show_default=True,
+    help="Tokenizer folder to (re)write: tokenizer.json.",
+)
+@click.option(
+    "--metrics",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("metrics/tokenizer.json"),
+    show_default=True,
+    help="Metrics JSON: vocab size, val bytes/token, training time.",
+)
+@pass_context
+def command(ctx: StageContext, corpus: Path, out: Path, metrics: Path) -> None:
+    """Train the tokenizer from params `tokenizer` (or point at tiktoken's cached GPT-2) and measure it."""
+    from nanollm.atomic import atomic_path, write_json
+    from nanollm.config import flatten
+    from nanollm.data.corpus import iter_documents, read_manifest
+    from nanollm.tokenizer import FILENAME, create_tokenizer, gpt2, load_tokenizer
+    from nanollm.tracking import run_tags
+
+    cfg = ctx.config.tokenizer
+    train_bytes = read_manifest(corpus)["splits"]["train"]["bytes"]
+    run_name = "tokenizer-gpt2" if cfg.kind == "gpt2" else f"tokenizer-bpe-{cfg.vocab_size}"
+    tracker = ctx.tracker()
+    with tracker:
+        tracker.start(run_name=run_name, tags=run_tags(ctx.root, stage="train_tokenizer"))
+        tracker.log_params({**flatten({"tokenizer": ctx.config.to_dict()["tokenizer"]}), "seed": ctx.config.seed})
+        start = time.perf_counter()
+        with atomic_path(out, directory=True) as tmp:
+            create_tokenizer(cfg, iter_documents(corpus, "train"), tmp)
+        seconds = time.perf_counter() - start
+        tok = load_tokenizer(out)  # what every later stage will load
+
+        val = list(iter_documents(corpus, "val"))
+        summary: dict[str, float] = {
+            "vocab_size": tok.vocab_size,
+            "val_bytes_per_token": round(_bytes_per_token(val, tok.encode_batch(val)), 4),
+        }
+        if cfg.kind == "bpe":
+            summary |= {"train_seconds": round(seconds, 2), "train_mb_per_s": round(train_bytes / _MB / seconds, 2)}
+        if gpt2.is_cached():  # the reference point, free when tiktoken's files are already here
+            enc = gpt2.load_encoding()
+            summary["gpt2_val_bytes_per_token"] = round(_bytes_per_token(val, enc.encode_ordinary_batch(val)), 4)
+        write_json(metrics, summary)
+        tracker.set_tags({"tokenizer.sha256": tok.sha256})
+        tracker.log_metrics(summary)
+        tracker.log_artifact(out / FILENAME)
+
+
+def _bytes_per_token(texts: list[str], ids: list[list[int]]) -> float:
+    tokens = sum(map(len, ids))
+    return sum(len(t.encode("utf-8")) for t in texts) / tokens if tokens else 0.0
