@@ -1,0 +1,172 @@
+"""The Llama-style decoder-only Transformer: embedding, blocks, final norm, LM head.
+
+This module owns the architecture, its initialisation, the KV-cache lifecycle and the
+FLOP estimate. Attention internals live in attention.py, RoPE in rope.py; training,
+sampling and checkpoint files are other modules' business.
+
+Parameter names follow Meta's Llama checkpoints (tok_embeddings, layers.i.attention.wq,
+layers.i.feed_forward.w1, attention_norm, ffn_norm, norm, output), so exporting to
+Hugging Face `transformers` is a key rename with no weight permutation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanollm.config import ModelConfig
+from nanollm.model.attention import Attention, KVCache
+from nanollm.model.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back (as HF LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., C)
+        return self.weight * h.to(x.dtype)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), or GELU: w2(gelu(w1 x)). No biases.
+
+    SwiGLU costs a third matrix; at hidden = 8/3 * C it matches the parameters and FLOPs of
+    a 4C GELU MLP and trains to a lower loss at equal compute (Shazeer 2020, Llama).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.w1 = nn.Linear(cfg.n_embd, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.n_embd, bias=False)
+        self.w3 = nn.Linear(cfg.n_embd, cfg.hidden_dim, bias=False) if self.swiglu else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, H) -> (B, T, C)
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))  # tanh GELU, as GPT-2
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, start_pos)  # (B, T, C)
+        return x + self.feed_forward(self.ffn_norm(x))  # (B, T, C)
+
+
+class Transformer(nn.Module):
+    """token ids (B, T) -> fp32 logits (B, T, vocab).
+
+    forward(idx) is the plain causal pass used in training. forward(idx, start_pos=t) is the
+    cached pass: it writes K/V for positions [t, t+T) into the cache made by setup_cache()
+    and attends to [0, t+T); prefill is forward(prompt, 0), decode is forward(tok, t).
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.tok_embeddings = nn.Embedding(vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.output = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            # One tensor serves as input embedding and LM head: vocab * C fewer parameters
+            # (1M of a 4096 x 256 model's ~4.2M) at no measurable loss for small models.
+            self.output.weight = self.tok_embeddings.weight
+
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) for every matrix; the residual projections (wo, w2) scaled by 1/sqrt(2 n_layer).
+
+        Each block adds two outputs to the residual stream, so without the scaling its
+        variance grows with depth (GPT-2, section 2.3). Norm weights start at one.
+        """
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, idx: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+        """idx (B, T) int64 -> logits (B, T, vocab) in fp32."""
+        _, T = idx.shape
+        cos, sin = self.rope(start_pos or 0, T)  # (T, hs) each
+        x = self.tok_embeddings(idx)  # (B, T, C)
+        for layer in self.layers:
+            x = layer(x, cos, sin, start_pos)  # (B, T, C)
+        return self.output(self.norm(x)).float()  # (B, T, vocab)
+
+    # ------------------------------------------------------------------ KV cache
+
+    def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
+        """Preallocate K/V buffers for batch_size sequences of up to max_seq_len positions.
+
+        Lives on the model's device in the model's dtype; replaces any previous cache.
+        max_seq_len may exceed cfg.block_size (RoPE tables grow to match).
+        """
+        weight = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attention.cache = KVCache(
+                batch_size, self.cfg.kv_heads, max_seq_len, self.cfg.head_dim, dtype=weight.dtype, device=weight.device
+            )
+        self.rope(0, max_seq_len)  # grow the tables now rather than inside the decode loop
+
+    def clear_cache(self) -> None:
+        """Free the K/V buffers."""
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the KV cache now (0 without one)."""
+        total = 0
+        for layer in self.layers:
+            cache = layer.attention.cache
+            if cache is not None:
+                total += sum(b.numel() * b.element_size() for b in (cache.k, cache.v))
+        return total
+
+    # ------------------------------------------------------------------ accounting
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters, counting a tied embedding/LM head once.
+
+        exclude_embeddings drops the token-embedding table (Kaplan et al.'s "non-embedding"
+        count); with tied embeddings that table is also the LM head.
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        if exclude_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at context seq_len: 6N + 12 L C T.
+
+        6N: each matmul weight costs 2 FLOPs per token forward and 4 backward (PaLM, app. B;
+        nanoGPT's estimate_mfu). N counts the LM head but not the embedding lookup, which is
+        no matmul. 12 L C T: the q k^T and att v products, uncounted by N, with C = nh * hs.
+        """
+        n = self.num_params(exclude_embeddings=True)
+        if self.cfg.tie_embeddings:
+            n += self.tok_embeddings.weight.numel()  # the tied table is still the LM head matmul
+        return 6.0 * n + 12.0 * self.cfg.n_layer * self.cfg.n_head * self.cfg.head_dim * seq_len

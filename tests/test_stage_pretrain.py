@@ -1,0 +1,123 @@
+"""`nanollm pretrain` end to end on tiny token memmaps, with MLflow on a sqlite store in tmp_path."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from nanollm.data.tokens import write_tokens
+from stages.cli import cli
+
+VOCAB, EOT = 64, 63
+PARAMS = {
+    "seed": 5,
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16},
+    "train": {
+        "batch_size": 4,
+        "max_steps": 12,
+        "warmup_steps": 2,
+        "lr": 1e-2,
+        "min_lr": 1e-3,
+        "log_interval": 4,
+        "eval_interval": 6,
+        "eval_batches": 2,
+        "device": "cpu",
+    },
+    "tracking": {"experiment": "stage-test"},
+}
+
+
+def _documents(n: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, EOT, rng.integers(20, 60)).tolist() for _ in range(n)]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    write_tokens(
+        tmp_path / "data" / "tokens",
+        {"train": [(_documents(60, 0), 6000)], "val": [(_documents(10, 1), 1000)]},
+        vocab_size=VOCAB,
+        eot_id=EOT,
+        tokenizer_sha256="a" * 64,
+        corpus_sha256="c" * 64,
+        progress=False,
+    )
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "tokenizer.json").write_text(json.dumps({"val_bytes_per_token": 3.25, "note": "x"}))
+    # metrics/tokenize.json is deliberately absent: a missing upstream file is skipped
+    return tmp_path
+
+
+def _run(tmp_path, params):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return CliRunner().invoke(cli, ["--params", "params.yaml", "pretrain"], catch_exceptions=False)
+
+
+def test_pretrain_writes_outputs_and_one_mlflow_run(project):
+    from mlflow.tracking import MlflowClient
+
+    result = _run(project, PARAMS)
+    assert result.exit_code == 0, result.output
+
+    ckpt = project / "models" / "checkpoint"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.pt", "run.json", "train_state.pt"]
+    info = json.loads((ckpt / "config.json").read_text())
+    assert info["vocab_size"] == VOCAB and info["step"] == 12 and info["tokens_seen"] == 12 * 4 * 16
+    assert info["tokenizer_sha256"] == "a" * 64 and info["corpus_sha256"] == "c" * 64
+
+    metrics = json.loads((project / "metrics" / "pretrain.json").read_text())
+    assert set(metrics) == {"train_loss", "val_loss", "tokens", "seconds", "tokens_per_s", "params", "mfu"}
+    assert metrics["tokens"] == 768 and metrics["val_loss"] < np.log(VOCAB) + 0.5 and metrics["params"] > 0
+
+    with open(project / "reports" / "train_curve.csv") as f:
+        train_rows = list(csv.DictReader(f))
+    assert list(train_rows[0]) == ["step", "tokens", "train_loss", "lr"]
+    assert [int(r["step"]) for r in train_rows] == [4, 8, 12]
+    assert [int(r["tokens"]) for r in train_rows] == [256, 512, 768]
+    with open(project / "reports" / "val_curve.csv") as f:
+        val_rows = list(csv.DictReader(f))
+    assert list(val_rows[0]) == ["step", "tokens", "val_loss"] and [int(r["step"]) for r in val_rows] == [6, 12]
+    assert (project / "reports" / "pretrain_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    run_record = json.loads((ckpt / "run.json").read_text())
+    assert run_record["tracking_uri"] == f"sqlite:///{project}/mlflow.db"
+    client = MlflowClient(run_record["tracking_uri"])
+    run = client.get_run(run_record["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "1L32d-64v-12s"
+    assert run.data.params["model.n_layer"] == "1" and run.data.params["train.max_steps"] == "12"
+    assert run.data.params["seed"] == "5" and "eval.top_k" in run.data.params  # every params key, flattened
+    assert run.data.tags["stage"] == "pretrain" and run.data.tags["data.sha256"] == "c" * 64
+    assert run.data.tags["tokenizer.sha256"] == "a" * 64
+    assert run.data.metrics["tokenizer.val_bytes_per_token"] == 3.25
+    assert not any(k.startswith("tokenize.") for k in run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [4, 8, 12]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [6, 12]
+    for name in ("lr", "grad_norm", "tokens_per_s", "mfu"):
+        assert len(client.get_metric_history(run.info.run_id, name)) == 3
+    assert run.data.metrics["params"] == metrics["params"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"params.yaml", "pretrain_loss.png"}
+
+
+def test_pretrain_without_tracking_records_null_run(project):
+    result = _run(project, {**PARAMS, "tracking": {"enabled": False}, "train": {**PARAMS["train"], "max_steps": 2}})
+    assert result.exit_code == 0, result.output
+    run_record = json.loads((project / "models" / "checkpoint" / "run.json").read_text())
+    assert run_record == {"run_id": None, "tracking_uri": None}
+    assert not (project / "mlflow.db").exists()
+
+
+def test_pretrain_reports_a_truncated_token_file_in_one_line(project):
+    with open(project / "data" / "tokens" / "train.bin", "r+b") as f:
+        f.truncate(100)
+    result = _run(project, PARAMS)
+    assert result.exit_code == 1
+    assert "train.bin" in result.output and "dvc repro tokenize" in result.output and "Traceback" not in result.output
+    assert not (project / "models").exists()

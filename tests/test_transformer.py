@@ -1,0 +1,153 @@
+"""The Transformer: cached decoding equals the full forward, the cache stays out of checkpoints,
+tied weights share storage, the FLOP count adds up, and the weights load into HF Llama by renaming."""
+
+import math
+
+import pytest
+import torch
+
+from nanollm.config import ModelConfig
+from nanollm.model import Transformer
+
+VOCAB = 97
+
+
+def tiny(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    cfg = dict(n_layer=2, n_head=4, n_embd=32, block_size=16)
+    return Transformer(ModelConfig(**{**cfg, **overrides}), VOCAB).eval()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"n_kv_head": 2}, {"n_kv_head": 1, "attention": "naive"}, {"mlp": "gelu", "tie_embeddings": False}],
+    ids=["mha", "gqa", "mqa-naive", "gelu-untied"],
+)
+def test_prefill_then_decode_equals_full_forward(overrides):
+    model = tiny(**overrides)
+    idx = torch.randint(0, VOCAB, (3, 30))  # 30 > block_size 16: decoding runs past the trained context
+    with torch.no_grad():
+        full = model(idx)  # (3, 30, vocab)
+        model.setup_cache(batch_size=3, max_seq_len=32)
+        steps = [model(idx[:, :7], start_pos=0)]  # prefill
+        steps += [model(idx[:, t : t + 1], start_pos=t) for t in range(7, 30)]  # decode one token at a time
+    assert full.dtype == torch.float32 and full.shape == (3, 30, VOCAB)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_naive_and_sdpa_models_agree():
+    idx = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(tiny(attention="naive")(idx), tiny(attention="sdpa")(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_cache_lifecycle_and_state_dict():
+    model = tiny(n_kv_head=2)
+    keys = set(model.state_dict())
+    assert model.cache_bytes() == 0
+    model.setup_cache(batch_size=2, max_seq_len=40)
+    # 2 layers x (k, v) x B=2 x 2 kv heads x 40 positions x head_dim 8 x 4 bytes
+    assert model.cache_bytes() == 2 * 2 * 2 * 2 * 40 * 8 * 4
+    assert set(model.state_dict()) == keys  # neither caches nor rope tables enter a checkpoint
+    assert not any("cache" in k or "rope" in k for k in keys)
+    model.clear_cache()
+    assert model.cache_bytes() == 0
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        model(torch.zeros(1, 1, dtype=torch.long), start_pos=0)
+
+
+def test_cache_follows_model_dtype():
+    model = tiny().to(torch.bfloat16)
+    model.setup_cache(1, 8)
+    assert model.layers[0].attention.cache.k.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(torch.zeros(1, 4, dtype=torch.long), start_pos=0).dtype == torch.float32
+
+
+def test_tied_embeddings_share_storage():
+    tied, untied = tiny(), tiny(tie_embeddings=False)
+    assert tied.output.weight.data_ptr() == tied.tok_embeddings.weight.data_ptr()
+    assert untied.output.weight.data_ptr() != untied.tok_embeddings.weight.data_ptr()
+    assert untied.num_params() - tied.num_params() == VOCAB * 32
+
+
+def test_parameter_names_and_count():
+    model = tiny()
+    names = set(dict(model.named_parameters()))
+    assert {"tok_embeddings.weight", "norm.weight", "layers.1.attention.wq.weight", "layers.1.ffn_norm.weight"} <= names
+    assert {
+        "layers.0.feed_forward.w1.weight",
+        "layers.0.feed_forward.w2.weight",
+        "layers.0.feed_forward.w3.weight",
+    } <= names
+    assert not any(n.endswith("bias") for n in names)
+    hidden = model.cfg.hidden_dim  # 8/3 * 32 rounded up to 64
+    per_layer = 4 * 32 * 32 + 3 * 32 * hidden + 2 * 32
+    assert model.num_params() == VOCAB * 32 + 2 * per_layer + 32
+    assert model.num_params(exclude_embeddings=True) == 2 * per_layer + 32
+
+
+def test_flops_per_token_counts_head_and_attention():
+    model = tiny()
+    n = model.num_params()  # tied: the embedding table is the LM head, a matmul
+    assert model.flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16
+    untied = tiny(tie_embeddings=False)  # the input lookup is no matmul
+    assert untied.flops_per_token(16) == 6 * (untied.num_params() - VOCAB * 32) + 12 * 2 * 32 * 16
+
+
+def test_residual_projections_are_scaled_at_init():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=8, n_head=4, n_embd=128), 512)
+    std = model.cfg.init_std
+    assert abs(model.layers[0].attention.wq.weight.std().item() - std) < 0.1 * std
+    scaled = std / math.sqrt(2 * 8)
+    assert abs(model.layers[3].attention.wo.weight.std().item() - scaled) < 0.1 * scaled
+    assert abs(model.layers[3].feed_forward.w2.weight.std().item() - scaled) < 0.1 * scaled
+    assert torch.equal(model.norm.weight, torch.ones(128))
+
+
+def test_weights_load_into_hf_llama_by_renaming():
+    transformers = pytest.importorskip("transformers")
+    model = tiny(n_kv_head=2, tie_embeddings=False)
+    cfg = model.cfg
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=cfg.n_embd,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=cfg.block_size,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    top["output.weight"] = "lm_head.weight"
+    inner = {
+        "attention.wq": "self_attn.q_proj",
+        "attention.wk": "self_attn.k_proj",
+        "attention.wv": "self_attn.v_proj",
+        "attention.wo": "self_attn.o_proj",
+        "feed_forward.w1": "mlp.gate_proj",
+        "feed_forward.w2": "mlp.down_proj",
+        "feed_forward.w3": "mlp.up_proj",
+        "attention_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
+    state = {}
+    for key, value in model.state_dict().items():
+        if key in top:
+            state[top[key]] = value
+            continue
+        _, i, rest = key.split(".", 2)  # "layers", "0", "attention.wq.weight"
+        module, param = rest.rsplit(".", 1)
+        state[f"model.layers.{i}.{inner[module]}.{param}"] = value  # a plain rename: no permutation
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and not [k for k in missing if "rotary" not in k]
+    idx = torch.randint(0, VOCAB, (2, 20))  # 20 > block_size: RoPE extrapolation identical too
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits.float(), atol=1e-5, rtol=1e-5)
