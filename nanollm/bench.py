@@ -1,0 +1,212 @@
+"""The KV-cache benchmark: greedy decoding with and without the cache, timed honestly, plus its CSV and chart.
+
+Owns the timing protocol, the equality check between the two paths and the result files.
+Generation itself is nanollm.generate's; the cache is the model's.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from nanollm.atomic import atomic_path
+from nanollm.errors import NanollmError
+from nanollm.generate import generate
+
+__all__ = ["KVCacheMismatchError", "bench_kvcache", "speedup", "summarize", "write_table", "plot"]
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "prompt_len",
+    "new_tokens",
+    "cached_tok_s",
+    "uncached_tok_s",
+    "speedup",
+    "cached_ttft_ms",
+    "uncached_ttft_ms",
+    "cache_mb",
+)
+
+
+class KVCacheMismatchError(NanollmError):
+    """Cached and uncached greedy decoding produced different tokens: the cache path is wrong."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels are async: read the clock only once they are done
+
+
+def _timed_greedy(
+    model: nn.Module, prompt: torch.Tensor, new_tokens: int, *, use_cache: bool, device: torch.device
+) -> tuple[list[int], float, float]:
+    """Greedy-decode once; returns (tokens, seconds to first token, seconds in total).
+
+    The clock covers what a user waits for: cache allocation, prefill, every decode step
+    and the host read-back of each token.
+    """
+    out: list[int] = []
+    first = 0.0
+    _sync(device)
+    t0 = time.perf_counter()
+    for token in generate(model, prompt, new_tokens, temperature=0.0, use_cache=use_cache):
+        if not out:
+            _sync(device)
+            first = time.perf_counter() - t0
+        out.append(token)
+    _sync(device)
+    return out, first, time.perf_counter() - t0
+
+
+def _check_same(cached: list[int], uncached: list[int], prompt_len: int, new_tokens: int) -> None:
+    """Raise KVCacheMismatchError at the first new token where the two greedy runs (equal lengths) part."""
+    i = next((j for j, (a, b) in enumerate(zip(cached, uncached, strict=True)) if a != b), None)
+    if i is None:
+        return
+    raise KVCacheMismatchError(
+        f"KV cache mismatch at prompt_len={prompt_len}, new_tokens={new_tokens}: greedy decoding first differs "
+        f"at new token {i} (cached {cached[i]}, uncached {uncached[i]}); the model's cached attention path "
+        "disagrees with its plain forward, fix nanollm/model before trusting any speedup"
+    )
+
+
+def speedup(cached_tok_s: float, uncached_tok_s: float) -> float:
+    """How many times faster decoding is with the cache than without (cached / uncached tokens/s)."""
+    return cached_tok_s / uncached_tok_s if uncached_tok_s > 0 else float("inf")
+
+
+def _cache_bytes(model: nn.Module, seq_len: int) -> int:
+    model.setup_cache(1, seq_len)
+    try:
+        return int(model.cache_bytes())
+    finally:
+        model.clear_cache()
+
+
+def bench_kvcache(
+    model: nn.Module,
+    *,
+    prompt_lengths: Sequence[int],
+    new_tokens: Sequence[int],
+    repeats: int,
+    warmup: int,
+    seed: int,
+    device: str | torch.device | None = None,
+) -> list[dict[str, float]]:
+    """Time greedy decoding with and without the KV cache for every (prompt_len, new_tokens) pair.
+
+    Prompts are random token ids from a generator seeded with `seed`, nested (each prompt
+    is a prefix of the longest), so every run of the benchmark sees the same ones. Each
+    point runs `warmup` untimed then `repeats` timed rounds, each round one cached and one
+    uncached decode (interleaved, so clock drift hits both alike); reported figures are
+    medians. tokens/s is end to end: new_tokens over the whole wall time, prefill included,
+    so a long prompt lowers it for both modes; ttft is prefill plus the first token. Every
+    run's tokens must equal those of the other mode, else KVCacheMismatchError names the
+    point. cache_mb is the cache preallocated for prompt + new tokens, in MB (1e6 bytes).
+    `device` defaults to the model's; it must be where the model lives.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    longest = torch.randint(0, model.vocab_size, (max(prompt_lengths),), generator=gen)
+    points = [(p, n) for p in prompt_lengths for n in new_tokens]
+    rows = []
+    for prompt_len, n_new in tqdm(points, desc="bench_kvcache", unit="point", disable=None):
+        prompt = longest[:prompt_len].to(device)
+        timings: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+        for round_ in range(warmup + repeats):
+            outs = {}
+            for use_cache in (True, False):
+                outs[use_cache], ttft, total = _timed_greedy(model, prompt, n_new, use_cache=use_cache, device=device)
+                if round_ >= warmup:
+                    timings[use_cache].append((ttft, n_new / total))
+            _check_same(outs[True], outs[False], prompt_len, n_new)
+        cached = statistics.median(r for _, r in timings[True])
+        uncached = statistics.median(r for _, r in timings[False])
+        row = {
+            "prompt_len": prompt_len,
+            "new_tokens": n_new,
+            "cached_tok_s": cached,
+            "uncached_tok_s": uncached,
+            "speedup": speedup(cached, uncached),
+            "cached_ttft_ms": 1e3 * statistics.median(t for t, _ in timings[True]),
+            "uncached_ttft_ms": 1e3 * statistics.median(t for t, _ in timings[False]),
+            "cache_mb": _cache_bytes(model, prompt_len + n_new) / 1e6,
+        }
+        log.info(
+            "prompt %d + %d new: %.1f tok/s cached, %.1f uncached (x%.2f)",
+            prompt_len,
+            n_new,
+            cached,
+            uncached,
+            row["speedup"],
+        )
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Flat metrics for DVC/MLflow: per point p{L}_n{N}_{speedup,cached_tok_s,uncached_tok_s}, plus maxima."""
+    out: dict[str, float] = {}
+    for r in rows:
+        key = f"p{r['prompt_len']}_n{r['new_tokens']}"
+        for name in ("speedup", "cached_tok_s", "uncached_tok_s"):
+            out[f"{key}_{name}"] = round(r[name], 4)
+    out["max_speedup"] = round(max(r["speedup"] for r in rows), 4)
+    out["cache_mb_max"] = round(max(r["cache_mb"] for r in rows), 4)
+    return out
+
+
+def write_table(rows: Sequence[dict[str, float]], path: str | Path) -> None:
+    """Write the rows as CSV (one line per point, COLUMNS order), atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
+
+
+def plot(rows: Sequence[dict[str, float]], path: str | Path, title: str | None = None) -> None:
+    """PNG: tokens/s vs prompt length (cached solid, uncached dashed, one colour per new_tokens) and speedup.
+
+    Uses matplotlib's object API with the Agg canvas, so no global backend is switched.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    rate, gain = fig.subplots(1, 2)
+    for i, n_new in enumerate(sorted({r["new_tokens"] for r in rows})):
+        sub = sorted((r for r in rows if r["new_tokens"] == n_new), key=lambda r: r["prompt_len"])
+        x = [r["prompt_len"] for r in sub]
+        color = f"C{i}"
+        rate.plot(x, [r["cached_tok_s"] for r in sub], "o-", color=color, label=f"cached, {n_new} new")
+        rate.plot(x, [r["uncached_tok_s"] for r in sub], "s--", color=color, label=f"uncached, {n_new} new")
+        gain.plot(x, [r["speedup"] for r in sub], "o-", color=color, label=f"{n_new} new tokens")
+    lengths = sorted({r["prompt_len"] for r in rows})
+    for ax in (rate, gain):
+        ax.set_xscale("log", base=2)  # prompt lengths are usually powers of two apart
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
+        ax.set_xlabel("prompt length (tokens)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    rate.set_ylabel("greedy decoding, tokens/s (end to end)")
+    rate.set_ylim(bottom=0)
+    rate.set_title("Throughput with and without the KV cache")
+    gain.axhline(1.0, color="grey", lw=0.8)
+    gain.set_ylabel("speedup (cached / uncached)")
+    gain.set_title("KV-cache speedup")
+    if title:
+        fig.suptitle(title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)

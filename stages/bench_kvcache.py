@@ -1,0 +1,66 @@
+"""`nanollm bench_kvcache`: greedy decoding speed of the trained model with and without the KV cache.
+
+Thin: loads the checkpoint, runs nanollm.bench, writes the metrics, table and chart, and
+adds them to the pretrain run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from stages.cli import StageContext, pass_context
+
+_path = click.Path(path_type=Path)
+
+
+@click.command("bench_kvcache")
+@click.option("--checkpoint", type=_path, default=Path("models/checkpoint"), show_default=True, help="Trained model.")
+@click.option(
+    "--metrics", type=_path, default=Path("metrics/bench_kvcache.json"), show_default=True, help="Summary JSON."
+)
+@click.option(
+    "--table", type=_path, default=Path("reports/bench_kvcache.csv"), show_default=True, help="One CSV row per point."
+)
+@click.option("--chart", type=_path, default=Path("reports/bench_kvcache.png"), show_default=True, help="PNG chart.")
+@pass_context
+def command(ctx: StageContext, checkpoint: Path, metrics: Path, table: Path, chart: Path) -> None:
+    """Time cached vs uncached greedy decoding at every bench.prompt_lengths x bench.new_tokens point."""
+    import torch
+
+    from nanollm.atomic import write_json
+    from nanollm.bench import bench_kvcache, plot, summarize, write_table
+    from nanollm.checkpoint import load_model, read_run_id
+
+    cfg = ctx.config.bench
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(checkpoint, device=device)
+    rows = bench_kvcache(
+        model,
+        prompt_lengths=cfg.prompt_lengths,
+        new_tokens=cfg.new_tokens,
+        repeats=cfg.repeats,
+        warmup=cfg.warmup,
+        seed=ctx.config.seed,
+        device=device,
+    )
+    summary = summarize(rows)
+    write_json(metrics, summary)
+    write_table(rows, table)
+    arch = model.cfg
+    plot(rows, chart, title=f"{arch.n_layer}L/{arch.n_embd}d model, vocab {model.vocab_size}, on {device}")
+    best = max(rows, key=lambda r: r["speedup"])
+    click.echo(
+        f"KV cache on {device}: up to x{best['speedup']:.1f} faster "
+        f"(prompt {best['prompt_len']}, {best['new_tokens']} new tokens: "
+        f"{best['cached_tok_s']:.0f} vs {best['uncached_tok_s']:.0f} tokens/s)",
+        err=True,
+    )
+
+    tracker = ctx.tracker()
+    with tracker:
+        tracker.resume(read_run_id(checkpoint))
+        tracker.log_metrics({f"bench_{k}": v for k, v in summary.items()})
+        tracker.log_artifact(table, "bench_kvcache")
+        tracker.log_artifact(chart, "bench_kvcache")

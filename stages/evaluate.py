@@ -1,0 +1,133 @@
+"""`nanollm evaluate`: held-out loss, perplexity, bits per byte vs gzip/bzip2/xz, and text samples.
+
+Thin: checks that checkpoint, tokenizer, tokens and corpus belong together, calls
+nanollm.evaluate and nanollm.generate, writes the outputs and adds them to the pretrain run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from stages.cli import StageContext, pass_context
+
+if TYPE_CHECKING:  # annotations only: importing these at run time would load torch for --help
+    from nanollm.config import EvalConfig
+    from nanollm.model import Transformer
+    from nanollm.tokenizer import Tokenizer
+
+_path = click.Path(path_type=Path)
+
+
+@click.command("evaluate")
+@click.option("--checkpoint", type=_path, default=Path("models/checkpoint"), show_default=True, help="Trained model.")
+@click.option("--tokens", type=_path, default=Path("data/tokens"), show_default=True, help="Token memmaps (val.bin).")
+@click.option("--tokenizer", type=_path, default=Path("data/tokenizer"), show_default=True, help="Tokenizer folder.")
+@click.option("--corpus", type=_path, default=Path("data/corpus"), show_default=True, help="Raw text (val documents).")
+@click.option(
+    "--metrics", type=_path, default=Path("metrics/evaluate.json"), show_default=True, help="Metrics JSON to write."
+)
+@click.option(
+    "--samples", type=_path, default=Path("reports/samples.txt"), show_default=True, help="Generated text to write."
+)
+@pass_context
+def command(
+    ctx: StageContext, checkpoint: Path, tokens: Path, tokenizer: Path, corpus: Path, metrics: Path, samples: Path
+) -> None:
+    """Score the model on the val split and write samples from the eval prompts."""
+    import torch
+
+    from nanollm.atomic import write_json, write_text
+    from nanollm.checkpoint import load_model, read_checkpoint_info, read_run_id
+    from nanollm.data.corpus import iter_documents, read_manifest
+    from nanollm.data.tokens import check_compatible, open_split, read_meta
+    from nanollm.errors import NanollmError
+    from nanollm.evaluate import compressor_bits_per_byte, evaluate_lm
+    from nanollm.tokenizer import load_tokenizer
+
+    cfg = ctx.config.eval
+    info = read_checkpoint_info(checkpoint)
+    meta = read_meta(tokens)
+    tok = load_tokenizer(tokenizer)
+    manifest = read_manifest(corpus)
+    check_compatible(meta, tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size, corpus_sha256=manifest["sha256"])
+    if info.get("tokenizer_sha256") != tok.sha256:
+        raise NanollmError(
+            f"{checkpoint} was trained with tokenizer sha256 {str(info.get('tokenizer_sha256'))[:12]}, but {tokenizer} "
+            f"is {tok.sha256[:12]}; re-run `dvc repro pretrain` (or pass the matching --tokenizer)"
+        )
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(checkpoint, device=device)
+    result = evaluate_lm(
+        model,
+        open_split(tokens, "val", meta),
+        block_size=model.cfg.block_size,
+        batch_size=cfg.batch_size,
+        token_bytes=tok.token_byte_lengths(),
+        max_tokens=cfg.max_tokens,
+        device=device,
+    )
+    text = "".join(iter_documents(corpus, "val")).encode("utf-8")
+    if cfg.max_tokens is not None:
+        text = text[: result["bytes"]]  # the same amount of text the model was scored on
+    baselines = compressor_bits_per_byte(text)
+    out = {
+        "val_loss": round(result["loss"], 6),
+        "perplexity": round(result["perplexity"], 4),
+        "bits_per_byte": round(result["bits_per_byte"], 6),
+        "accuracy": round(result["accuracy"], 6),
+        "val_tokens": result["tokens"],
+        "val_bytes": result["bytes"],
+        **{f"{name}_bits_per_byte": round(bpb, 6) for name, bpb in baselines.items()},
+        "beats_lzma": int(result["bits_per_byte"] < baselines["lzma"]),
+    }
+    write_json(metrics, out)
+    write_text(samples, _samples(model, tok, ctx.config.seed, cfg, info))
+    click.echo(
+        f"val loss {out['val_loss']:.4f}, {out['bits_per_byte']:.3f} bits/byte "
+        f"(xz -9e {out['lzma_bits_per_byte']:.3f}, gzip -9 {out['gzip_bits_per_byte']:.3f})",
+        err=True,
+    )
+
+    tracker = ctx.tracker()
+    with tracker:
+        tracker.resume(read_run_id(checkpoint))
+        tracker.log_metrics({f"eval_{k}": v for k, v in out.items()})
+        tracker.log_artifact(samples, "evaluate")
+        tracker.log_artifact(ctx.params_path, "evaluate")
+
+
+def _samples(model: Transformer, tok: Tokenizer, seed: int, cfg: EvalConfig, info: dict[str, Any]) -> str:
+    """One sample per eval prompt, each seeded on its own so that one prompt's length never shifts another's."""
+    import torch
+
+    from nanollm.generate import generate
+
+    header = (
+        f"# nanollm samples: checkpoint step {info.get('step')}, {cfg.sample_tokens} new tokens at most, "
+        f"temperature {cfg.temperature}, top_k {cfg.top_k or 'off'}, top_p {cfg.top_p or 'off'}, seed {seed}\n"
+        "# each prompt is preceded by <|endoftext|>, i.e. generation starts a fresh document\n"
+    )
+    parts = [header]
+    for i, prompt in enumerate(cfg.prompts):
+        ids = [tok.eot_id, *tok.encode(prompt)]
+        gen = torch.Generator().manual_seed(seed + i)
+        new = list(
+            generate(
+                model,
+                ids,
+                cfg.sample_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                generator=gen,
+                stop_id=tok.eot_id,
+            )
+        )
+        stop = "stopped at <|endoftext|>" if len(new) < cfg.sample_tokens else "length limit"
+        parts.append(f"\n{'=' * 30} sample {i + 1}/{len(cfg.prompts)}: prompt {prompt!r} ({len(new)} tokens, {stop})\n")
+        parts.append(tok.decode(ids[1:] + new) + "\n")  # decoded whole: no character split at the seam
+    return "".join(parts)

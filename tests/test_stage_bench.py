@@ -1,0 +1,112 @@
+"""`nanollm bench_kvcache` on a tiny real checkpoint, re-opening its pretrain run in a sqlite MLflow store."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from nanollm.checkpoint import load_model, save_checkpoint
+from nanollm.config import ModelConfig, TrackingConfig
+from nanollm.model import Transformer
+from nanollm.tracking import make_tracker
+from stages.cli import cli
+
+PARAMS = {
+    "seed": 11,
+    "bench": {"prompt_lengths": [4, 16], "new_tokens": [3, 5], "repeats": 1, "warmup": 1},
+    "tracking": {"experiment": "stage-test"},
+}
+UNTRACKED = {**PARAMS, "tracking": {"enabled": False}}
+OUTPUTS = ("metrics/bench_kvcache.json", "reports/bench_kvcache.csv", "reports/bench_kvcache.png")
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    # init_std 0.3: an untrained model whose greedy tokens vary, so the equality check has teeth
+    model = Transformer(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=8, init_std=0.3), vocab_size=97)
+    save_checkpoint(
+        tmp_path / "models" / "checkpoint",
+        model,
+        train_state={"step": 1, "tokens_seen": 0},
+        info={"tokenizer_sha256": "a" * 64, "corpus_sha256": "c" * 64},
+        run={"run_id": None, "tracking_uri": None},
+    )
+    return tmp_path
+
+
+def _run(root, params):
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return CliRunner().invoke(cli, ["--params", "params.yaml", "bench_kvcache"], catch_exceptions=False)
+
+
+def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
+    from mlflow.tracking import MlflowClient
+
+    tracker = make_tracker(TrackingConfig(experiment="stage-test"), project)
+    tracker.start(run_name="pretrain")
+    tracker.end()
+    (project / "models" / "checkpoint" / "run.json").write_text(
+        json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.uri})
+    )
+
+    result = _run(project, PARAMS)
+    assert result.exit_code == 0, result.output
+
+    summary = json.loads((project / OUTPUTS[0]).read_text())
+    points = [(p, n) for p in (4, 16) for n in (3, 5)]
+    expected = {f"p{p}_n{n}_{k}" for p, n in points for k in ("speedup", "cached_tok_s", "uncached_tok_s")}
+    assert set(summary) == expected | {"max_speedup", "cache_mb_max"}
+    assert all(isinstance(v, float) and v > 0 for v in summary.values())
+    # 2 (K, V) x 2 layers x 2 heads x (16 + 5) positions x 16 dims x 4 bytes
+    assert summary["cache_mb_max"] == pytest.approx(2 * 2 * 2 * 21 * 16 * 4 / 1e6, abs=1e-4)
+
+    with open(project / OUTPUTS[1], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["prompt_len"]), int(r["new_tokens"])) for r in rows] == points
+    assert list(rows[0]) == [
+        "prompt_len", "new_tokens", "cached_tok_s", "uncached_tok_s", "speedup",
+        "cached_ttft_ms", "uncached_ttft_ms", "cache_mb",
+    ]  # fmt: skip
+    assert (project / OUTPUTS[2]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["bench_max_speedup"] == pytest.approx(summary["max_speedup"])
+    assert run.data.metrics["bench_p16_n5_speedup"] == pytest.approx(summary["p16_n5_speedup"])
+    artifacts = {a.path for a in client.list_artifacts(tracker.run_id, "bench_kvcache")}
+    assert artifacts == {"bench_kvcache/bench_kvcache.csv", "bench_kvcache/bench_kvcache.png"}
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # re-opened, not a new run
+
+
+def test_bench_fails_in_one_line_when_the_cache_path_disagrees(project, monkeypatch):
+    import nanollm.checkpoint
+
+    def broken(ckpt_dir, device="cpu"):
+        model = load_model(ckpt_dir, device)
+        plain = model.forward
+
+        def forward(idx, start_pos=None):
+            logits = plain(idx, start_pos)
+            return (
+                logits + 50.0 * torch.nn.functional.one_hot(torch.tensor(0), logits.size(-1)) if start_pos else logits
+            )
+
+        model.forward = forward  # cached decode steps now favour token 0
+        return model
+
+    monkeypatch.setattr(nanollm.checkpoint, "load_model", broken)
+    result = _run(project, UNTRACKED)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "KV cache mismatch at prompt_len=4, new_tokens=3" in lines[0]
+    assert not any((project / out).exists() for out in OUTPUTS)
