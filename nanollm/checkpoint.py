@@ -106,6 +106,23 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> Tran
     return model.to(device).eval()
 
 
+def architecture_differences(model: Transformer, wanted: ModelConfig, source: str | Path) -> list[str]:
+    """Keys where params.yaml's model section differs from a loaded checkpoint's; logs one warning.
+
+    The checkpoint's architecture always wins (it is what the weights fit); a difference means
+    the checkpoint is stale for the current params, which `dvc repro` would fix by retraining.
+    """
+    have = dataclasses.asdict(model.cfg)
+    diff = [
+        f"model.{k}: {have[k]!r} in checkpoint, {v!r} in params"
+        for k, v in dataclasses.asdict(wanted).items()
+        if have[k] != v
+    ]
+    if diff:
+        log.warning("%s was trained with another architecture (%s); using the checkpoint's", source, "; ".join(diff))
+    return diff
+
+
 def load_train_state(ckpt_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """train_state.pt: step, tokens_seen, RNG states and (if saved) "optimizer"."""
     return _load_tensors(Path(ckpt_dir) / TRAIN_STATE_FILE, map_location=map_location)

@@ -54,11 +54,11 @@ class DataConfig:
     """Where the raw text comes from and how it is split into train and val documents."""
 
     source: str = _spec("stdlib", doc="corpus source", choices=("stdlib", "files", "hf"))
-    paths: tuple[str, ...] = _spec(
-        factory=tuple, doc="source=files: paths or globs of .txt, .jsonl or .parquet files"
-    )
+    paths: tuple[str, ...] = _spec(factory=tuple, doc="source=files: paths or globs of .txt, .jsonl or .parquet files")
     text_field: str = _spec("text", doc="field/column holding the text in .jsonl, .parquet and hf data")
-    hf_name: str = _spec("Skylion007/openwebtext", doc="source=hf: dataset name on the Hugging Face hub, or a local folder")
+    hf_name: str = _spec(
+        "Skylion007/openwebtext", doc="source=hf: dataset name on the Hugging Face hub, or a local folder"
+    )
     hf_config: str | None = _spec(None, doc="source=hf: dataset configuration name")
     hf_split: str = _spec("train", doc="source=hf: split to read (streamed)")
     max_documents: int | None = _spec(None, doc="stop after this many documents (null: no limit)", min=1)
@@ -89,11 +89,15 @@ class TokenizerConfig:
         if not self.special_tokens:
             raise ConfigError("tokenizer.special_tokens", list(self.special_tokens), "needs at least <|endoftext|>")
         if len(set(self.special_tokens)) != len(self.special_tokens) or not all(self.special_tokens):
-            raise ConfigError("tokenizer.special_tokens", list(self.special_tokens), "must be distinct non-empty strings")
+            raise ConfigError(
+                "tokenizer.special_tokens", list(self.special_tokens), "must be distinct non-empty strings"
+            )
         floor = 256 + len(self.special_tokens)
         if self.kind == "bpe" and self.vocab_size < floor:
             raise ConfigError(
-                "tokenizer.vocab_size", self.vocab_size, f"must be >= {floor} (256 bytes + {len(self.special_tokens)} special tokens)"
+                "tokenizer.vocab_size",
+                self.vocab_size,
+                f"must be >= {floor} (256 bytes + {len(self.special_tokens)} special tokens)",
             )
 
 
@@ -225,7 +229,7 @@ class Config:
     tracking: TrackingConfig = _spec(factory=TrackingConfig, doc="MLflow")
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "Config":
+    def from_dict(cls, raw: Any) -> Config:
         """Build and validate a Config; raises ConfigError naming the first bad key."""
         return _build(cls, raw, prefix="")
 

@@ -31,11 +31,12 @@ def command(ctx: StageContext, checkpoint: Path, metrics: Path, table: Path, cha
 
     from nanollm.atomic import write_json
     from nanollm.bench import bench_kvcache, plot, summarize, write_table
-    from nanollm.checkpoint import load_model, read_run_id
+    from nanollm.checkpoint import architecture_differences, load_model, read_run_id
 
     cfg = ctx.config.bench
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(checkpoint, device=device)
+    architecture_differences(model, ctx.config.model, checkpoint)
     rows = bench_kvcache(
         model,
         prompt_lengths=cfg.prompt_lengths,

@@ -40,7 +40,7 @@ def command(
     import torch
 
     from nanollm.atomic import write_json, write_text
-    from nanollm.checkpoint import load_model, read_checkpoint_info, read_run_id
+    from nanollm.checkpoint import architecture_differences, load_model, read_checkpoint_info, read_run_id
     from nanollm.data.corpus import iter_documents, read_manifest
     from nanollm.data.tokens import check_compatible, open_split, read_meta
     from nanollm.errors import NanollmError
@@ -61,6 +61,7 @@ def command(
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(checkpoint, device=device)
+    architecture_differences(model, ctx.config.model, checkpoint)
     result = evaluate_lm(
         model,
         open_split(tokens, "val", meta),

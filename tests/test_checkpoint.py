@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nanollm.checkpoint import (
+    architecture_differences,
     load_model,
     load_train_state,
     read_checkpoint_info,
@@ -124,3 +125,15 @@ def test_architecture_comes_from_config_json(tmp_path, model):
     (ckpt / "config.json").write_text(json.dumps(info))
     with pytest.raises(NanollmError, match="model.n_embd"):
         load_model(ckpt)
+
+
+def test_architecture_differences_are_reported_and_the_checkpoint_wins(tmp_path, model, caplog):
+    _save(tmp_path / "ckpt", model)
+    loaded = load_model(tmp_path / "ckpt")
+    assert architecture_differences(loaded, loaded.cfg, tmp_path / "ckpt") == []
+    wanted = ModelConfig(n_layer=3, n_head=2, n_kv_head=1, n_embd=16, block_size=8, mlp="gelu")
+    with caplog.at_level("WARNING"):
+        diff = architecture_differences(loaded, wanted, tmp_path / "ckpt")
+    assert diff == ["model.n_layer: 2 in checkpoint, 3 in params"]
+    assert "using the checkpoint's" in caplog.text
+    assert loaded.cfg.n_layer == 2

@@ -21,8 +21,14 @@ TINY = {
     "data": {"max_bytes": 600_000, "val_fraction": 0.1},
     "tokenizer": {"vocab_size": 512},
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},
-    "train": {"batch_size": 8, "max_steps": 30, "warmup_steps": 5, "eval_interval": 10, "eval_batches": 2,
-              "log_interval": 5},
+    "train": {
+        "batch_size": 8,
+        "max_steps": 30,
+        "warmup_steps": 5,
+        "eval_interval": 10,
+        "eval_batches": 2,
+        "log_interval": 5,
+    },
     "eval": {"max_tokens": 4000, "sample_tokens": 16},
     "bench": {"prompt_lengths": [8, 32], "new_tokens": [8], "repeats": 1, "warmup": 0},
 }
@@ -42,7 +48,10 @@ def _run(args: list[str], cwd: Path) -> str:
         DVC_NO_ANALYTICS="1",
         MLFLOW_DISABLE_TELEMETRY="true",
         HF_HUB_OFFLINE="1",
-        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
     )
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
@@ -91,10 +100,20 @@ def _pretrain_runs(project: Path):
 @pytest.mark.slow
 def test_repro_runs_every_stage_and_writes_outputs(project, first_repro):
     assert _ran_stages(first_repro) == PIPELINE
-    for path in ["data/corpus/manifest.json", "data/tokenizer/tokenizer.json", "data/tokens/train.bin",
-                 "data/tokens/val.bin", "data/tokens/meta.json", "models/checkpoint/model.pt",
-                 "models/checkpoint/config.json", "reports/samples.txt", "reports/bench_kvcache.png",
-                 "reports/pretrain_loss.png", "reports/train_curve.csv", "reports/val_curve.csv"]:
+    for path in [
+        "data/corpus/manifest.json",
+        "data/tokenizer/tokenizer.json",
+        "data/tokens/train.bin",
+        "data/tokens/val.bin",
+        "data/tokens/meta.json",
+        "models/checkpoint/model.pt",
+        "models/checkpoint/config.json",
+        "reports/samples.txt",
+        "reports/bench_kvcache.png",
+        "reports/pretrain_loss.png",
+        "reports/train_curve.csv",
+        "reports/val_curve.csv",
+    ]:
         assert (project / path).is_file(), path
     evaluate = json.loads((project / "metrics/evaluate.json").read_text())
     assert 0 < evaluate["bits_per_byte"] < 8

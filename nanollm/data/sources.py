@@ -29,9 +29,7 @@ log = logging.getLogger(__name__)
 # fixtures rather than idiomatic code), third-party packages installed next to it, and
 # pydoc_data (0.76 MB of generated English help text in one file: a corpus of code would
 # otherwise have 6% of prose in one document, and whichever split drew it would be skewed).
-_SKIPPED_DIRS = frozenset(
-    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "pydoc_data"}
-)
+_SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "pydoc_data"})
 _FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Rows per Arrow batch: bounds memory to ~1k documents while keeping per-batch overhead negligible.
 _BATCH_ROWS = 1024
