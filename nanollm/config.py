@@ -166,7 +166,9 @@ class TrainConfig:
     log_interval: int = _spec(10, doc="steps between logged step metrics", min=1)
     device: str = _spec("auto", doc="auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
     dtype: str = _spec(
-        "float32", doc="compute dtype (autocast for bf16/fp16)", choices=("float32", "bfloat16", "float16")
+        "auto",
+        doc="compute dtype, via autocast for bf16/fp16; auto: bf16 where the hardware has native bf16, else fp32",
+        choices=("auto", "float32", "bfloat16", "float16"),
     )
 
     def __post_init__(self) -> None:

@@ -9,7 +9,7 @@ import torch
 from nanollm.config import ModelConfig, TrainConfig
 from nanollm.errors import NanollmError
 from nanollm.model import Transformer
-from nanollm.train import cpu_matmul_peak, lr_at, param_groups, pick_device, sample_batch, train
+from nanollm.train import cpu_matmul_peak, lr_at, param_groups, pick_device, resolve_dtype, sample_batch, train
 
 VOCAB = 64
 # a learnable stream: a fixed random "document" of 200 tokens repeated, ~20k tokens
@@ -23,7 +23,8 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
 
 def tiny_cfg(**overrides) -> TrainConfig:
     base = dict(batch_size=4, max_steps=20, lr=1e-2, min_lr=1e-3, warmup_steps=4, eval_interval=10, eval_batches=2)
-    return TrainConfig(**{**base, "log_interval": 5, "device": "cpu", **overrides})
+    # fp32: the exactness checks below compare against fp32 arithmetic
+    return TrainConfig(**{**base, "log_interval": 5, "device": "cpu", "dtype": "float32", **overrides})
 
 
 @pytest.fixture(autouse=True)
@@ -126,3 +127,17 @@ def test_pick_device():
 def test_cpu_peak_is_measured_once():
     peak = cpu_matmul_peak(1)
     assert peak > 1e8 and cpu_matmul_peak(1) == peak  # > 0.1 GFLOP/s on anything; cached
+
+
+def test_auto_dtype_is_bf16_only_where_native():
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+
+
+def test_bf16_autocast_trains_on_cpu():
+    model = tiny_model()
+    result = train(model, DATA, DATA, tiny_cfg(dtype="bfloat16", max_steps=10), seed=0)
+    assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
