@@ -31,6 +31,7 @@ COMMANDS = {
     "pretrain": "stages.pretrain",
     "evaluate": "stages.evaluate",
     "bench_kvcache": "stages.bench_kvcache",
+    "ui": "stages.ui",
 }
 
 log = logging.getLogger("nanollm")
