@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _run(args: list[str], cwd: Path) -> str:
+def _run(args: list[str], cwd: Path, stdout_only: bool = False) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "DVC_"))}
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
@@ -55,7 +56,7 @@ def _run(args: list[str], cwd: Path) -> str:
     )
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return done.stdout + done.stderr
+    return done.stdout if stdout_only else done.stdout + done.stderr
 
 
 def _ran_stages(output: str) -> list[str]:
@@ -158,3 +159,61 @@ def test_second_repro_is_a_noop_and_model_edit_reruns_exactly_downstream(project
     assert _ran_stages(rerun) == ["pretrain", "evaluate", "bench_kvcache"]
     client, runs = _pretrain_runs(project)
     assert sorted(r.data.params["model.n_layer"] for r in runs) == ["1", "2"]
+
+
+def _commit(project: Path, message: str) -> None:
+    _run(["git", "add", "-A"], project)
+    _run(["git", "commit", "-qm", message], project)
+
+
+@pytest.mark.slow
+def test_queued_experiments_run_in_parallel_and_log_to_the_root_store(project, first_repro):
+    _run([sys.executable, "-m", "dvc", "repro"], project)  # whatever the earlier tests left, brought up to date
+    _commit(project, "baseline")
+    before = {r.info.run_id for r in _pretrain_runs(project)[1]}
+    for n_layer in (3, 4):
+        _run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-S", f"model.n_layer={n_layer}"], project)
+    _run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], project)
+    deadline = time.monotonic() + 480
+    while True:
+        status = _run([sys.executable, "-m", "dvc", "queue", "status"], project)
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    assert "Failed" not in status
+
+    _, runs = _pretrain_runs(project)
+    new = [r for r in runs if r.info.run_id not in before]
+    assert sorted(r.data.params["model.n_layer"] for r in new) == ["3", "4"]
+    for run in new:  # complete: params, step metrics, evaluate and bench metrics, the DVC experiment name
+        assert run.info.status == "FINISHED"
+        assert run.data.tags.get("dvc.experiment")
+        assert {"train_loss", "val_loss", "eval_bits_per_byte", "bench_max_speedup"} <= set(run.data.metrics)
+    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db")), "a run landed in a temporary copy"
+
+    shown = json.dumps(
+        json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project, stdout_only=True))
+    )
+    assert '"n_layer": 3' in shown and '"bits_per_byte"' in shown
+    names = [r.data.tags["dvc.experiment"] for r in new]
+    diff = _run([sys.executable, "-m", "dvc", "metrics", "diff", *names], project)
+    assert "bits_per_byte" in diff
+    plots = _run([sys.executable, "-m", "dvc", "plots", "diff", *names, "-o", str(project / "plots-diff")], project)
+    assert (project / "plots-diff" / "index.html").is_file(), plots
+
+
+@pytest.mark.slow
+def test_local_remote_push_then_pull_in_a_fresh_clone_restores_without_rerunning(project, first_repro, tmp_path):
+    _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], project)
+    _commit(project, "remote")
+    _run([sys.executable, "-m", "dvc", "push"], project)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    _run([sys.executable, "-m", "dvc", "pull"], clone)
+    assert (clone / "models/checkpoint/model.pt").is_file()
+    assert (clone / "data/tokens/train.bin").read_bytes() == (project / "data/tokens/train.bin").read_bytes()
+    status = _run([sys.executable, "-m", "dvc", "status"], clone)
+    assert "up to date" in status, status
+    assert _ran_stages(_run([sys.executable, "-m", "dvc", "repro"], clone)) == []
