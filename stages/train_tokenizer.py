@@ -44,7 +44,7 @@ def command(ctx: StageContext, corpus: Path, out: Path, metrics: Path) -> None:
     from nanollm.atomic import atomic_path, write_json
     from nanollm.config import flatten
     from nanollm.data.corpus import iter_documents, read_manifest
-    from nanollm.tokenizer import FILENAME, create_tokenizer, gpt2, load_tokenizer
+    from nanollm.tokenizer import FILENAME, bytes_per_token, create_tokenizer, gpt2, load_tokenizer
     from nanollm.tracking import run_tags
 
     cfg = ctx.config.tokenizer
@@ -60,22 +60,17 @@ def command(ctx: StageContext, corpus: Path, out: Path, metrics: Path) -> None:
         seconds = time.perf_counter() - start
         tok = load_tokenizer(out)  # what every later stage will load
 
-        val = list(iter_documents(corpus, "val"))
-        summary: dict[str, float] = {
-            "vocab_size": tok.vocab_size,
-            "val_bytes_per_token": round(_bytes_per_token(val, tok.encode_batch(val)), 4),
-        }
+        # GPT-2 is the reference point, measured when tiktoken's files are already cached (never downloaded).
+        encoders = [tok.encode_batch]
+        if gpt2.is_cached():
+            encoders.append(gpt2.load_encoding().encode_ordinary_batch)
+        ratios = bytes_per_token(iter_documents(corpus, "val"), *encoders)
+        summary: dict[str, float] = {"vocab_size": tok.vocab_size, "val_bytes_per_token": round(ratios[0], 4)}
+        if len(ratios) > 1:
+            summary["gpt2_val_bytes_per_token"] = round(ratios[1], 4)
         if cfg.kind == "bpe":
-            summary |= {"train_seconds": round(seconds, 2), "train_mb_per_s": round(train_bytes / _MB / seconds, 2)}
-        if gpt2.is_cached():  # the reference point, free when tiktoken's files are already here
-            enc = gpt2.load_encoding()
-            summary["gpt2_val_bytes_per_token"] = round(_bytes_per_token(val, enc.encode_ordinary_batch(val)), 4)
+            summary |= {"train_seconds": round(seconds, 3), "train_mb_per_s": round(train_bytes / _MB / seconds, 2)}
         write_json(metrics, summary)
         tracker.set_tags({"tokenizer.sha256": tok.sha256})
         tracker.log_metrics(summary)
         tracker.log_artifact(out / FILENAME)
-
-
-def _bytes_per_token(texts: list[str], ids: list[list[int]]) -> float:
-    tokens = sum(map(len, ids))
-    return sum(len(t.encode("utf-8")) for t in texts) / tokens if tokens else 0.0

@@ -40,15 +40,32 @@ def invoke(project: Path, params: str, *args: str):
     return CliRunner().invoke(cli, ["--params", "params.yaml", *args])
 
 
-def test_train_tokenizer_then_tokenize(project):
+def _fake_gpt2_cache(monkeypatch) -> None:
+    """Pretend tiktoken's GPT-2 files are cached, with a stand-in of the 256 bytes only: one token per byte."""
+    import tiktoken
+
+    from nanollm.tokenizer import SPLIT_PATTERNS, gpt2
+
+    ranks = {bytes([b]): b for b in range(256)}
+    bytes_only = tiktoken.Encoding("gpt2", pat_str=SPLIT_PATTERNS["gpt2"], mergeable_ranks=ranks, special_tokens={})
+    monkeypatch.setattr(gpt2, "is_cached", lambda: True)
+    monkeypatch.setattr(gpt2, "load_encoding", lambda: bytes_only)
+
+
+def test_train_tokenizer_then_tokenize(project, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    _fake_gpt2_cache(monkeypatch)
     result = invoke(project, "tokenizer:\n  vocab_size: 300\n", "train_tokenizer")
     assert result.exit_code == 0, result.output
     tok = load_tokenizer(project / "data/tokenizer")
     assert tok.vocab_size == 300 and tok.eot_id == 299
     metrics = json.loads((project / "metrics/tokenizer.json").read_text())
-    assert set(metrics) >= {"vocab_size", "val_bytes_per_token", "train_seconds", "train_mb_per_s"}
+    assert set(metrics) == {
+        "vocab_size", "val_bytes_per_token", "gpt2_val_bytes_per_token", "train_seconds", "train_mb_per_s"
+    }  # fmt: skip
+    assert metrics["gpt2_val_bytes_per_token"] == 1.0  # the reference, measured on the same val texts
+    assert metrics["train_seconds"] > 0 and metrics["train_mb_per_s"] > 0
     val = list(iter_documents(project / "data/corpus", "val"))
     val_bytes = sum(len(t.encode()) for t in val)
     assert metrics["vocab_size"] == 300
@@ -59,7 +76,7 @@ def test_train_tokenizer_then_tokenize(project):
     assert run.info.status == "FINISHED" and run.info.run_name == "tokenizer-bpe-300"
     assert run.data.params["tokenizer.vocab_size"] == "300" and run.data.params["tokenizer.split_pattern"] == "gpt4"
     assert run.data.params["seed"] == "1337"
-    assert run.data.metrics["val_bytes_per_token"] == metrics["val_bytes_per_token"]
+    assert run.data.metrics == metrics
     assert run.data.tags["stage"] == "train_tokenizer" and run.data.tags["tokenizer.sha256"] == tok.sha256
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["tokenizer.json"]
 
@@ -81,11 +98,13 @@ def test_train_tokenizer_then_tokenize(project):
     assert metrics["bytes_per_token"] == round(sum(s["bytes"] for s in meta.splits.values()) / text_tokens, 4)
 
 
-def test_explicit_paths_and_no_tracking(project):
+def test_explicit_paths_and_no_tracking(project, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(project / "empty-cache"))
     params = "tokenizer:\n  vocab_size: 280\n  split_pattern: gpt2\ntracking:\n  enabled: false\n"
     args = ["--corpus", "data/corpus", "--out", "out/tok", "--metrics", "out/tok.json"]
     result = invoke(project, params, "train_tokenizer", *args)
     assert result.exit_code == 0, result.output
+    assert "gpt2_val_bytes_per_token" not in json.loads((project / "out/tok.json").read_text())  # GPT-2 not cached
     assert json.loads((project / "out/tok/tokenizer.json").read_text())["pattern_name"] == "gpt2"
     result = invoke(project, params, "tokenize", "--tokenizer", "out/tok", "--out", "out/tokens", "--metrics", "m.json")
     assert result.exit_code == 0, result.output

@@ -11,10 +11,18 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanollm.config import TokenizerConfig
+from nanollm.config import ConfigError, TokenizerConfig
 from nanollm.errors import NanollmError
-from nanollm.tokenizer import FILENAME, Tokenizer, create_tokenizer, gpt2, load_tokenizer, save_gpt2
-from nanollm.tokenizer.patterns import SPLIT_PATTERNS
+from nanollm.tokenizer import (
+    FILENAME,
+    Tokenizer,
+    bytes_per_token,
+    create_tokenizer,
+    gpt2,
+    load_tokenizer,
+    save_gpt2,
+)
+from nanollm.tokenizer.patterns import SPLIT_PATTERNS, without_surrogates
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n",
@@ -65,10 +73,51 @@ def test_round_trip(tok, text):
     assert tok.decode_bytes(ids) == text.encode("utf-8")
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.text())
+# Every code point, surrogates included: hypothesis leaves category Cs out by default, and draws it
+# rarely even when allowed, so it gets a strategy of its own.
+ANY_TEXT = st.text(st.characters(exclude_categories=()) | st.characters(categories=["Cs"]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(ANY_TEXT)
 def test_round_trip_any_text(tok, text):
-    assert tok.decode(tok.encode(text)) == text
+    """Valid Unicode round-trips exactly; surrogates are cleaned first, as documented (and as tiktoken does)."""
+    clean = without_surrogates(text)
+    assert tok.decode(tok.encode(text)) == clean
+    assert tok.encode_to_numpy(text).tolist() == tok.encode(text) == tok.encode(clean)
+    if not any("\ud800" <= c <= "\udfff" for c in text):
+        assert clean == text
+
+
+@pytest.mark.parametrize(
+    ("text", "seen_as"),
+    [("a\ud800b", "a\ufffdb"), ("\udfff", "\ufffd"), ("x\ud83d\ude42y", "x🙂y"), ("\ude42\ud83d", "\ufffd\ufffd")],
+)
+def test_surrogates(tok, text, seen_as):
+    assert tok.encode(text) == tok.encode(seen_as) and tok.decode(tok.encode(text)) == seen_as
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200) | ANY_TEXT.map(lambda t: without_surrogates(t).encode("utf-8")))
+def test_bytes_round_trip(tok, data):
+    ids = tok.encode_bytes(data)
+    assert tok.decode_bytes(ids) == data
+    assert max(ids, default=0) < tok.eot_id  # never a special token
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    assert ids == tok.encode(text)
+
+
+def test_bytes_api_on_invalid_utf8(tok):
+    # stray bytes, an encoded surrogate (CESU-8, not UTF-8), a character cut short
+    data = "café ".encode() + b"\xff\xfe" + "naïve".encode() + b"\xed\xa0\x80" + b"\xc3"
+    ids = tok.encode_bytes(data)
+    assert tok.decode_bytes(ids) == data
+    assert ids[: len(tok.encode("café "))] == tok.encode("café ")
+    assert [255, 254] == ids[len(tok.encode("café ")) : len(tok.encode("café ")) + 2]  # byte b is token b
+    assert tok.decode(ids) == "café \ufffd\ufffdnaïve\ufffd\ufffd\ufffd\ufffd"
 
 
 def test_special_tokens_are_never_produced_from_text(tok):
@@ -81,7 +130,7 @@ def _reference_encode(text: str, merges: list[list[int]], pattern: str) -> list[
     """Pure Python: split with the regex, then in each chunk apply the lowest-rank merge present, repeatedly."""
     rank = {tuple(pair): 256 + i for i, pair in enumerate(merges)}
     out = []
-    for chunk in regex.findall(pattern, text):
+    for chunk in regex.findall(pattern, without_surrogates(text)):
         ids = list(chunk.encode("utf-8"))
         while len(ids) > 1:
             pair = min(zip(ids, ids[1:], strict=False), key=lambda p: rank.get(p, float("inf")))
@@ -102,6 +151,19 @@ def _reference_encode(text: str, merges: list[list[int]], pattern: str) -> list[
 
 @pytest.mark.parametrize("text", [*TEXTS, *HARD, "def gradient(self):\n        return self.x + self.y  # café"])
 def test_tiktoken_applies_merges_in_rank_order(tok, text):
+    doc = _doc(tok)
+    assert tok.encode(text) == _reference_encode(text, doc["merges"], doc["pattern"])
+
+
+# Pieces of the training text glued at random, so that many merges apply; plus arbitrary code points.
+PIECES = st.sampled_from(
+    ["def ", "self", ".x", " = ", "\n    ", "return", "(a, b)", "é", "你好", "🙂", "12345", " the"]
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(PIECES | ANY_TEXT, max_size=12).map("".join))
+def test_tiktoken_equals_rank_order_reference_on_any_text(tok, text):
     doc = _doc(tok)
     assert tok.encode(text) == _reference_encode(text, doc["merges"], doc["pattern"])
 
@@ -138,6 +200,45 @@ def test_small_corpus_gives_a_smaller_consistent_vocab(tmp_path, caplog):
     assert small.eot_id == small.vocab_size - 1
     assert "stopped after" in caplog.text and "fewer than tokenizer.vocab_size=5000" in caplog.text
     assert small.decode(small.encode("tiny corpus, new words")) == "tiny corpus, new words"
+
+
+@pytest.mark.parametrize("specials", [("<|endoftext|>",), ("<|endoftext|>", "<|pad|>", "<|im_start|>")])
+def test_vocab_below_bytes_plus_specials_is_a_config_error(specials):
+    floor = 256 + len(specials)
+    TokenizerConfig(vocab_size=floor, special_tokens=specials)  # the bytes and specials alone: valid, no merges
+    with pytest.raises(ConfigError, match=f"tokenizer.vocab_size: got {floor - 1}; must be >= {floor}"):
+        TokenizerConfig(vocab_size=floor - 1, special_tokens=specials)
+
+
+def test_no_merges_is_a_byte_tokenizer(tmp_path):
+    tok = create_tokenizer(TokenizerConfig(vocab_size=257), ["abab abab"], tmp_path, progress=False)
+    assert tok.vocab_size == 257 and tok.eot_id == 256 and tok.encode("abab") == [97, 98, 97, 98]
+
+
+def test_configurable_special_tokens_follow_the_merges(tmp_path):
+    specials = ("<|endoftext|>", "<|fim_prefix|>", "<|fim_suffix|>")
+    tok = create_tokenizer(TokenizerConfig(vocab_size=300, special_tokens=specials), TEXTS, tmp_path, progress=False)
+    assert tok.special_tokens == {name: 297 + k for k, name in enumerate(specials)}
+    assert not set(tok.encode("".join(specials) * 2)) & set(tok.special_tokens.values())
+    assert tok.decode([297, 298, 299]) == "".join(specials)
+
+
+def test_bytes_per_token_streams_several_encoders(tok, monkeypatch):
+    from nanollm.tokenizer import train
+
+    monkeypatch.setattr(train, "_MEASURE_CHARS", 50)  # several batches
+    texts = TEXTS * 3
+    calls = []
+
+    def bytes_only(batch):
+        calls.append(len(batch))
+        return [t.encode("utf-8") for t in batch]  # one token per byte
+
+    ours, bytewise = bytes_per_token(iter(texts), tok.encode_batch, bytes_only)
+    total = sum(len(t.encode("utf-8")) for t in texts)
+    assert bytewise == 1.0 and ours == total / sum(len(tok.encode(t)) for t in texts) > 1.5
+    assert len(calls) > 3 and max(calls) < len(texts)
+    assert bytes_per_token([], tok.encode_batch) == [0.0]
 
 
 # ---------------------------------------------------------------------------- corrupt files
@@ -206,15 +307,17 @@ def test_gpt2_file_records_tiktoken_and_extra_specials(tmp_path):
 
 
 def test_gpt2_extra_specials_load(tmp_path, monkeypatch):
-    # Stand-in for the cached GPT-2 ranks (256 bytes only): exercises how extra specials are added.
+    # Stand-in for the cached GPT-2 ranks (256 bytes only, ranked in reverse as GPT-2 ranks its bytes
+    # in its own order): exercises how extra specials are added and how encode_bytes finds byte ids.
     fake = {"name": "gpt2", "pat_str": SPLIT_PATTERNS["gpt2"], "special_tokens": dict(gpt2.SPECIAL_TOKENS),
-            "mergeable_ranks": {bytes([b]): b for b in range(256)}}  # fmt: skip
+            "mergeable_ranks": {bytes([b]): 255 - b for b in range(256)}}  # fmt: skip
     monkeypatch.setattr(gpt2, "encoding_kwargs", lambda: dict(fake))
     save_gpt2(tmp_path / FILENAME, ["<|endoftext|>", "<|pad|>"])
     tok = load_tokenizer(tmp_path)
     assert tok.vocab_size == 50258 and tok.eot_id == 50256
     assert tok.special_tokens == {"<|endoftext|>": 50256, "<|pad|>": 50257}
     assert tok.decode([50257]) == "<|pad|>" and 50257 not in tok.encode("<|pad|>")
+    assert tok.encode_bytes(b"a\xff") == [255 - 97, 0] and tok.decode_bytes([255 - 97, 0]) == b"a\xff"
 
 
 @pytest.mark.parametrize("cache", ["empty-dir", "disabled"])

@@ -62,10 +62,35 @@ def test_round_trip(tok, tmp_path):
 
 
 def test_encode_documents_batches(tok):
-    batches = list(encode_documents(tok, DOCS["train"], batch_chars=20))
+    batches = list(encode_documents(tok, DOCS["train"], batch_chars=20, num_threads=2))
     assert len(batches) > 1
-    assert [ids for docs, _ in batches for ids in docs] == [tok.encode(t) for t in DOCS["train"]]
+    assert [ids.tolist() for docs, _ in batches for ids in docs] == [tok.encode(t) for t in DOCS["train"]]
     assert sum(n for _, n in batches) == sum(len(t.encode()) for t in DOCS["train"])
+
+
+def test_encode_documents_keeps_order_across_threads_and_tasks(tok, monkeypatch):
+    from nanollm.data import tokens
+
+    monkeypatch.setattr(tokens, "_TASK_CHARS", 7)  # several encoder tasks per batch
+    texts = [f"doc {i}: " + "print(x)\n" * (i % 5) + "🙂" * (i % 3) for i in range(200)]
+    docs = [ids for batch, _ in encode_documents(tok, texts, batch_chars=100, num_threads=3) for ids in batch]
+    assert [ids.tolist() for ids in docs] == [tok.encode(t) for t in texts]
+
+
+def test_encode_documents_reads_a_bounded_window(tok):
+    """A consumer that stops early has read only a few batches: the corpus streams, it is never all in memory."""
+    read = 0
+
+    def texts():
+        nonlocal read
+        for i in range(10_000):
+            read += 1
+            yield f"document {i} " * 8
+
+    batches = encode_documents(tok, texts(), batch_chars=100)
+    next(batches)
+    batches.close()  # also shuts the encoder threads down
+    assert read <= 4 * 2  # the batch handed out, the look-ahead (2) and one being filled; ~2 documents per batch
 
 
 @pytest.mark.parametrize(("vocab_size", "dtype"), [(300, np.uint16), (65536, np.uint16), (65537, np.uint32)])
@@ -79,11 +104,20 @@ def test_dtype_fits_the_vocab(tmp_path, vocab_size, dtype):
     assert (tmp_path / "t" / "train.bin").stat().st_size == 6 * np.dtype(dtype).itemsize
 
 
-def test_id_outside_the_dtype_is_refused(tmp_path):
-    with pytest.raises(OverflowError):
-        write_tokens(tmp_path / "t", {"train": [([[70000]], 1)]}, vocab_size=300, eot_id=0, tokenizer_sha256="a",
-                     corpus_sha256="b")  # fmt: skip
+@pytest.mark.parametrize("bad", [70000, 300, -1])
+def test_id_outside_the_vocab_is_refused(tmp_path, bad):
+    batches = {"train": [([[1, 2], [bad]], 1)]}
+    with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
+        write_tokens(tmp_path / "t", batches, vocab_size=300, eot_id=0, tokenizer_sha256="a", corpus_sha256="b")
     assert not (tmp_path / "t").exists()
+
+
+def test_lists_arrays_and_empty_documents_mix(tmp_path):
+    docs = [[], np.array([7, 8], dtype=np.uint32), [9], np.zeros(0, dtype=np.uint32)]
+    write_tokens(
+        tmp_path / "t", {"train": [(docs, 3)]}, vocab_size=300, eot_id=299, tokenizer_sha256="a", corpus_sha256="b"
+    )
+    assert open_split(tmp_path / "t", "train").tolist() == [299, 7, 8, 299, 9, 299, 299]
 
 
 def test_empty_split_is_an_empty_read_only_array(tmp_path):

@@ -1,7 +1,8 @@
-"""The pre-tokenizer split regexes, by name; shared by the BPE trainer and the tiktoken loader.
+"""What text the tokenizer sees: the pre-tokenizer split regexes by name, and the rule for strings
+that are not valid Unicode. Shared by the BPE trainer (Python `regex`) and the tiktoken loader.
 
-Both are copied verbatim from tiktoken_ext/openai_public.py so that training (Python `regex`)
-and encoding (tiktoken's Rust engine) cut text into the same chunks.
+The regexes are copied verbatim from tiktoken_ext/openai_public.py so that training and
+encoding (tiktoken's Rust engine) cut text into the same chunks.
 """
 
 SPLIT_PATTERNS: dict[str, str] = {
@@ -14,3 +15,18 @@ SPLIT_PATTERNS: dict[str, str] = {
         r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
     ),
 }
+
+
+def without_surrogates(text: str) -> str:
+    """`text` as tiktoken encodes it: lone surrogates become U+FFFD, a high+low pair the character it stands for.
+
+    A Python str may hold surrogate code points (U+D800..U+DFFF, e.g. from a JSON `\\ud83d`
+    escape), which have no UTF-8 form. tiktoken's `encode_ordinary` then re-reads the text
+    as UTF-16 with errors="replace" (tiktoken/core.py); the trainer applies the same rule, so
+    both see the same chunks. Valid text comes back unchanged at the cost of one UTF-8 encode.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text

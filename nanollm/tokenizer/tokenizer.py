@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from nanollm.atomic import write_text
 from nanollm.errors import NanollmError
 from nanollm.tokenizer import gpt2
+from nanollm.tokenizer.patterns import without_surrogates
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,6 +38,7 @@ FILENAME = "tokenizer.json"
 BPE_FORMAT = "nanollm-bpe/1"
 TIKTOKEN_FORMAT = "tiktoken"
 _FIX = "re-run `dvc repro train_tokenizer`"
+_ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")  # invalid UTF-8 bytes after decode(errors="surrogateescape")
 
 
 class Tokenizer:
@@ -43,6 +46,11 @@ class Tokenizer:
 
     `encode` never produces special tokens, even for text containing "<|endoftext|>":
     callers separate documents by appending `eot_id` themselves.
+
+    Round trips: `decode(encode(s)) == s` for every str that is valid Unicode. A str holding
+    surrogate code points (no UTF-8 form) is encoded as `patterns.without_surrogates(s)`: a
+    lone surrogate becomes U+FFFD, a high+low pair its character (tiktoken's own rule).
+    Arbitrary bytes, invalid UTF-8 included, round-trip through `encode_bytes`/`decode_bytes`.
     """
 
     def __init__(self, encoding: tiktoken.Encoding, special_tokens: Mapping[str, int], *, path: Path, sha256: str):
@@ -63,16 +71,48 @@ class Tokenizer:
         """Encode many texts on tiktoken's thread pool (the Rust core releases the GIL); default: all CPUs."""
         return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1)
 
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        """`encode` as a uint32 array, built without a Python list: ~10% faster; the tokenize stage's path."""
+        try:
+            return self.encoding.encode_to_numpy(text, disallowed_special=())
+        except UnicodeEncodeError:  # unlike encode_ordinary, tiktoken's encode_to_numpy has no surrogate fallback
+            return self.encoding.encode_to_numpy(without_surrogates(text), disallowed_special=())
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Encode raw bytes: the valid UTF-8 runs as `encode` would, each invalid byte as its byte token.
+
+        So `decode_bytes(encode_bytes(b)) == b` for any bytes, and `encode_bytes(s.encode()) == encode(s)`.
+        An invalid byte never joins a merge: the split regex works on characters, and it is none.
+        (tiktoken's private `_encode_bytes` instead runs BPE over everything from the first
+        invalid byte on as one piece, bypassing the split regex.)
+        """
+        # surrogateescape turns each undecodable byte b into U+DC00 + b, and nothing else into U+DC80..U+DCFF
+        text = data.decode("utf-8", errors="surrogateescape")
+        ids: list[int] = []
+        start = 0
+        for bad in _ESCAPED_BYTES.finditer(text):
+            ids += self.encode(text[start : bad.start()])
+            ids += [self._byte_ids[ord(c) - 0xDC00] for c in bad.group()]
+            start = bad.end()
+        ids += self.encode(text[start:])
+        return ids
+
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; bytes that are not valid UTF-8 (a character cut between tokens) become U+FFFD."""
         return self.encoding.decode(_as_list(ids), errors="replace")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The exact bytes of `ids` (special tokens as their UTF-8 text); the inverse of `encode_bytes`."""
         return self.encoding.decode_bytes(_as_list(ids))
 
     def token_byte_lengths(self) -> np.ndarray:
         """Bytes each token id stands for (0 for special tokens), for bits-per-byte metrics."""
         return self._byte_lengths.copy()
+
+    @cached_property
+    def _byte_ids(self) -> list[int]:
+        # our BPE: byte b is id b; GPT-2 ranks its 256 byte tokens in another order
+        return [self.encoding.encode_single_token(bytes([b])) for b in range(256)]
 
     @cached_property
     def _byte_lengths(self) -> np.ndarray:
