@@ -7,12 +7,14 @@ mlflow is imported lazily: constructing a tracker is the first moment it is need
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,13 @@ class NullTracker:
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         pass
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "train") -> None:
+        pass
+
+    @contextlib.contextmanager
+    def system_metrics(self, interval_s: float = 10.0) -> Iterator[None]:
+        yield
 
     def end(self, status: str = "FINISHED") -> None:
         pass
@@ -178,6 +187,32 @@ class Tracker(NullTracker):
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "train") -> None:
+        """Dataset lineage (the run's Datasets panel): a name, a content digest and where it came from."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+    @contextlib.contextmanager
+    def system_metrics(self, interval_s: float = 10.0) -> Iterator[None]:
+        """Sample CPU, memory, disk, network (and GPU when present) into `system/*` metrics meanwhile."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=self.uri
+            )
+        except Exception as err:  # psutil missing, or a store that cannot answer: train anyway
+            log.warning("system metrics are off (%s)", err)
+            yield
+            return
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:

@@ -82,3 +82,25 @@ def test_unreachable_server_fails_fast_with_one_line(tmp_path, monkeypatch):
     with pytest.raises(NanollmError) as info:
         make_tracker(TrackingConfig(), root=tmp_path)
     assert "unreachable" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_dataset_lineage_and_system_metrics(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}", "unit")
+    with tracker:
+        tracker.start("lineage")
+        tracker.log_dataset("corpus-train", "ab" * 32, "data/corpus", context="train")
+        with tracker.system_metrics(interval_s=0.2):
+            import time
+
+            time.sleep(1.0)
+    run = MlflowClient(tracker.uri).get_run(tracker.run_id)
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "corpus-train" and dataset.dataset.digest.startswith("abab")
+    assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "train"
+    assert any(key.startswith("system/cpu") for key in run.data.metrics)
+    assert any(key.startswith("system/system_memory") for key in run.data.metrics)
+
+
+def test_null_tracker_has_every_method_of_the_real_one():
+    public = {name for name in dir(Tracker) if not name.startswith("_")}
+    assert public <= set(dir(NullTracker)) | {"client", "experiment_id"}
