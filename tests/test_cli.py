@@ -70,3 +70,75 @@ def test_missing_params_file_is_a_clear_error(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["--params", "nope.yaml", "download"])
     assert result.exit_code == 2
     assert "nope.yaml" in result.stderr and "not found" in result.stderr
+
+
+# ---------------------------------------------------------------------------- mutated params
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from nanollm.config import Config, ConfigError, flatten  # noqa: E402
+
+_DEFAULTS = flatten(Config().to_dict())
+_ODD_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.integers(min_value=-3, max_value=3), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+
+
+@st.composite
+def mutated_params(draw) -> dict:
+    """The default params with a few keys replaced by odd values, removed or added."""
+    tree = Config().to_dict()
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        key = draw(st.sampled_from(sorted(_DEFAULTS)))
+        *sections, leaf = key.split(".")
+        node = tree
+        for section in sections:
+            node = node[section]
+        action = draw(st.sampled_from(["replace", "delete", "add"]))
+        if action == "replace":
+            node[leaf] = draw(_ODD_VALUES)
+        elif action == "delete":
+            node.pop(leaf, None)
+        else:
+            node[draw(st.text(min_size=1, max_size=6))] = draw(_ODD_VALUES)
+    return tree
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_params())
+def test_mutated_params_validate_or_fail_with_one_line(raw):
+    try:
+        Config.from_dict(raw)
+    except ConfigError as err:
+        assert "\n" not in str(err) and str(err).split(":")[0]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=mutated_params())
+def test_mutated_params_through_the_cli_never_print_a_traceback(tmp_path_factory, raw):
+    project = tmp_path_factory.mktemp("mutated")
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    # tokenize with no corpus: a valid file gets past validation and fails on the missing input
+    result = CliRunner().invoke(
+        cli,
+        [
+            "--params",
+            str(project / "params.yaml"),
+            "tokenize",
+            "--corpus",
+            str(project / "none"),
+            "--out",
+            str(project / "tokens"),
+        ],
+    )
+    assert result.exit_code in (1, 2), result.output
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (project / "tokens").exists()
