@@ -8,6 +8,7 @@ mlflow is imported lazily: constructing a tracker is the first moment it is need
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -103,6 +104,28 @@ class NullTracker:
         self.end("FAILED" if exc_type else "FINISHED")
 
 
+def _best_effort(method: Any) -> Any:
+    """Once a run exists, losing the store must not lose the training: warn once, then log nothing."""
+
+    @functools.wraps(method)
+    def wrapper(self: Tracker, *args: Any, **kwargs: Any) -> Any:
+        if self.lost:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as err:
+            self.lost = True
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            log.warning(
+                "MLflow store %s failed (%s); continuing without tracking, the metrics files are still written",
+                self.uri,
+                reason,
+            )
+            return None
+
+    return wrapper
+
+
 class Tracker(NullTracker):
     """One MLflow run in one experiment of one tracking store."""
 
@@ -112,6 +135,7 @@ class Tracker(NullTracker):
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = None
+        self.lost = False  # set once the store failed mid-run; later calls then do nothing
         try:
             self.experiment_id = self._experiment_id(experiment, artifact_root)
         except Exception as err:  # MlflowException, or sqlalchemy errors from a bad database
@@ -159,6 +183,7 @@ class Tracker(NullTracker):
         self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
 
+    @_best_effort
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -166,6 +191,7 @@ class Tracker(NullTracker):
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
+    @_best_effort
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
@@ -178,6 +204,7 @@ class Tracker(NullTracker):
         for i in range(0, len(items), 1000):  # log_batch takes at most 1000 metrics per call
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
+    @_best_effort
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
@@ -185,9 +212,11 @@ class Tracker(NullTracker):
         if items:
             self.client.log_batch(self.run_id, tags=items)
 
+    @_best_effort
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    @_best_effort
     def log_dataset(self, name: str, digest: str, source: str, context: str = "train") -> None:
         """Dataset lineage (the run's Datasets panel): a name, a content digest and where it came from."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -214,6 +243,7 @@ class Tracker(NullTracker):
         finally:
             monitor.finish()
 
+    @_best_effort
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
@@ -247,6 +277,10 @@ def make_tracker(cfg: TrackingConfig, root: Path) -> NullTracker:
     uri = tracking_uri(cfg, root)
     if uri.startswith(("http://", "https://")):
         _probe_server(uri)
+        # MLflow's client retries a failed request 7 times with exponential backoff (minutes);
+        # a server that goes away mid-training should cost seconds before we carry on without it.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     artifact_root = Path(root) / "mlartifacts" if uri.startswith("sqlite:") else None
     return Tracker(uri, cfg.experiment, artifact_root=artifact_root)
 

@@ -104,3 +104,18 @@ def test_dataset_lineage_and_system_metrics(tmp_path):
 def test_null_tracker_has_every_method_of_the_real_one():
     public = {name for name in dir(Tracker) if not name.startswith("_")}
     assert public <= set(dir(NullTracker)) | {"client", "experiment_id"}
+
+
+def test_store_lost_mid_run_warns_once_and_carries_on(tmp_path, caplog):
+    db = tmp_path / "m.db"
+    tracker = Tracker(f"sqlite:///{db}", "unit")
+    tracker.start("doomed-store")
+    tracker.log_metrics({"train_loss": 1.0}, step=1)
+    db.write_bytes(b"this is not a database any more")  # the store is gone mid-run
+    with caplog.at_level("WARNING"):
+        for step in range(2, 6):
+            tracker.log_metrics({"train_loss": 1.0 / step}, step=step)
+        tracker.log_params({"a": 1})
+        tracker.end()
+    warnings = [r for r in caplog.records if "continuing without tracking" in r.getMessage()]
+    assert len(warnings) == 1 and tracker.lost
