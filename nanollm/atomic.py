@@ -7,6 +7,7 @@ output path that DVC (or a later stage) could mistake for a result.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -23,6 +24,27 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+def _remove_orphans(target: Path) -> None:
+    """Delete temporary siblings of `target` left by a writer that was killed (SIGKILL skips cleanup).
+
+    Their names carry the writer's pid; one whose process is gone can never be completed.
+    """
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
+        pid = tmp.name[len(target.name) + 6 :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            _remove(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str], *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `target`; on clean exit, replace `target` with it.
@@ -32,7 +54,8 @@ def atomic_path(target: str | os.PathLike[str], *, directory: bool = False) -> I
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name}.tmp-"
+    _remove_orphans(target)
+    prefix = f".{target.name}.tmp-{os.getpid()}-"
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     else:

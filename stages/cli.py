@@ -7,6 +7,7 @@ inside their command bodies, so `nanollm --help` stays instant.
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import logging
@@ -32,9 +33,15 @@ COMMANDS = {
     "evaluate": "stages.evaluate",
     "bench_kvcache": "stages.bench_kvcache",
     "ui": "stages.ui",
+    "generate": "stages.generate",
+    "export-hf": "stages.export_hf",
+    "import-hf": "stages.import_hf",
 }
 
 log = logging.getLogger("nanollm")
+
+# out of space, over a file-size limit, over quota: the user's to fix, not a bug to trace
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 class _YamlLoader:
@@ -130,6 +137,12 @@ class _Group(click.Group):
             ctx.exit(2)
         except NanollmError as err:
             click.echo(f"Error: {err}", err=True)
+            ctx.exit(1)
+        except OSError as err:
+            if err.errno not in _DISK_FULL:
+                raise
+            where = f" writing {err.filename}" if err.filename else ""
+            click.echo(f"Error: {os.strerror(err.errno)}{where}; free some space and re-run the stage", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)

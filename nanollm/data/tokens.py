@@ -164,7 +164,9 @@ def write_tokens(
                 stats[split] = {"tokens": 0, "bytes": 0, "documents": 0}
                 for docs, nbytes in batches:
                     flat = _flatten(docs, eot_id, vocab_size)
-                    flat.astype(dtype, copy=False).tofile(f)  # native order: little-endian on x86-64 and arm64
+                    # native order (little-endian on x86-64 and arm64); f.write, unlike ndarray.tofile,
+                    # reports a full disk as OSError(ENOSPC/EFBIG) rather than a bare short-write message
+                    f.write(memoryview(np.ascontiguousarray(flat, dtype=dtype)))
                     stats[split]["tokens"] += flat.size
                     stats[split]["bytes"] += nbytes
                     stats[split]["documents"] += len(docs)
