@@ -75,3 +75,23 @@ def test_sigkill_at_a_random_point_leaves_no_partial_output_and_a_rerun_complete
     _, err = done.communicate(timeout=300)
     assert done.returncode == 0, err[-2000:]
     assert not list((project / "data").glob(".*.tmp-*")), "a killed writer's temporary survived the rerun"
+
+
+def test_one_huge_document_goes_through_download_tokenizer_and_tokenize(tmp_path):
+    # 6 MB in one document (no newline-separated records): read whole, trained on, encoded whole
+    line = "def f(x):\n    return x * 2  # ünïcode ✓\n"
+    (tmp_path / "big.txt").write_text(line * (6_000_000 // len(line.encode())), encoding="utf-8")
+    (tmp_path / "small.txt").write_text("print('val')\n" * 50)
+    params = {
+        "data": {"source": "files", "paths": ["*.txt"], "val_fraction": 0.5},
+        "tokenizer": {"vocab_size": 300},
+        "seed": 3,  # a seed whose split puts one file on each side
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage in (["download"], ["train_tokenizer"], ["tokenize"]):
+        done = _nanollm(stage, tmp_path)
+        _, err = done.communicate(timeout=300)
+        assert done.returncode == 0, err[-2000:]
+    meta = yaml.safe_load((tmp_path / "data/tokens/meta.json").read_text())
+    total = meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"]
+    assert total > 6_000_000 - len(line.encode())
