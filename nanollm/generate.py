@@ -58,11 +58,16 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def prefill(model: nn.Module, prompt: torch.Tensor) -> torch.Tensor:
     """Run the whole prompt (B, T) through the model, filling its KV cache; returns last logits (B, V)."""
-    return model(prompt, start_pos=0)[:, -1, :]
+    return model(prompt, start_pos=0, last_only=True)[:, -1, :]
 
 
 def decode_step(model: nn.Module, token: torch.Tensor, pos: int) -> torch.Tensor:
-    """Feed one token per row (B, 1) at position `pos` against the cache; returns its logits (B, V)."""
+    """Feed one token per row (B, 1) at position `pos` against the cache; returns its logits (B, V).
+
+    This is the hot loop of generation: one call per token, where the model's work (reading
+    every weight once) takes ~1 ms for the default model on a CPU core, so each Python-level
+    op costs a visible share. The model keeps it lean (no masks, no casts, no cache copies).
+    """
     return model(token, start_pos=pos)[:, -1, :]
 
 
@@ -102,10 +107,11 @@ def generate(
     if not use_cache:
         seq = prompt
         for _ in range(max_new_tokens):
-            token = draw(model(seq)[:, -1, :])  # (1,)
-            if stop_id is not None and int(token) == stop_id:
+            token = draw(model(seq, last_only=True)[:, -1, :])  # (1,)
+            token_id = int(token)  # the one host sync per step
+            if token_id == stop_id:
                 return
-            yield int(token)
+            yield token_id
             seq = torch.cat([seq, token.view(1, 1)], dim=1)  # (1, T+1)
         return
 
@@ -115,9 +121,10 @@ def generate(
         pos = prompt.size(1)
         for i in range(max_new_tokens):
             token = draw(logits)  # (1,)
-            if stop_id is not None and int(token) == stop_id:
+            token_id = int(token)  # the one host sync per step
+            if token_id == stop_id:
                 return
-            yield int(token)
+            yield token_id
             if i + 1 < max_new_tokens:  # the last token needs no forward of its own
                 logits = decode_step(model, token.view(1, 1), pos)
                 pos += 1

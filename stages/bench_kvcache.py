@@ -1,7 +1,8 @@
 """`nanollm bench_kvcache`: greedy decoding speed of the trained model with and without the KV cache.
 
-Thin: loads the checkpoint, runs nanollm.bench, writes the metrics, table and chart, and
-adds them to the pretrain run.
+Thin: loads the checkpoint, runs nanollm.bench, writes the metrics (with the achieved weight-read
+bandwidth), table and chart, and adds them to the pretrain run. docs/kv_cache.md is rendered
+from these outputs by `python -m nanollm.bench docs/kv_cache.md`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ def command(ctx: StageContext, checkpoint: Path, metrics: Path, table: Path, cha
     import torch
 
     from nanollm.atomic import write_json
-    from nanollm.bench import bench_kvcache, plot, summarize, write_table
+    from nanollm.bench import (
+        bandwidth,
+        bench_kvcache,
+        memory_bandwidth,
+        plot,
+        summarize,
+        weight_bytes_per_token,
+        write_table,
+    )
     from nanollm.checkpoint import architecture_differences, load_model, read_run_id
 
     cfg = ctx.config.bench
@@ -47,6 +56,8 @@ def command(ctx: StageContext, checkpoint: Path, metrics: Path, table: Path, cha
         device=device,
     )
     summary = summarize(rows)
+    summary.update(bandwidth(rows, weight_bytes_per_token(model), memory_bandwidth(device=device)))
+    summary["threads"] = torch.get_num_threads()
     write_json(metrics, summary)
     write_table(rows, table)
     arch = model.cfg
@@ -55,7 +66,8 @@ def command(ctx: StageContext, checkpoint: Path, metrics: Path, table: Path, cha
     click.echo(
         f"KV cache on {device}: up to x{best['speedup']:.1f} faster "
         f"(prompt {best['prompt_len']}, {best['new_tokens']} new tokens: "
-        f"{best['cached_tok_s']:.0f} vs {best['uncached_tok_s']:.0f} tokens/s)",
+        f"{best['cached_tok_s']:.0f} vs {best['uncached_tok_s']:.0f} tokens/s); weights read at "
+        f"{summary['weight_read_gb_s']:.1f} GB/s of {summary['memory_copy_gb_s']:.1f} GB/s measured",
         err=True,
     )
 

@@ -1,11 +1,29 @@
-"""The KV-cache benchmark: row shape, the equality check between modes, summary, CSV and chart."""
+"""The KV-cache benchmark: row shape, the equality check between modes, summary, CSV, chart, bandwidth, report."""
 
 import csv
+import dataclasses
+import json
 
 import pytest
 import torch
 
-from nanollm.bench import COLUMNS, KVCacheMismatchError, bench_kvcache, plot, speedup, summarize, write_table
+from nanollm.bench import (
+    COLUMNS,
+    REPORT_BEGIN,
+    REPORT_END,
+    KVCacheMismatchError,
+    bandwidth,
+    bench_kvcache,
+    main,
+    memory_bandwidth,
+    plot,
+    read_table,
+    render_report,
+    speedup,
+    summarize,
+    weight_bytes_per_token,
+    write_table,
+)
 from nanollm.config import ModelConfig
 from nanollm.errors import NanollmError
 from nanollm.model import Transformer
@@ -25,8 +43,8 @@ def _model(cls=Transformer):
 class BrokenCache(Transformer):
     """A model whose cached decode steps disagree with its plain forward (they favour token 0)."""
 
-    def forward(self, idx, start_pos=None):
-        logits = super().forward(idx, start_pos)
+    def forward(self, idx, start_pos=None, **kwargs):
+        logits = super().forward(idx, start_pos, **kwargs)
         if start_pos:  # a decode step against the cache
             logits[..., 0] += 100.0
         return logits
@@ -74,13 +92,17 @@ def test_prompts_are_seeded(monkeypatch):
     assert first[-1][:3] == first[0]  # shorter prompts are prefixes of the longest
 
 
-def test_summary_csv_and_chart(tmp_path):
-    rows = [
+def _rows():
+    return [
         {"prompt_len": p, "new_tokens": n, "cached_tok_s": 100.0 + p, "uncached_tok_s": 50.0,
          "speedup": speedup(100.0 + p, 50.0), "cached_ttft_ms": 1.0, "uncached_ttft_ms": 1.5,
          "cache_mb": p * n / 1e3}
         for p in (16, 128) for n in (8, 32)
     ]  # fmt: skip
+
+
+def test_summary_csv_and_chart(tmp_path):
+    rows = _rows()
     summary = summarize(rows)
     assert summary["p128_n32_speedup"] == pytest.approx(228 / 50)
     assert summary["p16_n8_cached_tok_s"] == 116.0
@@ -94,6 +116,8 @@ def test_summary_csv_and_chart(tmp_path):
     assert list(back[0]) == list(COLUMNS)
     assert [(int(r["prompt_len"]), int(r["new_tokens"])) for r in back] == [(16, 8), (16, 32), (128, 8), (128, 32)]
 
+    assert read_table(tmp_path / "t.csv") == [{k: r[k] for k in COLUMNS} for r in rows]
+
     plot(rows, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "t.csv"]  # no temporary files left behind
@@ -102,3 +126,52 @@ def test_summary_csv_and_chart(tmp_path):
 def test_speedup_of_a_stalled_baseline():
     assert speedup(10.0, 0.0) == float("inf")
     assert speedup(10.0, 4.0) == 2.5
+
+
+def test_weight_bytes_count_the_tied_head_and_skip_an_untied_lookup_table():
+    tied = _model()
+    assert weight_bytes_per_token(tied) == 4 * tied.num_params()
+    cfg = dataclasses.replace(tied.cfg, tie_embeddings=False)
+    untied = Transformer(cfg, vocab_size=53)
+    assert weight_bytes_per_token(untied) == 4 * (untied.num_params() - 53 * 32)  # the LM head is read, the table not
+
+
+def test_memory_bandwidth_is_a_plausible_rate():
+    rate = memory_bandwidth(size_mb=16, repeats=2)
+    assert 1e8 < rate < 1e13  # between 0.1 GB/s and 10 TB/s: a rate in bytes per second, not a time
+
+
+def test_bandwidth_uses_the_fastest_cached_point():
+    got = bandwidth(_rows(), weight_bytes=2_000_000, copy_bytes_s=10e9)
+    assert got == {
+        "weight_mb": 2.0,
+        "weight_read_gb_s": pytest.approx(2e6 * 228 / 1e9),
+        "memory_copy_gb_s": 10.0,
+        "bandwidth_utilisation": pytest.approx(2e6 * 228 / 10e9, abs=1e-4),
+    }
+
+
+def test_report_is_rendered_between_the_markers(tmp_path):
+    rows = _rows()
+    summary = {**summarize(rows), **bandwidth(rows, 2_000_000, 10e9), "threads": 2}
+    text = render_report(summary, rows)
+    assert text.count("\n| ") == 5  # header separator and four points
+    assert "| 128 | 32 | 228 | 50.0 | x4.6 |" in text and "x2.3 at prompt 16 + 8" in text
+    assert "0.5 GB/s, 5% of the 10.0 GB/s" in text and "(2 threads)" in text
+    assert "(1 thread)." in render_report({**summary, "threads": 1}, rows)
+
+    (tmp_path / "m.json").write_text(json.dumps(summary))
+    write_table(rows, tmp_path / "t.csv")
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# Title\n\nprose\n\n{REPORT_BEGIN}\nstale\n{REPORT_END}\n\nmore prose\n")
+    argv = [str(doc), "--metrics", str(tmp_path / "m.json"), "--table", str(tmp_path / "t.csv")]
+    assert main(argv) == 0
+    once = doc.read_text()
+    assert "stale" not in once and once.startswith("# Title\n\nprose\n\n") and once.endswith("\n\nmore prose\n")
+    assert render_report(summary, read_table(tmp_path / "t.csv")) in once
+    assert main(argv) == 0 and doc.read_text() == once  # idempotent
+
+    doc.write_text("no markers")
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 1

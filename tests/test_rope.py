@@ -1,13 +1,25 @@
 """RoPE: the rotation encodes relative position, tables grow on demand, and it matches HF's convention."""
 
+import pytest
 import torch
 
-from nanollm.model.rope import RotaryEmbedding, apply_rotary, rope_frequencies, rotate_half
+from nanollm.model.rope import RotaryEmbedding, apply_rotary, rope_frequencies
 
 
 def _rotate(x: torch.Tensor, rope: RotaryEmbedding, pos: int) -> torch.Tensor:
     cos, sin = rope(pos, 1)  # (1, hs)
     return apply_rotary(x.view(1, 1, 1, -1), cos, sin).view(-1)
+
+
+def _hf_rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """HF LlamaRotaryEmbedding + apply_rotary_pos_emb, written out: x (..., T, d), positions (T,)."""
+    d = x.size(-1)
+    inv = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    freqs = positions.float()[:, None] * inv[None, :]  # (T, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    rotate_half = torch.cat((-x2, x1), dim=-1)
+    return x * emb.cos() + rotate_half * emb.sin()
 
 
 def test_dot_product_depends_only_on_relative_position():
@@ -44,14 +56,27 @@ def test_tables_are_not_persistent():
     assert RotaryEmbedding(head_dim=8, max_seq_len=16).state_dict() == {}
 
 
-def test_rotate_half_convention_matches_hf_llama():
-    # HF LlamaRotaryEmbedding: inv_freq = 1 / base^(arange(0, d, 2) / d), emb = cat(freqs, freqs),
-    # rotate_half(x) = cat(-x2, x1). Written out here so a switch to the interleaved form fails.
-    d, theta = 8, 500.0
-    inv = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
-    assert torch.allclose(rope_frequencies(d, theta), inv)
-    x = torch.arange(d, dtype=torch.float32)
-    assert torch.equal(rotate_half(x), torch.tensor([-4.0, -5, -6, -7, 0, 1, 2, 3]))
+@pytest.mark.parametrize("theta", [10000.0, 500.0])
+def test_rotation_equals_hf_llama_rotate_half_form(theta):
+    # Written out from HF so that a switch to the interleaved (Meta complex) form, a wrong sign in
+    # the folded sin table or a different frequency schedule fails here. Positions run past the
+    # table length, so a regrown table is checked too.
+    d, T = 16, 40
+    assert torch.allclose(rope_frequencies(d, theta), 1.0 / theta ** (torch.arange(0, d, 2).float() / d))
     rope = RotaryEmbedding(d, 8, theta)
-    angles = 3 * inv
-    assert torch.allclose(rope.cos[3], torch.cat([angles, angles]).cos())
+    x = torch.randn(2, 3, T, d)
+    got = apply_rotary(x, *rope(0, T))
+    torch.testing.assert_close(got, _hf_rotate(x, torch.arange(T), theta), atol=1e-5, rtol=1e-5)
+    later = apply_rotary(x[:, :, :5], *rope(30, 5))  # a chunk at positions 30..34, as in decoding
+    torch.testing.assert_close(later, _hf_rotate(x[:, :, :5], torch.arange(30, 35), theta), atol=1e-5, rtol=1e-5)
+
+
+def test_tables_follow_the_model_dtype_and_bf16_inputs_stay_bf16():
+    rope = RotaryEmbedding(8, 16)
+    x = torch.randn(1, 2, 4, 8, dtype=torch.bfloat16)
+    assert apply_rotary(x, *rope(0, 4)).dtype == torch.bfloat16  # fp32 tables (autocast) are cast down
+    rope = rope.to(torch.bfloat16)
+    assert rope.cos.dtype == torch.bfloat16
+    cos, sin = rope(20, 4)  # regrown past 16 in the tables' own dtype
+    assert cos.dtype == sin.dtype == torch.bfloat16
+    torch.testing.assert_close(cos, RotaryEmbedding(8, 32).cos[20:24].to(torch.bfloat16))

@@ -64,8 +64,14 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
     summary = json.loads((project / OUTPUTS[0]).read_text())
     points = [(p, n) for p in (4, 16) for n in (3, 5)]
     expected = {f"p{p}_n{n}_{k}" for p, n in points for k in ("speedup", "cached_tok_s", "uncached_tok_s")}
-    assert set(summary) == expected | {"max_speedup", "cache_mb_max"}
-    assert all(isinstance(v, float) and v > 0 for v in summary.values())
+    bandwidth = {"weight_mb", "weight_read_gb_s", "memory_copy_gb_s", "bandwidth_utilisation"}
+    assert set(summary) == expected | bandwidth | {"max_speedup", "cache_mb_max", "threads"}
+    assert all(isinstance(v, (int, float)) and v > 0 for v in summary.values())
+    assert summary["threads"] == torch.get_num_threads()
+    model = load_model(project / "models" / "checkpoint")
+    assert summary["weight_mb"] == pytest.approx(4 * model.num_params() / 1e6, abs=1e-4)  # tied: all read
+    fastest = max(summary[f"p{p}_n{n}_cached_tok_s"] for p, n in points)
+    assert summary["weight_read_gb_s"] == pytest.approx(summary["weight_mb"] * fastest / 1e3, rel=1e-3)
     # 2 (K, V) x 2 layers x 2 heads x (16 + 5) positions x 16 dims x 4 bytes
     assert summary["cache_mb_max"] == pytest.approx(2 * 2 * 2 * 21 * 16 * 4 / 1e6, abs=1e-4)
 
@@ -83,6 +89,7 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
     assert run.info.status == "FINISHED"
     assert run.data.metrics["bench_max_speedup"] == pytest.approx(summary["max_speedup"])
     assert run.data.metrics["bench_p16_n5_speedup"] == pytest.approx(summary["p16_n5_speedup"])
+    assert run.data.metrics["bench_weight_read_gb_s"] == pytest.approx(summary["weight_read_gb_s"])
     artifacts = {a.path for a in client.list_artifacts(tracker.run_id, "bench_kvcache")}
     assert artifacts == {"bench_kvcache/bench_kvcache.csv", "bench_kvcache/bench_kvcache.png"}
     assert len(client.search_runs([run.info.experiment_id])) == 1  # re-opened, not a new run
@@ -95,8 +102,8 @@ def test_bench_fails_in_one_line_when_the_cache_path_disagrees(project, monkeypa
         model = load_model(ckpt_dir, device)
         plain = model.forward
 
-        def forward(idx, start_pos=None):
-            logits = plain(idx, start_pos)
+        def forward(idx, start_pos=None, **kwargs):
+            logits = plain(idx, start_pos, **kwargs)
             return (
                 logits + 50.0 * torch.nn.functional.one_hot(torch.tensor(0), logits.size(-1)) if start_pos else logits
             )

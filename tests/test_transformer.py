@@ -1,10 +1,11 @@
-"""The Transformer: cached decoding equals the full forward, the cache stays out of checkpoints,
-tied weights share storage, the FLOP count adds up, and the weights load into HF Llama by renaming."""
+"""The Transformer: cached decoding equals the full forward for every backend, the cache stays out of
+checkpoints, tied weights share storage and the FLOP count adds up. (HF Llama parity: test_hf.py.)"""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanollm.config import ModelConfig
 from nanollm.model import Transformer
@@ -20,8 +21,14 @@ def tiny(**overrides) -> Transformer:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"n_kv_head": 2}, {"n_kv_head": 1, "attention": "naive"}, {"mlp": "gelu", "tie_embeddings": False}],
-    ids=["mha", "gqa", "mqa-naive", "gelu-untied"],
+    [
+        {},
+        {"n_kv_head": 2},
+        {"n_kv_head": 1, "attention": "naive"},
+        {"n_kv_head": 2, "attention": "flash"},
+        {"mlp": "gelu", "tie_embeddings": False},
+    ],
+    ids=["mha", "gqa", "mqa-naive", "gqa-flash", "gelu-untied"],
 )
 def test_prefill_then_decode_equals_full_forward(overrides):
     model = tiny(**overrides)
@@ -35,10 +42,28 @@ def test_prefill_then_decode_equals_full_forward(overrides):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_naive_and_sdpa_models_agree():
+def test_backends_agree_in_logits_and_gradients():
     idx = torch.randint(0, VOCAB, (2, 16))
+    results = {}
+    for backend in ("sdpa", "flash", "naive"):
+        model = tiny(n_kv_head=2, attention=backend).train()
+        logits = model(idx)
+        F.cross_entropy(logits.view(-1, VOCAB), idx.view(-1)).backward()
+        results[backend] = (logits.detach(), model.layers[0].attention.wk.weight.grad)
+    for backend in ("flash", "naive"):
+        torch.testing.assert_close(results[backend][0], results["sdpa"][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(results[backend][1], results["sdpa"][1], atol=1e-5, rtol=1e-4)
+
+
+def test_last_only_returns_the_last_row_of_the_full_logits():
+    model = tiny()
+    idx = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
-        torch.testing.assert_close(tiny(attention="naive")(idx), tiny(attention="sdpa")(idx), atol=1e-5, rtol=1e-5)
+        full = model(idx)
+        torch.testing.assert_close(model(idx, last_only=True), full[:, -1:], atol=1e-6, rtol=1e-6)
+        model.setup_cache(2, 12)
+        prefill = model(idx, start_pos=0, last_only=True)
+    torch.testing.assert_close(prefill, full[:, -1:], atol=1e-5, rtol=1e-5)
 
 
 def test_cache_lifecycle_and_state_dict():
@@ -104,50 +129,3 @@ def test_residual_projections_are_scaled_at_init():
     assert abs(model.layers[3].attention.wo.weight.std().item() - scaled) < 0.1 * scaled
     assert abs(model.layers[3].feed_forward.w2.weight.std().item() - scaled) < 0.1 * scaled
     assert torch.equal(model.norm.weight, torch.ones(128))
-
-
-def test_weights_load_into_hf_llama_by_renaming():
-    transformers = pytest.importorskip("transformers")
-    model = tiny(n_kv_head=2, tie_embeddings=False)
-    cfg = model.cfg
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=cfg.n_embd,
-        intermediate_size=cfg.hidden_dim,
-        num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=cfg.block_size,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-    )
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    top["output.weight"] = "lm_head.weight"
-    inner = {
-        "attention.wq": "self_attn.q_proj",
-        "attention.wk": "self_attn.k_proj",
-        "attention.wv": "self_attn.v_proj",
-        "attention.wo": "self_attn.o_proj",
-        "feed_forward.w1": "mlp.gate_proj",
-        "feed_forward.w2": "mlp.down_proj",
-        "feed_forward.w3": "mlp.up_proj",
-        "attention_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-    }
-    state = {}
-    for key, value in model.state_dict().items():
-        if key in top:
-            state[top[key]] = value
-            continue
-        _, i, rest = key.split(".", 2)  # "layers", "0", "attention.wq.weight"
-        module, param = rest.rsplit(".", 1)
-        state[f"model.layers.{i}.{inner[module]}.{param}"] = value  # a plain rename: no permutation
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and not [k for k in missing if "rotary" not in k]
-    idx = torch.randint(0, VOCAB, (2, 20))  # 20 > block_size: RoPE extrapolation identical too
-    with torch.no_grad():
-        torch.testing.assert_close(model(idx), hf(idx).logits.float(), atol=1e-5, rtol=1e-5)

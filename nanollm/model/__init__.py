@@ -1,11 +1,23 @@
 """The Llama-style Transformer: `Transformer(cfg, vocab_size)` plus its building blocks.
 
 Training, sampling and checkpoint files live elsewhere (nanollm.train, nanollm.generate,
-nanollm.checkpoint); this package is the network and its KV cache only.
+nanollm.checkpoint); this package is the network, its KV cache and its attention backends
+(PyTorch SDPA, the from-scratch FlashAttention in flash.py, the naive reference).
 """
 
 from nanollm.model.attention import Attention, KVCache
+from nanollm.model.flash import flash_attention
 from nanollm.model.rope import RotaryEmbedding, apply_rotary
 from nanollm.model.transformer import Block, FeedForward, RMSNorm, Transformer
 
-__all__ = ["Attention", "Block", "FeedForward", "KVCache", "RMSNorm", "RotaryEmbedding", "Transformer", "apply_rotary"]
+__all__ = [
+    "Attention",
+    "Block",
+    "FeedForward",
+    "KVCache",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "Transformer",
+    "apply_rotary",
+    "flash_attention",
+]

@@ -1,8 +1,9 @@
-"""Causal self-attention with RoPE, grouped-query heads, a KV cache and two backends.
+"""Causal self-attention with RoPE, grouped-query heads, a KV cache and three backends.
 
-This module owns the attention maths (projections, rotation, masking, the `sdpa` and
-`naive` backends) and the KV cache buffers. The rotary tables come from rope.py; the
-decode loop that drives prefill/decode lives in nanollm/generate.py.
+This module owns the attention maths (projections, rotation, masking, the `sdpa`, `flash`
+and `naive` backends) and the KV cache buffers. The rotary tables come from rope.py, the
+from-scratch FlashAttention from flash.py; the decode loop that drives prefill/decode
+lives in nanollm/generate.py. docs/kv_cache.md measures the cache.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanollm.config import ModelConfig
+from nanollm.model.flash import flash_attention
 from nanollm.model.rope import apply_rotary
 
 
@@ -48,18 +50,22 @@ class KVCache(nn.Module):
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nkv, T, hs) at positions [start_pos, start_pos+T); return all keys/values so far.
 
-        Returns views (B, nkv, start_pos+T, hs) of the buffers. B may be smaller than the
-        batch the cache was set up for (the first B rows are used).
+        Returns views (B, nkv, start_pos+T, hs) of the buffers: the valid prefix only, so
+        attention never reads (or masks) the unwritten tail. B may be smaller than the batch
+        the cache was set up for (the first B rows are used).
         """
         B, _, T, _ = k.shape
         end = start_pos + T
-        if end > self.max_seq_len:
-            raise ValueError(f"KV cache holds {self.max_seq_len} positions, asked to write up to {end}")
-        if B > self.k.size(0):
-            raise ValueError(f"KV cache was set up for batch {self.k.size(0)}, got batch {B}")
-        self.k[:B, :, start_pos:end] = k
-        self.v[:B, :, start_pos:end] = v
-        return self.k[:B, :, :end], self.v[:B, :, :end]  # (B, nkv, S, hs), S = start_pos + T
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions, asked to write up to {end}")
+        k_buf, v_buf = self.k, self.v
+        if B != k_buf.size(0):
+            if B > k_buf.size(0):
+                raise ValueError(f"KV cache was set up for batch {k_buf.size(0)}, got batch {B}")
+            k_buf, v_buf = k_buf[:B], v_buf[:B]
+        k_buf[:, :, start_pos:end] = k
+        v_buf[:, :, start_pos:end] = v
+        return k_buf[:, :, :end], v_buf[:, :, :end]  # (B, nkv, S, hs), S = start_pos + T
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -78,36 +84,50 @@ def causal_mask(start_pos: int, T: int, device: torch.device) -> torch.Tensor:
     return k_pos <= q_pos  # (T, S)
 
 
+# Every backend maps q (B, nh, T, hs) at positions [start_pos, start_pos+T) and k, v
+# (B, nkv, S, hs) at [0, S), S = start_pos + T, nh a multiple of nkv, to (B, nh, T, hs).
+
+
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
     """The reference: softmax(q k^T / sqrt(hs) + mask) v, materialising the (T, S) score matrix.
 
-    q (B, nh, T, hs) sits at positions [start_pos, start_pos+T); k, v (B, nh, S, hs) at [0, S).
     The softmax runs in fp32 whatever the input dtype. Memory is O(B * nh * T * S), which
     is the reason the fused backends exist.
     """
-    T = q.size(2)
+    T, rep = q.size(2), q.size(1) // k.size(1)
+    k, v = repeat_kv(k, rep), repeat_kv(v, rep)  # (B, nh, S, hs)
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))  # (B, nh, T, S)
     scores = scores.masked_fill(~causal_mask(start_pos, T, q.device), float("-inf"))
     return (scores.softmax(dim=-1).to(v.dtype)) @ v  # (B, nh, T, hs)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
-    """F.scaled_dot_product_attention: FlashAttention / memory-efficient kernels on CUDA.
+    """F.scaled_dot_product_attention: fused kernels (FlashAttention-2 on CUDA, a tiled one on CPU).
 
-    The no-cache square case uses is_causal (the fast path). A single decoded token may see
-    every cached position, so it needs no mask. A chunk of T > 1 queries after a cached
-    prefix needs an explicit mask, because is_causal aligns its triangle to the top-left
-    corner (query i sees keys <= i), not to the end of the keys.
+    Grouped-query heads go in as they are (enable_gqa), so the cache is never copied to
+    repeat them. The no-cache square case uses is_causal (the fast path). A single decoded
+    token may see every cached position, so it needs no mask: the decode hot path allocates
+    nothing here. A chunk of T > 1 queries after a cached prefix needs an explicit mask,
+    because is_causal aligns its triangle to the top-left corner (query i sees keys <= i),
+    not to the end of the keys.
     """
     T, S = q.size(2), k.size(2)
+    gqa = q.size(1) != k.size(1)
     if T == S:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, nh, T, hs)
     if T == 1:
-        return F.scaled_dot_product_attention(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(start_pos, T, q.device))
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    mask = causal_mask(start_pos, T, q.device)  # (T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-BACKENDS = {"sdpa": sdpa_attention, "naive": naive_attention}
+def flash_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """nanollm.model.flash: the from-scratch tiled FlashAttention (K/V heads repeated for GQA)."""
+    rep = q.size(1) // k.size(1)
+    return flash_attention(q, repeat_kv(k, rep), repeat_kv(v, rep), start_pos)
+
+
+BACKENDS = {"sdpa": sdpa_attention, "flash": flash_backend, "naive": naive_attention}
 
 
 class Attention(nn.Module):
@@ -138,7 +158,6 @@ class Attention(nn.Module):
             if self.cache is None:
                 raise RuntimeError("forward(..., start_pos=int) needs setup_cache() first")
             k, v = self.cache.update(start_pos, k, v)  # (B, nkv, S, hs), S = start_pos + T
-        rep = self.n_head // self.n_kv_head
-        y = self.backend(q, repeat_kv(k, rep), repeat_kv(v, rep), start_pos)  # (B, nh, T, hs)
+        y = self.backend(q, k, v, start_pos)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh * hs)
         return self.wo(y)  # (B, T, C)
