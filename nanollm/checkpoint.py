@@ -1,24 +1,29 @@
-"""Checkpoint folders: write them atomically, read them back without unpickling code.
+"""Checkpoint folders: write them atomically, read them back without unpickling code, decide on resuming.
 
 A checkpoint is a folder: config.json (architecture, vocab size, step, tokens seen, data
-and tokenizer hashes), model.pt (state_dict), train_state.pt (optimizer state, step, RNG
-states) and run.json (the MLflow run id and store). What goes into train_state is the
-training loop's business; this module only stores and loads it.
+and tokenizer hashes, the run's fingerprint), model.pt (state_dict), train_state.pt
+(optimizer state, step, RNG states, progress) and run.json (the MLflow run id and store).
+What goes into train_state is the training loop's business; this module only stores and
+loads it, and says whether a folder was written by the same run (`fingerprint`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import os
 import re
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-from nanollm.atomic import atomic_path
-from nanollm.config import Config, ConfigError, ModelConfig
+from nanollm.config import Config, ConfigError, ModelConfig, TrainConfig, flatten
 from nanollm.errors import NanollmError
 from nanollm.model import Transformer
 
@@ -26,6 +31,12 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE, MODEL_FILE, TRAIN_STATE_FILE, RUN_FILE = "config.json", "model.pt", "train_state.pt", "run.json"
 _REDO = "re-run `dvc repro pretrain`"
+# train keys that change no weight: how often to log, evaluate and save, where to compute (the
+# resolved dtype is fingerprinted instead), whether to recompute activations (bitwise the same).
+# A checkpoint stays resumable across an edit of these, e.g. to fit a run into less memory.
+NEUTRAL_KEYS = ("log_interval", "eval_interval", "checkpoint_interval", "device", "activation_checkpointing")
+# The modules whose code decides the weights a run ends with; their source is part of the fingerprint.
+TRAINING_CODE = ("model", "train.py", "train_state.py", "optim.py", "distributed.py", "hardware.py")
 
 
 def save_checkpoint(
@@ -54,14 +65,178 @@ def save_checkpoint(
     state = dict(train_state)
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
-    with atomic_path(out_dir, directory=True) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        torch.save(model.state_dict(), tmp / MODEL_FILE)
-        torch.save(state, tmp / TRAIN_STATE_FILE)
-        run_record = {"run_id": run.get("run_id"), "tracking_uri": run.get("tracking_uri")}
-        (tmp / RUN_FILE).write_text(json.dumps(run_record, indent=2) + "\n", encoding="utf-8")
+    run_record = {"run_id": run.get("run_id"), "tracking_uri": run.get("tracking_uri")}
+    with _FolderSwap(Path(out_dir)) as tmp:
+        _write(tmp / CONFIG_FILE, lambda f: f.write(json.dumps(config, indent=2).encode() + b"\n"))
+        _write(tmp / MODEL_FILE, lambda f: torch.save(model.state_dict(), f))
+        _write(tmp / TRAIN_STATE_FILE, lambda f: torch.save(state, f))
+        _write(tmp / RUN_FILE, lambda f: f.write(json.dumps(run_record, indent=2).encode() + b"\n"))
     log.info("saved checkpoint to %s (step %d)", out_dir, config["step"])
     return Path(out_dir)
+
+
+def _write(path: Path, fill: Callable[[BinaryIO], object]) -> None:
+    """Write a file through `fill(f)` and fsync it, so a power cut cannot leave a renamed but empty file."""
+    with open(path, "wb") as f:
+        fill(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def backup_path(out_dir: Path) -> Path:
+    """Where the previous checkpoint sits for the instant between two renames of a save."""
+    return out_dir.with_name(f".{out_dir.name}.previous")
+
+
+class _FolderSwap:
+    """Build a folder next to `target`, then swap it in; a previous checkpoint is readable at every instant.
+
+    A folder cannot be renamed over a non-empty one, so the swap is two renames: target ->
+    backup, new -> target, then the backup is deleted. A kill between the renames leaves the
+    complete previous checkpoint in the backup, which `find_resumable` falls back to. Temporary
+    folders of saves killed earlier are deleted first (they may hold GBs).
+    """
+
+    def __init__(self, target: Path):
+        self.target, self.backup = target, backup_path(target)
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.target.parent.glob(f".{self.target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs get what mkdir would give
+        return self.tmp
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.target.exists():
+            if self.backup.exists():
+                shutil.rmtree(self.backup)
+            os.replace(self.target, self.backup)
+        os.replace(self.tmp, self.target)
+        shutil.rmtree(self.backup, ignore_errors=True)
+        _fsync_dir(self.target.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not possible on every OS (Windows); the renames are still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- resuming
+
+
+def fingerprint(
+    seed: int, model: ModelConfig, train: TrainConfig, tokens_meta: dict[str, Any], dtype: str
+) -> dict[str, Any]:
+    """What decides the weights a run ends with: params, token files, compute dtype and training code.
+
+    A checkpoint is resumed only if its fingerprint equals the current one, so a resumed run
+    ends bitwise where an uninterrupted one would (on the same machine and torch build). Not in
+    it: NEUTRAL_KEYS and the number of processes (a resume after changing the device or the
+    number of processes continues the same run up to float rounding).
+    """
+    train_keys = {k: v for k, v in dataclasses.asdict(train).items() if k not in NEUTRAL_KEYS}
+    return {
+        "seed": seed,
+        "model": dataclasses.asdict(model),
+        "train": train_keys,
+        "dtype": dtype,
+        "tokens": {k: v for k, v in tokens_meta.items() if k != "path"},
+        "code": code_digest(),
+    }
+
+
+def code_digest() -> str:
+    """sha256 over the source of TRAINING_CODE, so a changed model or loop never resumes an old run."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in TRAINING_CODE:
+        path = root / name
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            if file.is_file():
+                digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def find_resumable(out_dir: str | Path, wanted: dict[str, Any]) -> Path | None:
+    """The checkpoint folder to resume from (out_dir, or its backup after a killed save), or None.
+
+    None when there is nothing to resume or it was written under another fingerprint; either
+    way one log line says why training starts from step 0.
+    """
+    out_dir = Path(out_dir)
+    folder = next((d for d in (out_dir, backup_path(out_dir)) if (d / CONFIG_FILE).is_file()), None)
+    if folder is None:
+        log.info("no checkpoint in %s: training from step 0", out_dir)
+        return None
+    try:
+        info = read_checkpoint_info(folder)
+    except NanollmError as err:
+        log.warning("cannot resume (%s): training from step 0; the checkpoint will be replaced", err)
+        return None
+    if not info.get("fingerprint"):
+        log.warning("%s has no run fingerprint (an older nanollm wrote it): training from step 0", folder)
+        return None
+    diff = _differences(info["fingerprint"], wanted)
+    if diff:
+        log.warning(
+            "%s (step %s) was written under other settings (%s): training from step 0; it will be replaced",
+            folder, info.get("step"), diff,
+        )  # fmt: skip
+        return None
+    log.info("resuming from %s (step %d)", folder, info["step"])
+    return folder
+
+
+def _differences(have: dict[str, Any], wanted: dict[str, Any], limit: int = 3) -> str:
+    """The first `limit` differing keys of two fingerprints, as "key: old -> new"; "" if equal."""
+    old, new = flatten(json.loads(json.dumps(have))), flatten(json.loads(json.dumps(wanted)))
+    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    shown = []
+    for key in keys[:limit]:
+        before, after = old.get(key, "absent"), new.get(key, "absent")
+        if key == "code":
+            before, after = str(before)[:12], str(after)[:12]
+        shown.append(f"{key}: {before} -> {after}")
+    return "; ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_for_resume(folder: str | Path) -> dict[str, Any]:
+    """{"model": state_dict, "state": train_state, "run": run.json} of a checkpoint folder, on the CPU."""
+    folder = Path(folder)
+    return {
+        "model": _load_tensors(folder / MODEL_FILE, map_location="cpu"),
+        "state": load_train_state(folder),
+        "run": read_run(folder),
+    }
+
+
+def resumable_state(out_dir: str | Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """load_for_resume of the folder find_resumable picks; None (and one log line) if none or unreadable.
+
+    An unreadable checkpoint is not an error here: the folder persists across `dvc repro`, so
+    failing would fail every later run too; training starts afresh and replaces it instead.
+    """
+    folder = find_resumable(out_dir, wanted)
+    if folder is None:
+        return None
+    try:
+        return load_for_resume(folder)
+    except NanollmError as err:
+        log.warning("cannot resume (%s): training from step 0; the checkpoint will be replaced", err)
+        return None
 
 
 def read_checkpoint_info(ckpt_dir: str | Path) -> dict[str, Any]:

@@ -35,7 +35,8 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}: got {value!r}; {allowed}")
+        shown = key if key.isprintable() else key.encode("unicode_escape").decode("ascii")  # keep it one line
+        super().__init__(f"{shown}: got {value!r}; {allowed}")
 
 
 def _spec(default: Any = dataclasses.MISSING, *, doc: str, factory: Any = None, **rules: Any) -> Any:
@@ -115,7 +116,12 @@ class ModelConfig:
         None, doc="MLP hidden width (null: 8/3*n_embd rounded up to 64 for swiglu, 4*n_embd for gelu)", min=1
     )
     tie_embeddings: bool = _spec(True, doc="share the token embedding with the LM head")
-    attention: str = _spec("sdpa", doc="attention backend", choices=("sdpa", "naive"))
+    attention: str = _spec(
+        "sdpa",
+        doc="attention backend: sdpa (PyTorch's fused kernels, fastest), flash (our from-scratch tiled "
+        "FlashAttention: O(T) memory, slower on CPU), naive (the T x T reference)",
+        choices=("sdpa", "flash", "naive"),
+    )
     rope_theta: float = _spec(10000.0, doc="RoPE base frequency", gt=0.0)
     norm_eps: float = _spec(1e-5, doc="RMSNorm epsilon", gt=0.0)
     init_std: float = _spec(0.02, doc="std of the normal weight init", gt=0.0)
@@ -151,9 +157,14 @@ class ModelConfig:
 class TrainConfig:
     """The optimisation loop: AdamW, linear warmup then cosine decay, accumulation, clipping."""
 
-    batch_size: int = _spec(16, doc="sequences per micro-batch", min=1)
-    grad_accum: int = _spec(1, doc="micro-batches accumulated per optimizer step", min=1)
-    max_steps: int = _spec(600, doc="optimizer steps", min=1)
+    batch_size: int = _spec(16, doc="sequences per micro-batch (per process under torchrun)", min=1)
+    grad_accum: int = _spec(
+        1,
+        doc="micro-batches per optimizer step, summed over all processes: the effective batch is "
+        "batch_size * grad_accum sequences whatever the world size, which must divide it",
+        min=1,
+    )
+    max_steps: int = _spec(700, doc="optimizer steps", min=1)
     lr: float = _spec(3e-3, doc="peak learning rate", gt=0.0, max=1.0)
     min_lr: float = _spec(3e-4, doc="learning rate at the end of the cosine decay", min=0.0)
     warmup_steps: int = _spec(50, doc="steps of linear warmup from 0 to lr", min=0)
@@ -169,6 +180,13 @@ class TrainConfig:
         "auto",
         doc="compute dtype, via autocast for bf16/fp16; auto: bf16 where the hardware has native bf16, else fp32",
         choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    checkpoint_interval: int = _spec(
+        100, doc="steps between resumable checkpoints in the output folder (0: only the final one)", min=0
+    )
+    compile: bool = _spec(False, doc="torch.compile the model (minutes of compilation; faster steps on GPUs)")
+    activation_checkpointing: bool = _spec(
+        False, doc="recompute each block's activations in backward: ~1/3 more compute for a fraction of the memory"
     )
 
     def __post_init__(self) -> None:
@@ -198,8 +216,8 @@ class BenchConfig:
     """The KV-cache benchmark: greedy decoding with and without the cache."""
 
     prompt_lengths: tuple[int, ...] = _spec(factory=lambda: (16, 128, 512), doc="prompt lengths in tokens", min=1)
-    new_tokens: tuple[int, ...] = _spec(factory=lambda: (64, 256), doc="tokens generated per measurement", min=1)
-    repeats: int = _spec(3, doc="timed repetitions per point (the median is reported)", min=1)
+    new_tokens: tuple[int, ...] = _spec(factory=lambda: (256,), doc="tokens generated per measurement", min=1)
+    repeats: int = _spec(2, doc="timed repetitions per point (the median is reported)", min=1)
     warmup: int = _spec(1, doc="untimed repetitions before timing", min=0)
 
     def __post_init__(self) -> None:
@@ -215,6 +233,9 @@ class TrackingConfig:
     enabled: bool = _spec(True, doc="log runs to MLflow")
     uri: str | None = _spec(None, doc="tracking URI (null: sqlite:///<project root>/mlflow.db)")
     experiment: str = _spec("nanollm", doc="MLflow experiment name")
+    system_metrics: bool = _spec(True, doc="sample CPU/memory/GPU into system/* metrics during pretrain")
+    system_metrics_interval: float = _spec(10.0, doc="seconds between system-metric samples", gt=0.0)
+    log_model: bool = _spec(False, doc="also log the tokenizer and the final checkpoint as run artifacts")
 
 
 @dataclass(frozen=True)

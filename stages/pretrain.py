@@ -1,8 +1,9 @@
 """`nanollm pretrain`: train the model on the token memmaps; write checkpoint, metrics, curves, chart.
 
-Thin: the loop is nanollm.train, the network nanollm.model, the files nanollm.checkpoint.
-This module creates THE MLflow run of the model (evaluate and bench_kvcache re-open it)
-and records its id in the checkpoint's run.json.
+Thin: the loop is nanollm.train, the network nanollm.model, the files nanollm.checkpoint,
+process groups nanollm.distributed. This module creates THE MLflow run of the model (evaluate
+and bench_kvcache re-open it; a resumed training re-opens it too) and records its id in the
+checkpoint's run.json. Under torchrun only rank 0 writes files and talks to MLflow.
 """
 
 from __future__ import annotations
@@ -11,11 +12,16 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from stages.cli import StageContext, pass_context
+
+if TYPE_CHECKING:  # annotations only: torch loads inside the command, so `nanollm --help` stays instant
+    import torch
+
+    from nanollm.distributed import Distributed
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +71,38 @@ def command(
     chart: Path,
     upstream_metrics: tuple[Path, ...],
 ) -> None:
-    """Pretrain the Transformer from params `model` and `train`; log the run to MLflow."""
+    """Pretrain the Transformer from params `model` and `train`; log the run to MLflow.
+
+    Resumes from a checkpoint in --out written under the same params, data and code (after a
+    kill, a SIGINT/SIGTERM or a crash); `torchrun --nproc_per_node N nanollm pretrain` trains
+    with DistributedDataParallel. SIGINT/SIGTERM save a checkpoint and exit with 128 + signal.
+    """
+    from nanollm.distributed import Distributed
+    from nanollm.hardware import pick_device
+
+    dist = Distributed.from_env()
+    device = pick_device(ctx.config.train.device, dist.local_rank)
+    dist.init(device)
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank narrates
+    try:
+        _pretrain(ctx, dist, device, tokens, out, (metrics, train_curve, val_curve, chart), upstream_metrics)
+    finally:
+        dist.close()
+
+
+def _pretrain(
+    ctx: StageContext, dist: Distributed, device: torch.device, tokens: Path, out: Path, outputs: tuple[Path, ...],
+    upstream_metrics: tuple[Path, ...],
+) -> None:  # fmt: skip
     import torch
 
-    from nanollm.atomic import write_json
-    from nanollm.checkpoint import save_checkpoint
-    from nanollm.config import flatten
+    from nanollm.checkpoint import fingerprint, resumable_state, save_checkpoint
     from nanollm.data.tokens import open_split, read_meta
+    from nanollm.hardware import resolve_dtype
+    from nanollm.interrupt import GracefulStop, TrainingInterrupted
     from nanollm.model import Transformer
-    from nanollm.tracking import run_tags
+    from nanollm.tracking import NullTracker
     from nanollm.train import train
 
     config = ctx.config
@@ -83,49 +112,90 @@ def command(
     model = Transformer(config.model, meta.vocab_size)
     n_params = model.num_params()
     log.info(
-        "model: %.2fM parameters (%.2fM without the embedding), %d train / %d val tokens",
-        n_params / 1e6,
-        model.num_params(exclude_embeddings=True) / 1e6,
-        len(train_data),
-        len(val_data),
-    )
+        "model: %.2fM parameters (%.2fM without the embedding), %d train / %d val tokens; %d process(es) on %s, "
+        "%d sequences of %d tokens per step",
+        n_params / 1e6, model.num_params(exclude_embeddings=True) / 1e6, len(train_data), len(val_data),
+        dist.world_size, device.type, config.train.batch_size * config.train.grad_accum, config.model.block_size,
+    )  # fmt: skip
 
-    tracker = ctx.tracker()
-    with tracker:
-        tags = run_tags(
-            ctx.root, stage="pretrain", **{"data.sha256": meta.corpus_sha256, "tokenizer.sha256": meta.tokenizer_sha256}
-        )
-        run_name = _run_name(config, meta.vocab_size)
-        tracker.start(run_name=run_name, tags=tags)
-        tracker.log_params(flatten(config.to_dict()))
-        tracker.log_metrics(_upstream(upstream_metrics))
-        tracker.log_artifact(ctx.params_path)
-        result = train(
-            model,
-            train_data,
-            val_data,
-            config.train,
-            seed=config.seed,
-            callback=lambda step, m: tracker.log_metrics(m, step=step),
-        )
+    dtype = str(resolve_dtype(config.train.dtype, device)).removeprefix("torch.")
+    wanted = fingerprint(config.seed, config.model, config.train, meta.to_dict(), dtype)
+    resume = dist.broadcast(resumable_state(out, wanted) if dist.is_main else None)
+    if resume:
+        model.load_state_dict(resume["model"])
+
+    tracker = ctx.tracker() if dist.is_main else NullTracker()
+    info = {"tokenizer_sha256": meta.tokenizer_sha256, "corpus_sha256": meta.corpus_sha256, "fingerprint": wanted}
+
+    def save(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
         save_checkpoint(
-            out,
-            model,
-            optimizer=result.optimizer,
-            train_state=result.state,
-            info={"tokenizer_sha256": meta.tokenizer_sha256, "corpus_sha256": meta.corpus_sha256},
-            run={"run_id": tracker.run_id, "tracking_uri": tracker.uri},
+            out, model, train_state=state, info=info, run={"run_id": tracker.run_id, "tracking_uri": tracker.uri}
         )
-        summary = _summary(result, n_params)
-        write_json(metrics, summary)
-        _write_csv(train_curve, ["step", "tokens", "train_loss", "lr"], result.history)
-        _write_csv(val_curve, ["step", "tokens", "val_loss"], result.val_history)
-        _plot_losses(chart, result.history, result.val_history, title=run_name)
-        # train_loss, val_loss, tokens_per_s and mfu already have a value at the last step
-        tracker.log_metrics(
-            {"tokens": result.tokens, "seconds": result.seconds, "params": n_params}, step=result.state["step"]
-        )
-        tracker.log_artifact(chart)
+
+    status = "FAILED"
+    try:
+        _open_run(tracker, ctx, meta, resume, upstream_metrics)
+        with GracefulStop() as stop:
+            result = train(
+                model, train_data, val_data, config.train, seed=config.seed, device=device,
+                callback=lambda step, m: tracker.log_metrics(m, step=step), checkpoint=save,
+                resume=resume["state"] if resume else None, stop=stop, dist=dist,
+            )  # fmt: skip
+        if dist.is_main:
+            _write_outputs(outputs, result, n_params, tracker, _run_name(config, meta.vocab_size))
+        status = "FINISHED"
+    except TrainingInterrupted as err:
+        status = "KILLED"
+        if dist.is_main:
+            click.echo(f"Error: {err}", err=True)
+        # Non-zero, as a shell reports a signal: DVC records nothing for a half-trained model,
+        # and the checkpoint folder (persist: true) waits for the next `dvc repro` to resume.
+        raise click.exceptions.Exit(128 + err.signum) from None
+    finally:
+        tracker.end(status)
+
+
+def _open_run(
+    tracker: Any, ctx: StageContext, meta: Any, resume: dict[str, Any] | None, upstream: tuple[Path, ...]
+) -> None:
+    """Re-open the resumed checkpoint's MLflow run when it lives in this store; else start a new one."""
+    from nanollm.config import flatten
+    from nanollm.errors import NanollmError
+    from nanollm.tracking import run_tags
+
+    config = ctx.config
+    previous = (resume or {}).get("run") or {}
+    if previous.get("run_id") and previous.get("tracking_uri") == tracker.uri:
+        try:
+            tracker.resume(previous["run_id"])
+            tracker.set_tags({"resumed_from_step": resume["state"]["step"]})
+            tracker.log_metrics(_upstream(upstream))
+            return
+        except NanollmError as err:
+            log.warning("%s; logging the resumed training to a new run", err)
+    tags = run_tags(
+        ctx.root, stage="pretrain", **{"data.sha256": meta.corpus_sha256, "tokenizer.sha256": meta.tokenizer_sha256}
+    )
+    tracker.start(run_name=_run_name(config, meta.vocab_size), tags=tags)
+    tracker.log_params(flatten(config.to_dict()))
+    tracker.log_metrics(_upstream(upstream))
+    tracker.log_artifact(ctx.params_path)
+
+
+def _write_outputs(outputs: tuple[Path, ...], result: Any, n_params: int, tracker: Any, title: str) -> None:
+    """metrics JSON, train/val curves, the loss chart; the final numbers to MLflow."""
+    from nanollm.atomic import write_json
+
+    metrics, train_curve, val_curve, chart = outputs
+    summary = _summary(result, n_params)
+    write_json(metrics, summary)
+    _write_csv(train_curve, ["step", "tokens", "train_loss", "lr"], result.history)
+    _write_csv(val_curve, ["step", "tokens", "val_loss"], result.val_history)
+    _plot_losses(chart, result.history, result.val_history, title=title)
+    # train_loss, val_loss, tokens_per_s and mfu already have a value at the last step
+    step = result.state["step"]
+    tracker.log_metrics({"tokens": result.tokens, "seconds": result.seconds, "params": n_params}, step=step)
+    tracker.log_artifact(chart)
     log.info("pretrain: %s", json.dumps(summary))
 
 
@@ -146,6 +216,8 @@ def _summary(result: Any, n_params: int) -> dict[str, Any]:
         "tokens_per_s": round(result.tokens_per_s, 1),
         "params": n_params,
         "mfu": None if result.mfu is None else round(result.mfu, 5),
+        "peak_memory_mb": None if result.peak_memory is None else round(result.peak_memory / 2**20, 1),
+        "estimated_memory_mb": round(result.memory_estimate.total / 2**20, 1),
     }
 
 

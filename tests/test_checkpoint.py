@@ -1,6 +1,7 @@
-"""Checkpoint folders: a save/load round trip, atomic replacement, and refusal of pickled code."""
+"""Checkpoint folders: a save/load round trip, atomic replacement, refusal of pickled code, resume decisions."""
 
 import json
+import os
 import pickle
 
 import pytest
@@ -8,11 +9,17 @@ import torch
 
 from nanollm.checkpoint import (
     architecture_differences,
+    backup_path,
+    code_digest,
+    find_resumable,
+    fingerprint,
+    load_for_resume,
     load_model,
     load_train_state,
     read_checkpoint_info,
     read_run,
     read_run_id,
+    resumable_state,
     save_checkpoint,
 )
 from nanollm.config import ModelConfig
@@ -137,3 +144,83 @@ def test_architecture_differences_are_reported_and_the_checkpoint_wins(tmp_path,
     assert diff == ["model.n_layer: 2 in checkpoint, 3 in params"]
     assert "using the checkpoint's" in caplog.text
     assert loaded.cfg.n_layer == 2
+
+
+# ---------------------------------------------------------------------------- resuming
+
+
+def _wanted(**train):
+    from nanollm.config import TrainConfig
+
+    meta = {"dtype": "uint16", "vocab_size": 50, "tokenizer_sha256": "ab" * 32, "corpus_sha256": "cd" * 32}
+    return fingerprint(1, ModelConfig(n_layer=2), TrainConfig(**train), meta, "float32")
+
+
+def _save_with(path, model, wanted, step=7):
+    save_checkpoint(
+        path, model, train_state={"step": step, "tokens_seen": 70}, info={"fingerprint": wanted}, run={"run_id": None}
+    )
+
+
+def test_fingerprint_ignores_cadence_and_sees_what_changes_the_weights():
+    base = _wanted()
+    assert _wanted(log_interval=1, eval_interval=3, checkpoint_interval=9, activation_checkpointing=True) == base
+    assert _wanted(device="cpu") == base  # the resolved dtype is in the fingerprint instead
+    assert _wanted(lr=1e-3)["train"]["lr"] == 1e-3 != base["train"]["lr"]
+    assert len(base["code"]) == 64 and base["code"] == code_digest()
+
+
+def test_resumes_only_a_checkpoint_of_the_same_run(tmp_path, model, caplog):
+    ckpt = tmp_path / "c"
+    with caplog.at_level("INFO"):
+        assert find_resumable(ckpt, _wanted()) is None
+    assert "no checkpoint in" in caplog.text and "training from step 0" in caplog.text
+    _save_with(ckpt, model, _wanted())
+    assert find_resumable(ckpt, _wanted(log_interval=3)) == ckpt
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert find_resumable(ckpt, _wanted(lr=1e-3, grad_clip=0.5)) is None
+    (line,) = [r.getMessage() for r in caplog.records if "other settings" in r.getMessage()]
+    assert "(step 7)" in line and "train.grad_clip: 1.0 -> 0.5; train.lr: 0.003 -> 0.001" in line
+    resumed = load_for_resume(ckpt)
+    assert resumed["state"]["step"] == 7 and set(resumed["model"]) == set(model.state_dict())
+
+
+def test_an_unreadable_checkpoint_means_a_fresh_start(tmp_path, model, caplog):
+    ckpt = tmp_path / "c"
+    _save_with(ckpt, model, _wanted())
+    (ckpt / "config.json").write_text("{")
+    with caplog.at_level("WARNING"):
+        assert find_resumable(ckpt, _wanted()) is None
+    assert "cannot resume" in caplog.text and "config.json is unreadable" in caplog.text
+
+
+def test_a_save_killed_between_its_renames_leaves_the_previous_checkpoint(tmp_path, model):
+    ckpt = tmp_path / "c"
+    _save_with(ckpt, model, _wanted(), step=5)
+    os.replace(ckpt, backup_path(ckpt))  # the state after the first rename of the next save
+    stale = tmp_path / ".c.tmp-killed"  # and a half-written folder from a save killed earlier
+    stale.mkdir()
+    (stale / "model.pt").write_bytes(b"partial")
+    assert find_resumable(ckpt, _wanted()) == backup_path(ckpt)
+    assert load_for_resume(backup_path(ckpt))["state"]["step"] == 5
+
+    _save_with(ckpt, model, _wanted(), step=10)  # the next save cleans up both
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert find_resumable(ckpt, _wanted()) == ckpt and read_checkpoint_info(ckpt)["step"] == 10
+
+
+def test_a_checkpoint_that_cannot_be_loaded_means_a_fresh_start(tmp_path, model, caplog):
+    ckpt = tmp_path / "c"
+    _save_with(ckpt, model, _wanted())
+    assert resumable_state(ckpt, _wanted())["state"]["step"] == 7
+    (ckpt / "train_state.pt").write_bytes(b"truncated")
+    with caplog.at_level("WARNING"):
+        assert resumable_state(ckpt, _wanted()) is None
+    assert "cannot resume" in caplog.text and "train_state.pt is corrupt" in caplog.text
+    info = json.loads((ckpt / "config.json").read_text())
+    del info["fingerprint"]  # as written before fingerprints existed
+    (ckpt / "config.json").write_text(json.dumps(info))
+    with caplog.at_level("WARNING"):
+        assert find_resumable(ckpt, _wanted()) is None
+    assert "has no run fingerprint" in caplog.text

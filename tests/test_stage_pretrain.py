@@ -2,6 +2,8 @@
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,9 +37,20 @@ def _documents(n: int, seed: int) -> list[list[int]]:
     return [rng.integers(0, EOT, rng.integers(20, 60)).tolist() for _ in range(n)]
 
 
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow sqlite store with its tables made (~3 s of migrations, paid once per module)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def project(tmp_path, monkeypatch):
+def project(tmp_path, monkeypatch, empty_store):
     monkeypatch.chdir(tmp_path)
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
@@ -74,7 +87,10 @@ def test_pretrain_writes_outputs_and_one_mlflow_run(project):
     assert info["tokenizer_sha256"] == "a" * 64 and info["corpus_sha256"] == "c" * 64
 
     metrics = json.loads((project / "metrics" / "pretrain.json").read_text())
-    assert set(metrics) == {"train_loss", "val_loss", "tokens", "seconds", "tokens_per_s", "params", "mfu"}
+    assert set(metrics) == {
+        "train_loss", "val_loss", "tokens", "seconds", "tokens_per_s", "params", "mfu", "peak_memory_mb",
+        "estimated_memory_mb",
+    }  # fmt: skip
     assert metrics["tokens"] == 768 and metrics["val_loss"] < np.log(VOCAB) + 0.5 and metrics["params"] > 0
 
     with open(project / "reports" / "train_curve.csv") as f:
@@ -107,6 +123,7 @@ def test_pretrain_writes_outputs_and_one_mlflow_run(project):
 
 
 def test_pretrain_without_tracking_records_null_run(project):
+    (project / "mlflow.db").unlink()
     result = _run(project, {**PARAMS, "tracking": {"enabled": False}, "train": {**PARAMS["train"], "max_steps": 2}})
     assert result.exit_code == 0, result.output
     run_record = json.loads((project / "models" / "checkpoint" / "run.json").read_text())
@@ -121,3 +138,51 @@ def test_pretrain_reports_a_truncated_token_file_in_one_line(project):
     assert result.exit_code == 1
     assert "train.bin" in result.output and "dvc repro tokenize" in result.output and "Traceback" not in result.output
     assert not (project / "models").exists()
+
+
+def test_a_crashed_run_resumes_into_the_same_mlflow_run(project, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    import nanollm.train
+
+    params = {**PARAMS, "train": {**PARAMS["train"], "checkpoint_interval": 5}}
+    real_lr_at = nanollm.train.lr_at
+
+    def crash_at_step_8(step, cfg):
+        if step == 8:
+            raise RuntimeError("power cut")
+        return real_lr_at(step, cfg)
+
+    monkeypatch.setattr(nanollm.train, "lr_at", crash_at_step_8)
+    with pytest.raises(RuntimeError, match="power cut"):
+        _run(project, params)
+    ckpt = project / "models" / "checkpoint"
+    assert json.loads((ckpt / "config.json").read_text())["step"] == 5
+    run_id = json.loads((ckpt / "run.json").read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    assert client.get_run(run_id).info.status == "FAILED"
+
+    monkeypatch.setattr(nanollm.train, "lr_at", real_lr_at)
+    result = _run(project, params)
+    assert result.exit_code == 0, result.output
+    assert json.loads((ckpt / "run.json").read_text())["run_id"] == run_id  # the same run, re-opened
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "5"
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [4, 8, 12]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    with open(project / "reports" / "train_curve.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [4, 8, 12]  # the whole run
+
+
+def test_changed_params_start_afresh_in_a_new_run(project, caplog):
+    from mlflow.tracking import MlflowClient
+
+    short = {**PARAMS, "train": {**PARAMS["train"], "max_steps": 3, "warmup_steps": 1}, "tracking": {"experiment": "x"}}
+    assert _run(project, short).exit_code == 0
+    first = json.loads((project / "models" / "checkpoint" / "run.json").read_text())["run_id"]
+    with caplog.at_level("INFO"):
+        result = _run(project, {**short, "train": {**short["train"], "lr": 5e-3}})
+    assert result.exit_code == 0, result.output
+    assert "train.lr: 0.01 -> 0.005" in caplog.text and "training from step 0" in caplog.text
+    second = json.loads((project / "models" / "checkpoint" / "run.json").read_text())["run_id"]
+    assert second != first and MlflowClient(f"sqlite:///{project}/mlflow.db").get_run(second).info.status == "FINISHED"

@@ -156,13 +156,17 @@ def test_tiktoken_applies_merges_in_rank_order(tok, text):
 
 
 # Pieces of the training text glued at random, so that many merges apply; plus arbitrary code points.
+# Unassigned code points (category Cn) are left out here: tiktoken's Rust regex and Python's
+# `regex` module carry different Unicode versions, so they may disagree on whether such a code
+# point is \p{L}; that splits the text differently before any merge, which is not what this compares.
+ASSIGNED_TEXT = st.text(st.characters(exclude_categories=("Cn",)) | st.characters(categories=["Cs"]))
 PIECES = st.sampled_from(
     ["def ", "self", ".x", " = ", "\n    ", "return", "(a, b)", "é", "你好", "🙂", "12345", " the"]
 )
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(PIECES | ANY_TEXT, max_size=12).map("".join))
+@given(st.lists(PIECES | ASSIGNED_TEXT, max_size=12).map("".join))
 def test_tiktoken_equals_rank_order_reference_on_any_text(tok, text):
     doc = _doc(tok)
     assert tok.encode(text) == _reference_encode(text, doc["merges"], doc["pattern"])

@@ -1,6 +1,9 @@
 """The training loop: schedule, parameter groups, accumulation, determinism, NaN handling."""
 
+import copy
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -8,8 +11,12 @@ import torch
 
 from nanollm.config import ModelConfig, TrainConfig
 from nanollm.errors import NanollmError
+from nanollm.hardware import cpu_matmul_peak, pick_device, resolve_dtype
+from nanollm.interrupt import GracefulStop, TrainingInterrupted
+from nanollm.memory import activation_bytes, estimate_memory
 from nanollm.model import Transformer
-from nanollm.train import cpu_matmul_peak, lr_at, param_groups, pick_device, resolve_dtype, sample_batch, train
+from nanollm.optim import lr_at, param_groups
+from nanollm.train import sample_batch, train
 
 VOCAB = 64
 # a learnable stream: a fixed random "document" of 200 tokens repeated, ~20k tokens
@@ -107,8 +114,10 @@ def test_nan_loss_names_the_step():
         return output * float("nan") if calls["n"] == 3 else output
 
     model.norm.register_forward_hook(poison)
-    with pytest.raises(NanollmError, match="at step 3"):
-        train(model, DATA, DATA, tiny_cfg(), seed=0)
+    saved = []
+    with pytest.raises(NanollmError, match="diverged at step 3 .*the checkpoint of step 2 is kept"):
+        train(model, DATA, DATA, tiny_cfg(checkpoint_interval=2), seed=0, checkpoint=lambda m, o, s: saved.append(s))
+    assert [s["step"] for s in saved] == [2]  # the bad step wrote nothing
 
 
 def test_too_little_data_is_a_user_error():
@@ -141,3 +150,123 @@ def test_bf16_autocast_trains_on_cpu():
     result = train(model, DATA, DATA, tiny_cfg(dtype="bfloat16", max_steps=10), seed=0)
     assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def _snapshots(store: dict):
+    """A checkpoint callback keeping deep copies of what a checkpoint folder would hold, by step."""
+
+    def save(model, optimizer, state):
+        store[state["step"]] = {"model": copy.deepcopy(model.state_dict()), "state": copy.deepcopy(state)}
+
+    return save
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_resume_from_a_checkpoint_is_bitwise_the_uninterrupted_run():
+    cfg = tiny_cfg(checkpoint_interval=6, log_interval=4)  # windows straddle the checkpoint
+    whole = tiny_model()
+    snapshots = {}
+    full = train(whole, DATA, DATA, cfg, seed=5, checkpoint=_snapshots(snapshots))
+    assert sorted(snapshots) == [6, 12, 18, 20]  # every interval and the last step
+
+    resumed = tiny_model(seed=99)  # other initial weights: all must come from the checkpoint
+    resumed.load_state_dict(snapshots[12]["model"])
+    calls = []
+    rest = train(resumed, DATA, DATA, cfg, seed=5, resume=snapshots[12]["state"], callback=lambda s, m: calls.append(s))
+    _assert_same_weights(resumed, whole)
+    exact = ("step", "train_loss", "lr", "grad_norm", "tokens")  # all but the timings
+    assert [[r[k] for k in exact] for r in rest.history] == [[r[k] for k in exact] for r in full.history]
+    assert rest.val_history == full.val_history and rest.resumed_from == 12 and min(calls) == 16
+    assert rest.state["step"] == 20 and rest.tokens == full.tokens
+
+
+def test_resume_at_the_last_step_only_reports():
+    cfg = tiny_cfg(max_steps=4, warmup_steps=0, log_interval=2, eval_interval=2)
+    snapshots = {}
+    done = train(tiny_model(), DATA, DATA, cfg, seed=1, checkpoint=_snapshots(snapshots))
+    model = tiny_model()
+    model.load_state_dict(snapshots[4]["model"])
+    again = train(model, DATA, DATA, cfg, seed=1, resume=snapshots[4]["state"])
+    assert again.val_loss == done.val_loss and again.history == done.history and again.resumed_from == 4
+    assert again.tokens_per_s == done.tokens_per_s  # the timings of the session that ran the steps
+
+
+def test_a_signal_stops_after_the_step_with_a_checkpoint():
+    snapshots = {}
+
+    def interrupt(step, metrics):
+        if step == 7 and "train_loss" in metrics:
+            os.kill(os.getpid(), signal.SIGINT)  # a real signal, caught by GracefulStop
+
+    # the ranks vote on stopping with the step's loss, so a signal during step 7's logging ends step 8
+    with GracefulStop() as stop, pytest.raises(TrainingInterrupted, match="stopped by SIGINT after step 8") as err:
+        cfg = tiny_cfg(log_interval=7, checkpoint_interval=5)
+        train(tiny_model(), DATA, DATA, cfg, seed=2, callback=interrupt, checkpoint=_snapshots(snapshots), stop=stop)
+    assert err.value.step == 8 and err.value.signum == signal.SIGINT
+    assert sorted(snapshots) == [5, 8]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is gone again
+
+
+def test_activation_checkpointing_is_bitwise_neutral_and_undone():
+    plain, recomputed = tiny_model(), tiny_model()
+    a = train(plain, DATA, DATA, tiny_cfg(max_steps=4), seed=3)
+    b = train(recomputed, DATA, DATA, tiny_cfg(max_steps=4, activation_checkpointing=True), seed=3)
+    _assert_same_weights(plain, recomputed)
+    assert a.history[-1]["train_loss"] == b.history[-1]["train_loss"]
+    assert all("forward" not in vars(block) for block in recomputed.layers)  # patched forwards removed
+
+
+def test_compile_trains_like_eager(monkeypatch):
+    """train.compile through Dynamo and AOTAutograd; the eager backend skips inductor's C++ build (~40 s here)."""
+    import functools
+
+    if os.environ.get("NANOLLM_TEST_INDUCTOR") != "1":
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    eager, compiled = tiny_model(n_layer=1), tiny_model(n_layer=1)
+    a = train(eager, DATA, DATA, tiny_cfg(max_steps=3, warmup_steps=1), seed=4)
+    b = train(compiled, DATA, DATA, tiny_cfg(max_steps=3, warmup_steps=1, compile=True), seed=4)
+    assert [r["train_loss"] for r in b.history] == pytest.approx([r["train_loss"] for r in a.history], abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"mlp": "gelu", "tie_embeddings": False}, {"n_kv_head": 1, "n_layer": 3}],
+)
+def test_activation_estimate_matches_what_autograd_saves(dtype, overrides):
+    """The estimate against a count of the tensors autograd keeps for backward (parameters excluded)."""
+    model = tiny_model(**{"n_embd": 64, "block_size": 32, **overrides})
+    batch = torch.randint(0, VOCAB, (3, 33))
+    storages = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(batch[:, :-1])
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    saved = sum(n for ptr, n in storages.items() if ptr not in params)
+    estimate, _ = activation_bytes(model.cfg, VOCAB, 3, dtype, activation_checkpointing=False)
+    assert estimate == pytest.approx(saved, rel=0.15)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mlp": "gelu", "tie_embeddings": False}, {"n_kv_head": 1}])
+def test_memory_estimate_counts_the_parameters_and_adamw_state(overrides):
+    model = tiny_model(**overrides)
+    estimate = estimate_memory(model.cfg, VOCAB, 4)
+    assert estimate.params == estimate.grads == 4 * model.num_params() and estimate.optimizer == 2 * estimate.params
+
+
+def test_activation_checkpointing_halves_the_gpt2_small_estimate():
+    cfg = ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024)
+    plain, lean = estimate_memory(cfg, 50257, 8), estimate_memory(cfg, 50257, 8, activation_checkpointing=True)
+    # the blocks shrink ~8x; the LM head's (B, T, 50257) log-softmax and its gradients stay
+    assert lean.activations < 0.55 * plain.activations and lean.params == plain.params
+    assert plain.describe().startswith("12.3 GiB (params 471 MiB, grads 471 MiB, optimizer 943 MiB")

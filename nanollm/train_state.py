@@ -1,0 +1,89 @@
+"""What a run is besides its weights: progress, every RNG stream, optimizer and loss-scale state.
+
+`capture` makes the dict a checkpoint stores (torch.load(weights_only=True) reads it back);
+`restore` puts it back so the next step is the one an uninterrupted run would take. Files are
+nanollm/checkpoint.py's business; the loop that calls these is nanollm/train.py.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Progress:
+    """Everything about a run so far that is not weights, optimizer or RNG: saved in each checkpoint."""
+
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    val_history: list[dict[str, float]] = field(default_factory=list)
+    window_losses: list[float] = field(default_factory=list)  # steps since the last history row
+    window_seconds: float = 0.0
+    train_seconds: float = 0.0  # timed steps only (each session's first step is warm-up)
+    timed_steps: int = 0
+    seconds: float = 0.0  # wall time of earlier sessions
+
+    def to_state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Every random stream: the batch generator (the data position), torch, CUDA, numpy, Python."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))  # a tensor
+    state = {
+        "batch_rng": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": numpy_state,
+        "python_rng": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:
+    generator.set_state(state["batch_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    numpy_state = dict(state["numpy_rng"])
+    numpy_state["state"] = {**numpy_state["state"], "key": numpy_state["state"]["key"].numpy().astype(np.uint32)}
+    np.random.set_state(numpy_state)
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def capture(
+    progress: Progress, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, generator: torch.Generator,
+    device: torch.device, tokens_per_step: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The resumable state after progress.step steps: optimizer, loss scale, progress, RNG streams."""
+    return {
+        "step": progress.step,
+        "tokens_seen": progress.step * tokens_per_step,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "progress": progress.to_state(),
+        **rng_state(generator, device),
+    }
+
+
+def restore(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, generator: torch.Generator,
+    device: torch.device,
+) -> Progress:  # fmt: skip
+    """Put a captured state's optimizer, loss scale and RNG streams back; return its progress."""
+    kernels = [(group.get("fused"), group.get("foreach")) for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for group, (fused, foreach) in zip(optimizer.param_groups, kernels, strict=True):
+        group["fused"], group["foreach"] = fused, foreach  # this machine's kernel choice, not the saving one's
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    restore_rng(state, generator, device)
+    return Progress(**state["progress"])
