@@ -99,6 +99,11 @@ def command(
         tracker.log_metrics({f"eval_{k}": v for k, v in out.items()})
         tracker.log_artifact(samples, "evaluate")
         tracker.log_artifact(ctx.params_path, "evaluate")
+        if ctx.config.tracking.log_model:  # the model's files beside its metrics: ~17 MB at the defaults
+            tracker.log_artifact(tok.path, "model/tokenizer")
+            for file in sorted(Path(checkpoint).iterdir()):
+                if file.is_file():
+                    tracker.log_artifact(file, "model/checkpoint")
 
 
 def _samples(model: Transformer, tok: Tokenizer, seed: int, cfg: EvalConfig, info: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,7 +136,11 @@ def _pretrain(
     status = "FAILED"
     try:
         _open_run(tracker, ctx, meta, resume, upstream_metrics)
-        with GracefulStop() as stop:
+        tracking = ctx.config.tracking
+        system_metrics = (
+            tracker.system_metrics(tracking.system_metrics_interval) if tracking.system_metrics else nullcontext()
+        )
+        with GracefulStop() as stop, system_metrics:
             result = train(
                 model, train_data, val_data, config.train, seed=config.seed, device=device,
                 callback=lambda step, m: tracker.log_metrics(m, step=step), checkpoint=save,
@@ -180,6 +185,8 @@ def _open_run(
     tracker.log_params(flatten(config.to_dict()))
     tracker.log_metrics(_upstream(upstream))
     tracker.log_artifact(ctx.params_path)
+    for split in ("train", "val"):  # lineage: the run's Datasets panel, digest = the corpus sha256
+        tracker.log_dataset(f"corpus-{split}", meta.corpus_sha256, source=f"data/tokens/{split}.bin", context=split)
 
 
 def _write_outputs(outputs: tuple[Path, ...], result: Any, n_params: int, tracker: Any, title: str) -> None:

@@ -138,6 +138,9 @@ def test_one_mlflow_run_per_model_with_params_and_every_stage_metrics(project, f
     assert any(key.startswith("bench_") for key in run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2
     assert run.data.tags.get("data.sha256") and run.data.tags.get("tokenizer.sha256")
+    inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"corpus-train", "corpus-val"}
+    assert run.data.tags["data.sha256"].startswith(inputs["corpus-train"])
     checkpoint_run = json.loads((project / "models/checkpoint/run.json").read_text())["run_id"]
     assert checkpoint_run == run.info.run_id
 

@@ -148,3 +148,17 @@ def test_evaluate_with_max_tokens_scores_a_prefix(project):
     assert result.exit_code == 0, result.output
     metrics = json.loads((root / "metrics" / "evaluate.json").read_text())
     assert metrics["val_tokens"] == 49
+
+
+def test_log_model_adds_the_tokenizer_and_checkpoint_to_the_run(project):
+    from mlflow.tracking import MlflowClient
+
+    root, _ = project
+    run_id = _pretrain_run(root)
+    params = {**UNTRACKED, "tracking": {"enabled": True, "experiment": "stage-test", "log_model": True}}
+    result = _run(root, params)
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    checkpoint = {a.path for a in client.list_artifacts(run_id, "model/checkpoint")}
+    assert {"model/checkpoint/model.pt", "model/checkpoint/config.json"} <= checkpoint
+    assert [a.path for a in client.list_artifacts(run_id, "model/tokenizer")] == ["model/tokenizer/tokenizer.json"]
