@@ -11,26 +11,19 @@ from pathlib import Path
 
 import click
 
-from stages.cli import StageContext, pass_context
+from stages.cli import StageContext, pass_context, path_option
 
 # Megabytes in the metrics and in data.shard_mb are 10^6 bytes, like `du --si`.
 _MB = 10**6
 
 
 @click.command("download")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("data/corpus"),
-    show_default=True,
-    help="Corpus folder to (re)write: train/val shards and manifest.json.",
-)
-@click.option(
+@path_option("--out", "data/corpus", "Corpus folder to (re)write: train/val shards and manifest.json.")
+@path_option(
     "--metrics",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("metrics/download.json"),
-    show_default=True,
-    help="Metrics JSON: documents and MB per split, replaced bytes, seconds.",
+    "metrics/download.json",
+    "Metrics JSON: documents and MB per split, replaced bytes, seconds.",
+    folder=False,
 )
 @pass_context
 def command(ctx: StageContext, out: Path, metrics: Path) -> None:

@@ -12,39 +12,17 @@ from pathlib import Path
 
 import click
 
-from stages.cli import StageContext, pass_context
+from stages.cli import StageContext, pass_context, path_option
 
 _MB = 10**6  # megabytes are 10^6 bytes, as in the download metrics
 
 
 @click.command("tokenize")
-@click.option(
-    "--corpus",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("data/corpus"),
-    show_default=True,
-    help="Corpus folder (train/val shards + manifest.json).",
-)
-@click.option(
-    "--tokenizer",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("data/tokenizer"),
-    show_default=True,
-    help="Tokenizer folder (tokenizer.json).",
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("data/tokens"),
-    show_default=True,
-    help="Tokens folder to (re)write: train.bin, val.bin, meta.json.",
-)
-@click.option(
-    "--metrics",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("metrics/tokenize.json"),
-    show_default=True,
-    help="Metrics JSON: tokens per split, bytes/token, throughput.",
+@path_option("--corpus", "data/corpus", "Corpus folder (train/val shards + manifest.json).")
+@path_option("--tokenizer", "data/tokenizer", "Tokenizer folder (tokenizer.json).")
+@path_option("--out", "data/tokens", "Tokens folder to (re)write: train.bin, val.bin, meta.json.")
+@path_option(
+    "--metrics", "metrics/tokenize.json", "Metrics JSON: tokens per split, bytes/token, throughput.", folder=False
 )
 @pass_context
 def command(ctx: StageContext, corpus: Path, tokenizer: Path, out: Path, metrics: Path) -> None:

@@ -11,32 +11,16 @@ from pathlib import Path
 
 import click
 
-from stages.cli import StageContext, pass_context
+from stages.cli import StageContext, pass_context, path_option
 
 _MB = 10**6  # megabytes are 10^6 bytes, as in the download metrics
 
 
 @click.command("train_tokenizer")
-@click.option(
-    "--corpus",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("data/corpus"),
-    show_default=True,
-    help="Corpus folder (train/val shards + manifest.json).",
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("data/tokenizer"),
-    show_default=True,
-    help="Tokenizer folder to (re)write: tokenizer.json.",
-)
-@click.option(
-    "--metrics",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("metrics/tokenizer.json"),
-    show_default=True,
-    help="Metrics JSON: vocab size, val bytes/token, training time.",
+@path_option("--corpus", "data/corpus", "Corpus folder (train/val shards + manifest.json).")
+@path_option("--out", "data/tokenizer", "Tokenizer folder to (re)write: tokenizer.json.")
+@path_option(
+    "--metrics", "metrics/tokenizer.json", "Metrics JSON: vocab size, val bytes/token, training time.", folder=False
 )
 @pass_context
 def command(ctx: StageContext, corpus: Path, out: Path, metrics: Path) -> None:
