@@ -164,7 +164,7 @@ class TrainConfig:
         "batch_size * grad_accum sequences whatever the world size, which must divide it",
         min=1,
     )
-    max_steps: int = _spec(700, doc="optimizer steps", min=1)
+    max_steps: int = _spec(650, doc="optimizer steps", min=1)
     lr: float = _spec(3e-3, doc="peak learning rate", gt=0.0, max=1.0)
     min_lr: float = _spec(3e-4, doc="learning rate at the end of the cosine decay", min=0.0)
     warmup_steps: int = _spec(50, doc="steps of linear warmup from 0 to lr", min=0)
