@@ -186,3 +186,34 @@ def test_changed_params_start_afresh_in_a_new_run(project, caplog):
     assert "train.lr: 0.01 -> 0.005" in caplog.text and "training from step 0" in caplog.text
     second = json.loads((project / "models" / "checkpoint" / "run.json").read_text())["run_id"]
     assert second != first and MlflowClient(f"sqlite:///{project}/mlflow.db").get_run(second).info.status == "FINISHED"
+
+
+def test_unreachable_tracking_server_stops_pretrain_fast_before_any_output(project, monkeypatch):
+    import time
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    started = time.monotonic()
+    (project / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    result = CliRunner().invoke(cli, ["--params", "params.yaml", "pretrain"])
+    assert time.monotonic() - started < 10
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith("Error: MLflow tracking server") and "tracking.enabled: false" in line
+    assert not (project / "models").exists() and not (project / "metrics" / "pretrain.json").exists()
+
+
+def test_store_lost_mid_training_still_writes_every_output(project, monkeypatch):
+    from nanollm import train as train_module
+
+    real_train = train_module.train
+
+    def train_then_lose_the_store(*args, **kwargs):
+        (project / "mlflow.db").write_bytes(b"gone")  # the store dies once training has started
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr("nanollm.train.train", train_then_lose_the_store)
+    result = _run(project, PARAMS)
+    assert result.exit_code == 0, result.output
+    assert json.loads((project / "metrics" / "pretrain.json").read_text())["tokens"] == 768
+    assert (project / "models" / "checkpoint" / "model.pt").is_file()
+    assert (project / "reports" / "train_curve.csv").is_file()
