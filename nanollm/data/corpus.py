@@ -242,3 +242,21 @@ def iter_documents(corpus_dir: str | os.PathLike[str], split: str) -> Iterator[s
             f"{corpus_dir}: the {split} shards do not match the manifest ({count} documents read, "
             f"{info['documents']} expected, or the content hash differs); {_REBUILD}"
         )
+
+
+def batched_texts(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
+    """Consecutive runs of `texts` of at least `max_chars` characters (the last may hold fewer).
+
+    Lazy: a corpus streams through in batches of bounded size (the tokenizer trainer and the
+    tokenize stage both work batch by batch).
+    """
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nanollm.atomic import atomic_path, write_json
+from nanollm.data.corpus import batched_texts
 from nanollm.errors import NanollmError
 
 __all__ = [
@@ -97,8 +98,8 @@ def encode_documents(
     window: deque[tuple[list[Future[list[np.ndarray]]], int]] = deque()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenize")
     try:
-        for batch in _batches(texts, batch_chars):
-            tasks = [pool.submit(_encode_all, tokenizer, group) for group in _batches(batch, _TASK_CHARS)]
+        for batch in batched_texts(texts, batch_chars):
+            tasks = [pool.submit(_encode_all, tokenizer, group) for group in batched_texts(batch, _TASK_CHARS)]
             window.append((tasks, sum(len(t.encode("utf-8")) for t in batch)))
             if len(window) > _LOOKAHEAD:
                 yield _collect(*window.popleft())
@@ -106,20 +107,6 @@ def encode_documents(
             yield _collect(*window.popleft())
     finally:  # also when the caller stops early: drop the queued work
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _batches(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
-    """Consecutive runs of `texts` of at least `max_chars` characters (the last may hold fewer)."""
-    batch: list[str] = []
-    size = 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if size >= max_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 def _encode_all(tokenizer: _Encoder, texts: list[str]) -> list[np.ndarray]:

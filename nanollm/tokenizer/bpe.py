@@ -33,11 +33,12 @@ import logging
 import multiprocessing
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
 import regex
 from tqdm import tqdm
 
+from nanollm.data.corpus import batched_texts
 from nanollm.errors import NanollmError
 from nanollm.tokenizer.patterns import without_surrogates
 
@@ -91,7 +92,7 @@ def count_chunks(
     surrogates is cleaned as tiktoken does (patterns.without_surrogates) before it is split.
     """
     workers = workers or os.cpu_count() or 1
-    batches = batched_texts(documents, _BATCH_CHARS)
+    batches = batched_texts(filter(None, documents), _BATCH_CHARS)  # empty texts hold no chunks
     head = list(itertools.islice(batches, _MIN_PARALLEL_BATCHES + 1))
     todo = itertools.chain(head, batches)
     count = functools.partial(_count_batch, pattern)
@@ -119,22 +120,6 @@ def count_chunks(
 def _add(totals: Counter[str], bar: tqdm, counts: Counter[str], chars: int) -> None:
     totals.update(counts)
     bar.update(chars / 1e6)
-
-
-def batched_texts(documents: Iterable[str], max_chars: int) -> Iterator[list[str]]:
-    """Consecutive non-empty texts in lists of at least `max_chars` characters (the last may hold fewer)."""
-    batch: list[str] = []
-    size = 0
-    for text in documents:
-        if not text:
-            continue
-        batch.append(text)
-        size += len(text)
-        if size >= max_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 @functools.cache

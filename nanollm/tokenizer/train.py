@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterable, Sequence, Sized
 from pathlib import Path
 
 from nanollm.config import TokenizerConfig
-from nanollm.tokenizer.bpe import batched_texts, train_bpe
+from nanollm.data.corpus import batched_texts
+from nanollm.tokenizer.bpe import train_bpe
 from nanollm.tokenizer.patterns import SPLIT_PATTERNS
 from nanollm.tokenizer.tokenizer import FILENAME, Tokenizer, load_tokenizer, save_bpe, save_gpt2
 
