@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from _corpus import stdlib_corpus  # benchmarks/ is on sys.path when a script runs
+
 SPECIAL = "<|endoftext|>"
 _MB = 10**6  # megabytes are 10^6 bytes, as in the pipeline's metrics
 
@@ -44,7 +46,7 @@ def main() -> None:
     except ImportError:
         sys.exit("benchmarks/bpe_train.py needs Hugging Face `tokenizers` to compare against: pip install tokenizers")
     with tempfile.TemporaryDirectory(prefix="bpe-bench-") as tmp:
-        corpus = args.corpus or _stdlib_corpus(Path(tmp) / "corpus")
+        corpus = args.corpus or stdlib_corpus(Path(tmp) / "corpus")
         texts, val = _read(corpus)
         print(_header(args, corpus, texts, val, tokenizers.__version__))
         rows = []
@@ -80,25 +82,6 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--texts", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--val", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args()
-
-
-def _stdlib_corpus(out: Path) -> Path:
-    """The pipeline's default corpus (params.yaml defaults: stdlib source, seed 1337, 5% val)."""
-    from nanollm.config import Config
-    from nanollm.data.corpus import write_corpus
-    from nanollm.data.sources import open_source
-
-    cfg = Config()
-    source = open_source(cfg.data)
-    write_corpus(
-        source,
-        out,
-        seed=cfg.seed,
-        val_fraction=cfg.data.val_fraction,
-        shard_bytes=cfg.data.shard_mb * _MB,
-        source_description=source.description,
-    )
-    return out
 
 
 def _read(corpus: Path) -> tuple[list[str], list[str]]:

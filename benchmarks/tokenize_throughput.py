@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _corpus import stdlib_corpus  # benchmarks/ is on sys.path when a script runs
+
 _MB = 10**6  # megabytes are 10^6 bytes, as in the pipeline's metrics
 
 
@@ -36,7 +38,7 @@ def main() -> None:
 
     threads = args.threads or os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="tokenize-bench-") as tmp:
-        corpus = args.corpus or _stdlib_corpus(Path(tmp) / "corpus")
+        corpus = args.corpus or stdlib_corpus(Path(tmp) / "corpus")
         texts = list(iter_documents(corpus, "train"))
         mb = sum(len(t.encode()) for t in texts) / _MB
         if args.tokenizer:
@@ -93,25 +95,6 @@ def _write(tok, texts, out: Path, threads: int) -> None:
         corpus_sha256="benchmark",
         progress=False,
     )
-
-
-def _stdlib_corpus(out: Path) -> Path:
-    """The pipeline's default corpus (params.yaml defaults: stdlib source, seed 1337, 5% val)."""
-    from nanollm.config import Config
-    from nanollm.data.corpus import write_corpus
-    from nanollm.data.sources import open_source
-
-    cfg = Config()
-    source = open_source(cfg.data)
-    write_corpus(
-        source,
-        out,
-        seed=cfg.seed,
-        val_fraction=cfg.data.val_fraction,
-        shard_bytes=cfg.data.shard_mb * _MB,
-        source_description=source.description,
-    )
-    return out
 
 
 def _load() -> str:
