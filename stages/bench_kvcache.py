@@ -11,20 +11,14 @@ from pathlib import Path
 
 import click
 
-from stages.cli import StageContext, pass_context
-
-_path = click.Path(path_type=Path)
+from stages.cli import StageContext, pass_context, path_option
 
 
 @click.command("bench_kvcache")
-@click.option("--checkpoint", type=_path, default=Path("models/checkpoint"), show_default=True, help="Trained model.")
-@click.option(
-    "--metrics", type=_path, default=Path("metrics/bench_kvcache.json"), show_default=True, help="Summary JSON."
-)
-@click.option(
-    "--table", type=_path, default=Path("reports/bench_kvcache.csv"), show_default=True, help="One CSV row per point."
-)
-@click.option("--chart", type=_path, default=Path("reports/bench_kvcache.png"), show_default=True, help="PNG chart.")
+@path_option("--checkpoint", "models/checkpoint", "Trained model.", folder=None)
+@path_option("--metrics", "metrics/bench_kvcache.json", "Summary JSON.", folder=None)
+@path_option("--table", "reports/bench_kvcache.csv", "One CSV row per point.", folder=None)
+@path_option("--chart", "reports/bench_kvcache.png", "PNG chart.", folder=None)
 @pass_context
 def command(ctx: StageContext, checkpoint: Path, metrics: Path, table: Path, chart: Path) -> None:
     """Time cached vs uncached greedy decoding at every bench.prompt_lengths x bench.new_tokens point."""

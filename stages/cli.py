@@ -117,9 +117,15 @@ def pass_context(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def path_option(flag: str, default: str, help: str, *, folder: bool = True) -> Callable[..., Any]:
-    """A stage's path option; its default is the path dvc.yaml passes, so both name one place."""
-    kind = click.Path(file_okay=not folder, dir_okay=folder, path_type=Path)
+def path_option(flag: str, default: str, help: str, *, folder: bool | None = True) -> Callable[..., Any]:
+    """A stage's path option; its default is the path dvc.yaml passes, so both name one place.
+
+    folder=True takes a folder, False a file, None either.
+    """
+    if folder is None:
+        kind = click.Path(path_type=Path)
+    else:
+        kind = click.Path(file_okay=not folder, dir_okay=folder, path_type=Path)
     return click.option(flag, type=kind, default=Path(default), show_default=True, help=help)
 
 

@@ -11,27 +11,21 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from stages.cli import StageContext, pass_context
+from stages.cli import StageContext, pass_context, path_option
 
 if TYPE_CHECKING:  # annotations only: importing these at run time would load torch for --help
     from nanollm.config import EvalConfig
     from nanollm.model import Transformer
     from nanollm.tokenizer import Tokenizer
 
-_path = click.Path(path_type=Path)
-
 
 @click.command("evaluate")
-@click.option("--checkpoint", type=_path, default=Path("models/checkpoint"), show_default=True, help="Trained model.")
-@click.option("--tokens", type=_path, default=Path("data/tokens"), show_default=True, help="Token memmaps (val.bin).")
-@click.option("--tokenizer", type=_path, default=Path("data/tokenizer"), show_default=True, help="Tokenizer folder.")
-@click.option("--corpus", type=_path, default=Path("data/corpus"), show_default=True, help="Raw text (val documents).")
-@click.option(
-    "--metrics", type=_path, default=Path("metrics/evaluate.json"), show_default=True, help="Metrics JSON to write."
-)
-@click.option(
-    "--samples", type=_path, default=Path("reports/samples.txt"), show_default=True, help="Generated text to write."
-)
+@path_option("--checkpoint", "models/checkpoint", "Trained model.", folder=None)
+@path_option("--tokens", "data/tokens", "Token memmaps (val.bin).", folder=None)
+@path_option("--tokenizer", "data/tokenizer", "Tokenizer folder.", folder=None)
+@path_option("--corpus", "data/corpus", "Raw text (val documents).", folder=None)
+@path_option("--metrics", "metrics/evaluate.json", "Metrics JSON to write.", folder=None)
+@path_option("--samples", "reports/samples.txt", "Generated text to write.", folder=None)
 @pass_context
 def command(
     ctx: StageContext, checkpoint: Path, tokens: Path, tokenizer: Path, corpus: Path, metrics: Path, samples: Path

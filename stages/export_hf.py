@@ -10,20 +10,17 @@ from pathlib import Path
 
 import click
 
-from stages.cli import StageContext, pass_context
-
-_path = click.Path(path_type=Path)
+from stages.cli import StageContext, pass_context, path_option
 
 
 @click.command("export-hf")
-@click.option("--checkpoint", type=_path, default=Path("models/checkpoint"), show_default=True, help="Our checkpoint.")
-@click.option("--out", type=_path, default=Path("models/hf"), show_default=True, help="Folder to write.")
-@click.option(
+@path_option("--checkpoint", "models/checkpoint", "Our checkpoint.", folder=None)
+@path_option("--out", "models/hf", "Folder to write.", folder=None)
+@path_option(
     "--tokenizer",
-    type=_path,
-    default=Path("data/tokenizer"),
-    show_default=True,
-    help="Tokenizer folder; its <|endoftext|> id becomes eos_token_id (skipped if the folder is missing).",
+    "data/tokenizer",
+    "Tokenizer folder; its <|endoftext|> id becomes eos_token_id (skipped if the folder is missing).",
+    folder=None,
 )
 @pass_context
 def command(ctx: StageContext, checkpoint: Path, out: Path, tokenizer: Path) -> None:

@@ -11,14 +11,12 @@ from pathlib import Path
 
 import click
 
-from stages.cli import StageContext, pass_context
-
-_path = click.Path(path_type=Path)
+from stages.cli import StageContext, pass_context, path_option
 
 
 @click.command("generate")
-@click.option("--checkpoint", type=_path, default=Path("models/checkpoint"), show_default=True, help="Trained model.")
-@click.option("--tokenizer", type=_path, default=Path("data/tokenizer"), show_default=True, help="Tokenizer folder.")
+@path_option("--checkpoint", "models/checkpoint", "Trained model.", folder=None)
+@path_option("--tokenizer", "data/tokenizer", "Tokenizer folder.", folder=None)
 @click.option("--prompt", default="", help="Text to continue; empty starts a fresh document.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option(

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import click
 
-from stages.cli import StageContext, pass_context
+from stages.cli import StageContext, pass_context, path_option
 
 _path = click.Path(path_type=Path)
 
 
 @click.command("import-hf")
 @click.argument("hf_dir", metavar="DIR", type=_path, required=False)
-@click.option("--out", type=_path, default=Path("models/imported"), show_default=True, help="Checkpoint to write.")
+@path_option("--out", "models/imported", "Checkpoint to write.", folder=None)
 @pass_context
 def command(ctx: StageContext, hf_dir: Path | None, out: Path) -> None:
     """Import DIR (config.json + safetensors of a LlamaForCausalLM) as a nanollm checkpoint."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from stages.cli import StageContext, pass_context
+from stages.cli import StageContext, pass_context, path_option
 
 if TYPE_CHECKING:  # annotations only: torch loads inside the command, so `nanollm --help` stays instant
     import torch
@@ -26,33 +26,16 @@ if TYPE_CHECKING:  # annotations only: torch loads inside the command, so `nanol
 
 log = logging.getLogger(__name__)
 
-_dir = click.Path(file_okay=False, path_type=Path)
 _file = click.Path(dir_okay=False, path_type=Path)
 
 
 @click.command("pretrain")
-@click.option("--tokens", type=_dir, default=Path("data/tokens"), show_default=True, help="Token memmaps + meta.json.")
-@click.option("--out", type=_dir, default=Path("models/checkpoint"), show_default=True, help="Checkpoint folder.")
-@click.option(
-    "--metrics", type=_file, default=Path("metrics/pretrain.json"), show_default=True, help="Metrics JSON to write."
-)
-@click.option(
-    "--train-curve",
-    type=_file,
-    default=Path("reports/train_curve.csv"),
-    show_default=True,
-    help="CSV: step, tokens, train_loss, lr.",
-)
-@click.option(
-    "--val-curve",
-    type=_file,
-    default=Path("reports/val_curve.csv"),
-    show_default=True,
-    help="CSV: step, tokens, val_loss.",
-)
-@click.option(
-    "--chart", type=_file, default=Path("reports/pretrain_loss.png"), show_default=True, help="Loss chart (PNG)."
-)
+@path_option("--tokens", "data/tokens", "Token memmaps + meta.json.")
+@path_option("--out", "models/checkpoint", "Checkpoint folder.")
+@path_option("--metrics", "metrics/pretrain.json", "Metrics JSON to write.", folder=False)
+@path_option("--train-curve", "reports/train_curve.csv", "CSV: step, tokens, train_loss, lr.", folder=False)
+@path_option("--val-curve", "reports/val_curve.csv", "CSV: step, tokens, val_loss.", folder=False)
+@path_option("--chart", "reports/pretrain_loss.png", "Loss chart (PNG).", folder=False)
 @click.option(
     "--upstream-metrics",
     type=_file,
