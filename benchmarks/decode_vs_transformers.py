@@ -16,6 +16,7 @@ against a 256 MB tensor copy.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -104,9 +105,11 @@ def run_shape(name: str, model: Transformer, args: argparse.Namespace) -> list[d
                 for key, fn in (("hf_uncached", theirs), ("ours_uncached", ours)):
                     tokens[key], seconds = fn(hf if fn is theirs else model, prompt, n_new, False)
                     rates[key].append(n_new / seconds)
-        row = {"model": name, "point": f"{prompt_len} + {n_new}", **{k: statistics.median(v) for k, v in rates.items()}}
+        medians = {k: statistics.median(v) if v else math.nan for k, v in rates.items()}  # nan: not run
+        row = {"model": name, "point": f"{prompt_len} + {n_new}", **medians}
         row["tokens"] = first_difference(tokens["ours_cached"], tokens["hf_cached"])
-        row["self_check"] = first_difference(tokens["ours_cached"], tokens["ours_uncached"])
+        # without uncached rounds there is nothing to check against
+        row["self_check"] = first_difference(tokens["ours_cached"], tokens.get("ours_uncached", tokens["ours_cached"]))
         print(
             f"  {name}, prompt {prompt_len} + {n_new}: ours {row['ours_cached']:.0f} / {row['ours_uncached']:.1f}, "
             f"transformers {row['hf_cached']:.0f} / {row['hf_uncached']:.1f} tok/s (cached / uncached)",

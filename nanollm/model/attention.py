@@ -16,6 +16,7 @@ from torch import nn
 
 from nanollm.config import ModelConfig
 from nanollm.model.flash import flash_attention
+from nanollm.model.packing import PackedLinears, pack
 from nanollm.model.rope import apply_rotary
 
 
@@ -142,15 +143,29 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
         self.backend = BACKENDS[cfg.attention]
         self.cache: KVCache | None = None  # set by Transformer.setup_cache
+        self.packed_qkv: PackedLinears | None = None  # both set by pack_for_decode
+        self.packed_wo: PackedLinears | None = None
+
+    def pack_for_decode(self) -> None:
+        """Move the weights to the decode layout (packing.py): q, k, v as one matmul, wo column-major."""
+        self.packed_qkv = pack(self.wq, self.wk, self.wv, current=self.packed_qkv)
+        self.packed_wo = pack(self.wo, current=self.packed_wo)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, T, nh * hs), k and v (B, T, nkv * hs): one fused matmul when packed."""
+        if self.packed_qkv is not None and self.packed_qkv.usable():
+            return self.packed_qkv(x)
+        return self.wq(x), self.wk(x), self.wv(x)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | None = None
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). start_pos None: no cache; an int: read and write the cache."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k, v = self.project_qkv(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if start_pos is None:
             start_pos = 0
