@@ -25,13 +25,25 @@ def _remove(path: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` can still run: it exists and is not a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # alive, owned by someone else
-    return True
+        pass  # exists, owned by someone else
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Dead but not yet reaped. A stage killed together with its `dvc repro` is an orphan, and
+    PID 1 of a container reaps it late or, without an init, never; until then kill(pid, 0)
+    still finds it, but it will never finish its temporary."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (macOS), or reaped meanwhile: kill(pid, 0) had the last word
+    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]  # the state follows "(comm)", which may hold spaces
 
 
 def _remove_orphans(target: Path) -> None:

@@ -4,6 +4,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +33,9 @@ def test_failure_keeps_the_old_target(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
-def test_sigkilled_writer_leaves_nothing_at_target_and_its_temporary_is_swept(tmp_path):
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_sigkilled_writer_leaves_nothing_at_target_and_its_temporary_is_swept(tmp_path, reaped):
+    """Also while the killed writer is a zombie: an orphaned stage waits for a PID 1 that may never reap it."""
     target = tmp_path / "tokens"
     code = textwrap.dedent(
         f"""
@@ -46,10 +50,21 @@ def test_sigkilled_writer_leaves_nothing_at_target_and_its_temporary_is_swept(tm
     writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert writer.stdout.readline().strip() == "writing"
     writer.send_signal(signal.SIGKILL)
-    writer.wait()
+    if reaped:
+        writer.wait()
+    else:
+        _wait_for_state(writer.pid, "Z")  # dead, not reaped: kill(pid, 0) still finds it
     assert not target.exists()
     (orphan,) = tmp_path.iterdir()
     assert orphan.name.startswith(".tokens.tmp-")
     with atomic_path(target, directory=True) as tmp:  # the next run sweeps the dead writer's leftovers
         (tmp / "train.bin").write_bytes(b"done")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokens"]
+    writer.wait()
+
+
+def _wait_for_state(pid: int, state: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != state:
+        assert time.monotonic() < deadline, f"process {pid} never reached state {state}"
+        time.sleep(0.01)
