@@ -26,8 +26,6 @@ if TYPE_CHECKING:  # annotations only: torch loads inside the command, so `nanol
 
 log = logging.getLogger(__name__)
 
-_file = click.Path(dir_okay=False, path_type=Path)
-
 
 @click.command("pretrain")
 @path_option("--tokens", "data/tokens", "Token memmaps + meta.json.")
@@ -36,14 +34,6 @@ _file = click.Path(dir_okay=False, path_type=Path)
 @path_option("--train-curve", "reports/train_curve.csv", "CSV: step, tokens, train_loss, lr.", folder=False)
 @path_option("--val-curve", "reports/val_curve.csv", "CSV: step, tokens, val_loss.", folder=False)
 @path_option("--chart", "reports/pretrain_loss.png", "Loss chart (PNG).", folder=False)
-@click.option(
-    "--upstream-metrics",
-    type=_file,
-    multiple=True,
-    default=(Path("metrics/tokenizer.json"), Path("metrics/tokenize.json")),
-    show_default=True,
-    help="Earlier stages' metrics JSON to copy into the run, prefixed by file stem (repeatable; missing ones skipped).",
-)
 @pass_context
 def command(
     ctx: StageContext,
@@ -53,7 +43,6 @@ def command(
     train_curve: Path,
     val_curve: Path,
     chart: Path,
-    upstream_metrics: tuple[Path, ...],
 ) -> None:
     """Pretrain the Transformer from params `model` and `train`; log the run to MLflow.
 
@@ -70,15 +59,14 @@ def command(
     if not dist.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one rank narrates
     try:
-        _pretrain(ctx, dist, device, tokens, out, (metrics, train_curve, val_curve, chart), upstream_metrics)
+        _pretrain(ctx, dist, device, tokens, out, (metrics, train_curve, val_curve, chart))
     finally:
         dist.close()
 
 
 def _pretrain(
-    ctx: StageContext, dist: Distributed, device: torch.device, tokens: Path, out: Path, outputs: tuple[Path, ...],
-    upstream_metrics: tuple[Path, ...],
-) -> None:  # fmt: skip
+    ctx: StageContext, dist: Distributed, device: torch.device, tokens: Path, out: Path, outputs: tuple[Path, ...]
+) -> None:
     import torch
 
     from nanollm.checkpoint import fingerprint, resumable_state, save_checkpoint
@@ -118,7 +106,7 @@ def _pretrain(
 
     status = "FAILED"
     try:
-        _open_run(tracker, ctx, meta, resume, upstream_metrics)
+        _open_run(tracker, ctx, meta, resume)
         tracking = ctx.config.tracking
         system_metrics = (
             tracker.system_metrics(tracking.system_metrics_interval) if tracking.system_metrics else nullcontext()
@@ -143,9 +131,7 @@ def _pretrain(
         tracker.end(status)
 
 
-def _open_run(
-    tracker: Any, ctx: StageContext, meta: Any, resume: dict[str, Any] | None, upstream: tuple[Path, ...]
-) -> None:
+def _open_run(tracker: Any, ctx: StageContext, meta: Any, resume: dict[str, Any] | None) -> None:
     """Re-open the resumed checkpoint's MLflow run when it lives in this store; else start a new one."""
     from nanollm.config import flatten
     from nanollm.errors import NanollmError
@@ -157,7 +143,7 @@ def _open_run(
         try:
             tracker.resume(previous["run_id"])
             tracker.set_tags({"resumed_from_step": resume["state"]["step"]})
-            tracker.log_metrics(_upstream(upstream))
+            tracker.log_metrics(_data_metrics(meta))
             return
         except NanollmError as err:
             log.warning("%s; logging the resumed training to a new run", err)
@@ -166,7 +152,7 @@ def _open_run(
     )
     tracker.start(run_name=_run_name(config, meta.vocab_size), tags=tags)
     tracker.log_params(flatten(config.to_dict()))
-    tracker.log_metrics(_upstream(upstream))
+    tracker.log_metrics(_data_metrics(meta))
     tracker.log_artifact(ctx.params_path)
     for split in ("train", "val"):  # lineage: the run's Datasets panel, digest = the corpus sha256
         tracker.log_dataset(f"corpus-{split}", meta.corpus_sha256, source=f"data/tokens/{split}.bin", context=split)
@@ -211,23 +197,19 @@ def _summary(result: Any, n_params: int) -> dict[str, Any]:
     }
 
 
-def _upstream(paths: tuple[Path, ...]) -> dict[str, float]:
-    """Numeric values of earlier stages' metrics files, keyed "<file stem>.<key>"."""
-    from nanollm.config import flatten
+def _data_metrics(meta: Any) -> dict[str, float]:
+    """What the run trained on, from data/tokens/meta.json: tokens, documents, bytes per token per split.
 
-    values: dict[str, float] = {}
-    for path in paths:
-        if not path.is_file():
-            log.debug("upstream metrics %s not found; skipped", path)
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            log.warning("upstream metrics %s unreadable (%s); skipped", path, err)
-            continue
-        for key, value in flatten(data if isinstance(data, dict) else {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                values[f"{path.stem}.{key}"] = value
+    Read from the stage's own input rather than from the earlier stages' metrics files: those
+    also hold timings, which differ on every rerun, and as dependencies they would make DVC
+    retrain an unchanged model after a rerun of the tokenizer or tokenize stage.
+    """
+    values: dict[str, float] = {"data.vocab_size": meta.vocab_size}
+    for split, counts in meta.splits.items():
+        values[f"data.{split}_tokens"] = counts["tokens"]
+        values[f"data.{split}_documents"] = counts["documents"]
+        if counts["tokens"]:
+            values[f"data.{split}_bytes_per_token"] = round(counts["bytes"] / counts["tokens"], 4)
     return values
 
 

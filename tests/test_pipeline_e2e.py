@@ -151,6 +151,12 @@ def test_second_repro_is_a_noop_and_model_edit_reruns_exactly_downstream(project
     assert _ran_stages(again) == []
     assert len(_pretrain_runs(project)[1]) == 1
 
+    # Rerunning a stage on unchanged inputs rewrites its timings but not its data: nothing
+    # downstream may retrain (pretrain reads data/tokens, not metrics/tokenize.json).
+    forced = _run([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "tokenize"], project)
+    assert _ran_stages(forced) == ["tokenize"]
+    assert _ran_stages(_run([sys.executable, "-m", "dvc", "repro"], project)) == []
+
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["model"]["n_layer"] = 1
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -61,7 +61,7 @@ def _env() -> dict[str, str]:
 
 
 def _project(path: Path) -> Path:
-    """A folder with params.yaml, data/tokens and the upstream metrics pretrain reads."""
+    """A folder with params.yaml and the data/tokens pretrain reads."""
     rng = np.random.default_rng(0)
     pattern = rng.integers(0, EOT, 300)  # a repeated "document": learnable, so the weights move for real
     docs = [pattern[i : i + 60].tolist() for i in range(0, 240, 20)] * 8
@@ -74,9 +74,6 @@ def _project(path: Path) -> Path:
         corpus_sha256="c" * 64,
         progress=False,
     )
-    (path / "metrics").mkdir()
-    for name in ("tokenizer", "tokenize"):
-        (path / "metrics" / f"{name}.json").write_text("{}")
     (path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     return path
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from nanollm.data.tokens import write_tokens
+from nanollm.data.tokens import read_meta, write_tokens
 from stages.cli import cli
 
 VOCAB, EOT = 64, 63
@@ -63,9 +63,6 @@ def project(tmp_path, monkeypatch, empty_store):
         corpus_sha256="c" * 64,
         progress=False,
     )
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "tokenizer.json").write_text(json.dumps({"val_bytes_per_token": 3.25, "note": "x"}))
-    # metrics/tokenize.json is deliberately absent: a missing upstream file is skipped
     return tmp_path
 
 
@@ -112,8 +109,13 @@ def test_pretrain_writes_outputs_and_one_mlflow_run(project):
     assert run.data.params["seed"] == "5" and "eval.top_k" in run.data.params  # every params key, flattened
     assert run.data.tags["stage"] == "pretrain" and run.data.tags["data.sha256"] == "c" * 64
     assert run.data.tags["tokenizer.sha256"] == "a" * 64
-    assert run.data.metrics["tokenizer.val_bytes_per_token"] == 3.25
-    assert not any(k.startswith("tokenize.") for k in run.data.metrics)
+    splits = read_meta(project / "data" / "tokens").splits  # the run's data metrics come from meta.json
+    assert {k: v for k, v in run.data.metrics.items() if k.startswith("data.")} == {
+        "data.vocab_size": VOCAB, "data.train_documents": 60, "data.val_documents": 10,
+        "data.train_tokens": splits["train"]["tokens"], "data.val_tokens": splits["val"]["tokens"],
+        "data.train_bytes_per_token": round(6000 / splits["train"]["tokens"], 4),
+        "data.val_bytes_per_token": round(1000 / splits["val"]["tokens"], 4),
+    }  # fmt: skip
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [4, 8, 12]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [6, 12]
     for name in ("lr", "grad_norm", "tokens_per_s", "mfu"):
