@@ -1,10 +1,12 @@
 """Faults a long pipeline meets: a full disk, a killed stage. Each leaves no partial output."""
 
 import os
+import random
 import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,17 +23,22 @@ def _nanollm(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def _complete_run(stage: str, cwd: Path) -> float:
+    """Run `nanollm <stage>` to success; the seconds it took."""
+    started = time.monotonic()
+    done = _nanollm([stage], cwd)
+    _, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err[-2000:]
+    return time.monotonic() - started
+
+
 @pytest.fixture(scope="module")
-def corpus_and_tokenizer(tmp_path_factory) -> Path:
-    """A project folder with a downloaded stdlib slice and a trained tokenizer."""
+def corpus_and_tokenizer(tmp_path_factory) -> tuple[Path, dict[str, float]]:
+    """A project folder with a downloaded stdlib slice and a trained tokenizer; how long each stage took."""
     project = tmp_path_factory.mktemp("faults")
     params = {"data": {"max_bytes": 1_500_000, "val_fraction": 0.1}, "tokenizer": {"vocab_size": 400}}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    for stage in (["download"], ["train_tokenizer"]):
-        done = _nanollm(stage, project)
-        out, err = done.communicate(timeout=300)
-        assert done.returncode == 0, err[-2000:]
-    return project
+    return project, {stage: _complete_run(stage, project) for stage in ("download", "train_tokenizer")}
 
 
 def _limit_file_size(limit: int):
@@ -43,7 +50,7 @@ def _limit_file_size(limit: int):
 
 
 def test_disk_full_while_tokenizing_is_one_line_and_leaves_no_memmap(corpus_and_tokenizer):
-    project = corpus_and_tokenizer
+    project, _ = corpus_and_tokenizer
     stage = _nanollm(["tokenize"], project, preexec_fn=_limit_file_size(256 * 1024))
     out, err = stage.communicate(timeout=300)
     assert stage.returncode == 1, err[-2000:]
@@ -54,26 +61,34 @@ def test_disk_full_while_tokenizing_is_one_line_and_leaves_no_memmap(corpus_and_
     assert not list((project / "data").glob(".tokens.tmp-*"))
 
 
+def _snapshot(folder: Path) -> dict[str, bytes] | None:
+    """Every file under `folder` by relative name, or None when there is no folder."""
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.parametrize("stage", ["download", "train_tokenizer", "tokenize"])
 def test_sigkill_at_a_random_point_leaves_no_partial_output_and_a_rerun_completes(corpus_and_tokenizer, stage):
-    project = corpus_and_tokenizer
-    out_dir = {"download": "corpus", "train_tokenizer": "tokenizer", "tokenize": "tokens"}[stage]
-    target = project / "data" / out_dir
-    before = sorted(p.name for p in target.iterdir()) if target.exists() else None
-    for delay in (0.3, 0.8, 1.5):
+    project, run_times = corpus_and_tokenizer
+    target = project / "data" / {"download": "corpus", "train_tokenizer": "tokenizer", "tokenize": "tokens"}[stage]
+    # tokenize has not run yet: once, for a complete output to keep (as the others have) and its run time
+    run_time = run_times.get(stage) or _complete_run(stage, project)
+    before = _snapshot(target)
+    rng = random.Random(f"sigkill-{stage}")
+    kills = 0
+    for _ in range(3):
         victim = _nanollm([stage], project)
         try:
-            victim.wait(timeout=delay)
+            victim.wait(timeout=rng.uniform(0.05, 0.95) * run_time)  # a seeded point of the stage's run
         except subprocess.TimeoutExpired:
             victim.send_signal(signal.SIGKILL)
-            victim.wait()
-        # either the old complete output, or the new complete output: never a mix or a fragment
-        if target.exists():
-            names = sorted(p.name for p in target.iterdir())
-            assert names == before or before is None or set(names) >= set(before), names
-    done = _nanollm([stage], project)
-    _, err = done.communicate(timeout=300)
-    assert done.returncode == 0, err[-2000:]
+        victim.communicate()
+        kills += victim.returncode == -signal.SIGKILL
+        # the old complete output, or the new one (the same bytes: the stage is deterministic); never a fragment
+        assert _snapshot(target) == before, f"{target} changed after a kill"
+    assert kills, f"`nanollm {stage}` finished before every kill (it runs {run_time:.2f} s)"
+    _complete_run(stage, project)
     assert not list((project / "data").glob(".*.tmp-*")), "a killed writer's temporary survived the rerun"
 
 
