@@ -21,7 +21,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,8 +29,8 @@ import torch
 from nanollm.bench import memory_bandwidth, weight_bytes_per_token
 from nanollm.config import Config, ModelConfig
 from nanollm.generate import generate
-from nanollm.hf import export_hf
 from nanollm.model import Transformer
+from nanollm.peers import transformers_greedy
 
 POINTS = ((16, 256), (512, 256))  # (prompt tokens, new tokens)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -63,20 +62,10 @@ def ours(model: Transformer, prompt: torch.Tensor, n: int, use_cache: bool) -> t
     return out, clock() - t0
 
 
-def theirs(hf, prompt: torch.Tensor, n: int, use_cache: bool) -> tuple[list[int], float]:
-    ids = prompt.view(1, -1)
+def theirs(greedy, prompt: torch.Tensor, n: int, use_cache: bool) -> tuple[list[int], float]:
     t0 = clock()
-    with torch.inference_mode():
-        out = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            min_new_tokens=n,  # never stop early at an eos: both sides make exactly n tokens
-            do_sample=False,
-            use_cache=use_cache,
-            pad_token_id=0,
-        )
-    return out[0, ids.size(1) :].tolist(), clock() - t0
+    out = greedy(prompt, n, use_cache=use_cache)
+    return out, clock() - t0
 
 
 def first_difference(a: list[int], b: list[int]) -> str:
@@ -85,11 +74,7 @@ def first_difference(a: list[int], b: list[int]) -> str:
 
 
 def run_shape(name: str, model: Transformer, args: argparse.Namespace) -> list[dict]:
-    import transformers
-
-    with tempfile.TemporaryDirectory() as tmp:
-        export_hf(model, Path(tmp) / "hf")
-        hf = transformers.LlamaForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
+    hf = transformers_greedy(model)  # exported with export_hf, loaded by LlamaForCausalLM.from_pretrained
     gen = torch.Generator().manual_seed(0)
     rows = []
     for prompt_len, n_new in POINTS:
@@ -167,8 +152,6 @@ def main() -> int:
     except ImportError:
         print("transformers is not installed: pip install -e '.[dev]'", file=sys.stderr)
         return 1
-    transformers.logging.set_verbosity_error()  # "exceeds max_position_embeddings" is expected at 512 + 256
-    transformers.logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -14,7 +14,7 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ from nanollm.errors import NanollmError
 from nanollm.generate import generate
 
 __all__ = [
+    "COLUMNS",
+    "PEER_COLUMNS",
     "KVCacheMismatchError",
     "bandwidth",
     "bench_kvcache",
@@ -43,6 +45,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+PEER_COLUMNS = ("transformers_tok_s", "vs_transformers")  # only when compared with transformers
 COLUMNS = (
     "prompt_len",
     "new_tokens",
@@ -52,6 +55,7 @@ COLUMNS = (
     "cached_ttft_ms",
     "uncached_ttft_ms",
     "cache_mb",
+    *PEER_COLUMNS,
 )
 
 
@@ -85,9 +89,22 @@ def _timed_greedy(
     return out, first, time.perf_counter() - t0
 
 
+def _timed_peer(peer: Callable[[torch.Tensor, int], list[int]], prompt: torch.Tensor, new_tokens: int, device):
+    """(tokens, seconds) of one greedy decode by the peer, clocked like ours (prompt in, ids on the host)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = peer(prompt, new_tokens)
+    _sync(device)
+    return out, time.perf_counter() - t0
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+
+
 def _check_same(cached: list[int], uncached: list[int], prompt_len: int, new_tokens: int) -> None:
     """Raise KVCacheMismatchError at the first new token where the two greedy runs (equal lengths) part."""
-    i = next((j for j, (a, b) in enumerate(zip(cached, uncached, strict=True)) if a != b), None)
+    i = _first_difference(cached, uncached)
     if i is None:
         return
     raise KVCacheMismatchError(
@@ -119,6 +136,7 @@ def bench_kvcache(
     warmup: int,
     seed: int,
     device: str | torch.device | None = None,
+    transformers: Callable[[torch.Tensor, int], list[int]] | None = None,
 ) -> list[dict[str, float]]:
     """Time greedy decoding with and without the KV cache for every (prompt_len, new_tokens) pair.
 
@@ -131,6 +149,12 @@ def bench_kvcache(
     run's tokens must equal those of the other mode, else KVCacheMismatchError names the
     point. cache_mb is the cache preallocated for prompt + new tokens, in MB (1e6 bytes).
     `device` defaults to the model's; it must be where the model lives.
+
+    `transformers` (nanollm.peers.transformers_greedy) adds the peer to every round, after
+    our two runs and on the same prompt: transformers_tok_s is its cached greedy decoding,
+    clocked the same way, and vs_transformers our cached tokens/s over it. Its tokens are
+    compared with ours and a difference is logged (float rounding can flip a near-tie on
+    a trained model), not raised: the peer is measured, not trusted.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -138,37 +162,64 @@ def bench_kvcache(
     points = [(p, n) for p in prompt_lengths for n in new_tokens]
     rows = []
     for prompt_len, n_new in tqdm(points, desc="bench_kvcache", unit="point", disable=None):
-        prompt = longest[:prompt_len].to(device)
-        timings: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
-        for round_ in range(warmup + repeats):
-            outs = {}
-            for use_cache in (True, False):
-                outs[use_cache], ttft, total = _timed_greedy(model, prompt, n_new, use_cache=use_cache, device=device)
-                if round_ >= warmup:
-                    timings[use_cache].append((ttft, n_new / total))
-            _check_same(outs[True], outs[False], prompt_len, n_new)
-        cached = statistics.median(r for _, r in timings[True])
-        uncached = statistics.median(r for _, r in timings[False])
-        row = {
-            "prompt_len": prompt_len,
-            "new_tokens": n_new,
-            "cached_tok_s": cached,
-            "uncached_tok_s": uncached,
-            "speedup": speedup(cached, uncached),
-            "cached_ttft_ms": 1e3 * statistics.median(t for t, _ in timings[True]),
-            "uncached_ttft_ms": 1e3 * statistics.median(t for t, _ in timings[False]),
-            "cache_mb": _cache_bytes(model, prompt_len + n_new) / 1e6,
-        }
+        row = _measure_point(model, longest[:prompt_len].to(device), n_new, repeats, warmup, device, transformers)
         log.info(
-            "prompt %d + %d new: %.1f tok/s cached, %.1f uncached (x%.2f)",
+            "prompt %d + %d new: %.1f tok/s cached, %.1f uncached (x%.2f)%s",
             prompt_len,
             n_new,
-            cached,
-            uncached,
+            row["cached_tok_s"],
+            row["uncached_tok_s"],
             row["speedup"],
+            f"; transformers {row['transformers_tok_s']:.1f} cached (ours x{row['vs_transformers']:.2f})"
+            if "vs_transformers" in row
+            else "",
         )
         rows.append(row)
     return rows
+
+
+def _measure_point(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    n_new: int,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    transformers: Callable[[torch.Tensor, int], list[int]] | None,
+) -> dict[str, float]:
+    """One row of bench_kvcache: warmup + repeats interleaved rounds at one (prompt, new tokens) point."""
+    prompt_len = prompt.numel()
+    timings: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    peer_rates: list[float] = []
+    for round_ in range(warmup + repeats):
+        outs = {}
+        for use_cache in (True, False):
+            outs[use_cache], ttft, total = _timed_greedy(model, prompt, n_new, use_cache=use_cache, device=device)
+            if round_ >= warmup:
+                timings[use_cache].append((ttft, n_new / total))
+        _check_same(outs[True], outs[False], prompt_len, n_new)
+        if transformers is not None:
+            theirs, seconds = _timed_peer(transformers, prompt, n_new, device)
+            if round_ >= warmup:
+                peer_rates.append(n_new / seconds)
+            if (i := _first_difference(outs[True], theirs)) is not None:
+                log.warning("prompt %d + %d: transformers' greedy tokens part from ours at %d", prompt_len, n_new, i)
+    cached = statistics.median(r for _, r in timings[True])
+    uncached = statistics.median(r for _, r in timings[False])
+    row = {
+        "prompt_len": prompt_len,
+        "new_tokens": n_new,
+        "cached_tok_s": cached,
+        "uncached_tok_s": uncached,
+        "speedup": speedup(cached, uncached),
+        "cached_ttft_ms": 1e3 * statistics.median(t for t, _ in timings[True]),
+        "uncached_ttft_ms": 1e3 * statistics.median(t for t, _ in timings[False]),
+        "cache_mb": _cache_bytes(model, prompt_len + n_new) / 1e6,
+    }
+    if peer_rates:
+        row["transformers_tok_s"] = statistics.median(peer_rates)
+        row["vs_transformers"] = cached / row["transformers_tok_s"]
+    return row
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:
@@ -225,21 +276,29 @@ def bandwidth(rows: Sequence[dict[str, float]], weight_bytes: int, copy_bytes_s:
 
 
 def summarize(rows: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Flat metrics for DVC/MLflow: per point p{L}_n{N}_{speedup,cached_tok_s,uncached_tok_s}, plus maxima."""
+    """Flat metrics for DVC/MLflow: per point p{L}_n{N}_{speedup,cached_tok_s,uncached_tok_s}, plus extremes.
+
+    With the transformers comparison, also p{L}_n{N}_{transformers_tok_s,vs_transformers}
+    and min_vs_transformers (the least favourable point: the figure to hold a target to).
+    """
     out: dict[str, float] = {}
     for r in rows:
         key = f"p{r['prompt_len']}_n{r['new_tokens']}"
-        for name in ("speedup", "cached_tok_s", "uncached_tok_s"):
-            out[f"{key}_{name}"] = round(r[name], 4)
+        for name in ("speedup", "cached_tok_s", "uncached_tok_s", "transformers_tok_s", "vs_transformers"):
+            if name in r:
+                out[f"{key}_{name}"] = round(r[name], 4)
     out["max_speedup"] = round(max(r["speedup"] for r in rows), 4)
     out["cache_mb_max"] = round(max(r["cache_mb"] for r in rows), 4)
+    if all("vs_transformers" in r for r in rows):
+        out["min_vs_transformers"] = round(min(r["vs_transformers"] for r in rows), 4)
     return out
 
 
 def write_table(rows: Sequence[dict[str, float]], path: str | Path) -> None:
-    """Write the rows as CSV (one line per point, COLUMNS order), atomically."""
+    """Write the rows as CSV (one line per point; the COLUMNS the rows have, in that order), atomically."""
+    columns = [c for c in COLUMNS if all(c in r for r in rows)]
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
@@ -272,6 +331,9 @@ def plot(rows: Sequence[dict[str, float]], path: str | Path, title: str | None =
         color = f"C{i}"
         rate.plot(x, [r["cached_tok_s"] for r in sub], "o-", color=color, label=f"cached, {n_new} new")
         rate.plot(x, [r["uncached_tok_s"] for r in sub], "s--", color=color, label=f"uncached, {n_new} new")
+        if all("transformers_tok_s" in r for r in sub):
+            peer = [r["transformers_tok_s"] for r in sub]
+            rate.plot(x, peer, "^:", color=color, label=f"transformers cached, {n_new} new")
         gain.plot(x, [r["speedup"] for r in sub], "o-", color=color, label=f"{n_new} new tokens")
     lengths = sorted({r["prompt_len"] for r in rows})
     for ax in (rate, gain):
@@ -301,15 +363,17 @@ REPORT_END = "<!-- end of bench_kvcache report -->"
 
 def render_report(summary: dict[str, Any], rows: Sequence[dict[str, float]]) -> str:
     """Markdown for the bench stage's outputs: the per-point table, the speedup range and the bandwidth line."""
+    peer = all("vs_transformers" in r for r in rows)
     out = [
         "| prompt | new tokens | cached tok/s | uncached tok/s | speedup | TTFT cached (ms) | TTFT uncached (ms) "
-        "| KV cache (MB) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| KV cache (MB) |" + (" transformers cached tok/s | ours / transformers |" if peer else ""),
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if peer else ""),
     ]
     for r in rows:
         out.append(
             f"| {r['prompt_len']} | {r['new_tokens']} | {r['cached_tok_s']:.0f} | {r['uncached_tok_s']:.1f} "
             f"| x{r['speedup']:.1f} | {r['cached_ttft_ms']:.1f} | {r['uncached_ttft_ms']:.1f} | {r['cache_mb']:.2f} |"
+            + (f" {r['transformers_tok_s']:.0f} | x{r['vs_transformers']:.2f} |" if peer else "")
         )
     low, high = min(rows, key=lambda r: r["speedup"]), max(rows, key=lambda r: r["speedup"])
     out += [
@@ -318,6 +382,13 @@ def render_report(summary: dict[str, Any], rows: Sequence[dict[str, float]]) -> 
         f"x{high['speedup']:.1f} at prompt {high['prompt_len']} + {high['new_tokens']}: without it every step "
         "runs the model over the whole sequence again, so the gap grows with the length.",
     ]
+    if peer:
+        ratios = [r["vs_transformers"] for r in rows]
+        out += [
+            "",
+            f"Against transformers' generate on the same weights (LlamaForCausalLM, cached, greedy, same prompts), "
+            f"our cached decoding is x{min(ratios):.2f} to x{max(ratios):.2f} as fast.",
+        ]
     if "weight_read_gb_s" in summary:
         out += [
             "",

@@ -219,6 +219,9 @@ class BenchConfig:
     new_tokens: tuple[int, ...] = _spec(factory=lambda: (256,), doc="tokens generated per measurement", min=1)
     repeats: int = _spec(2, doc="timed repetitions per point (the median is reported)", min=1)
     warmup: int = _spec(1, doc="untimed repetitions before timing", min=0)
+    compare_transformers: bool = _spec(
+        True, doc="also time transformers' generate on the same weights (LlamaForCausalLM) in every round"
+    )
 
     def __post_init__(self) -> None:
         for key in ("prompt_lengths", "new_tokens"):

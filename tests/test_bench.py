@@ -9,6 +9,7 @@ import torch
 
 from nanollm.bench import (
     COLUMNS,
+    PEER_COLUMNS,
     REPORT_BEGIN,
     REPORT_END,
     KVCacheMismatchError,
@@ -55,7 +56,7 @@ def test_rows_have_one_point_per_pair_and_sane_numbers():
     rows = bench_kvcache(model, prompt_lengths=[4, 12], new_tokens=[3, 6], repeats=2, warmup=1, seed=0)
     assert [(r["prompt_len"], r["new_tokens"]) for r in rows] == [(4, 3), (4, 6), (12, 3), (12, 6)]
     for r in rows:
-        assert set(r) == set(COLUMNS)
+        assert set(r) == set(COLUMNS) - set(PEER_COLUMNS)  # no peer asked for
         assert r["cached_tok_s"] > 0 and r["uncached_tok_s"] > 0
         assert r["speedup"] == pytest.approx(r["cached_tok_s"] / r["uncached_tok_s"])
         assert 0 < r["cached_ttft_ms"] and 0 < r["uncached_ttft_ms"]
@@ -113,10 +114,11 @@ def test_summary_csv_and_chart(tmp_path):
     write_table(rows, tmp_path / "t.csv")
     with open(tmp_path / "t.csv", newline="") as f:
         back = list(csv.DictReader(f))
-    assert list(back[0]) == list(COLUMNS)
+    base = [c for c in COLUMNS if c not in PEER_COLUMNS]
+    assert list(back[0]) == base
     assert [(int(r["prompt_len"]), int(r["new_tokens"])) for r in back] == [(16, 8), (16, 32), (128, 8), (128, 32)]
 
-    assert read_table(tmp_path / "t.csv") == [{k: r[k] for k in COLUMNS} for r in rows]
+    assert read_table(tmp_path / "t.csv") == [{k: r[k] for k in base} for r in rows]
 
     plot(rows, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -175,3 +177,44 @@ def test_report_is_rendered_between_the_markers(tmp_path):
     with pytest.raises(SystemExit) as err:
         main(argv)
     assert err.value.code == 1
+
+
+def test_transformers_peer_is_timed_in_the_same_rounds_and_reported(tmp_path, caplog):
+    from nanollm.peers import transformers_greedy
+
+    model = _model()
+    peer = transformers_greedy(model)
+    calls = []
+
+    def counted(prompt, n):
+        calls.append((prompt.numel(), n))
+        return peer(prompt, n)
+
+    points = {"prompt_lengths": [4, 9], "new_tokens": [5]}
+    rows = bench_kvcache(model, **points, repeats=2, warmup=1, seed=0, transformers=counted)
+    assert calls == [(4, 5)] * 3 + [(9, 5)] * 3  # warmup + repeats, one per round, same prompts as ours
+    assert not [r for r in caplog.records if "greedy tokens part" in r.getMessage()]  # same weights, same tokens
+    for r in rows:
+        assert set(r) == set(COLUMNS) and r["transformers_tok_s"] > 0
+        assert r["vs_transformers"] == pytest.approx(r["cached_tok_s"] / r["transformers_tok_s"])
+    summary = summarize(rows)
+    assert summary["min_vs_transformers"] == pytest.approx(min(r["vs_transformers"] for r in rows), abs=1e-4)
+    assert summary["p9_n5_transformers_tok_s"] == pytest.approx(rows[1]["transformers_tok_s"], abs=1e-4)
+
+    write_table(rows, tmp_path / "t.csv")
+    assert [list(r) for r in read_table(tmp_path / "t.csv")] == [list(COLUMNS)] * 2
+    report = render_report(summary, rows)
+    assert "| transformers cached tok/s | ours / transformers |" in report.splitlines()[0]
+    low, high = sorted(r["vs_transformers"] for r in rows)
+    assert f"our cached decoding is x{low:.2f} to x{high:.2f} as fast" in report
+    plot(rows, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_peer_that_decodes_other_tokens_is_logged_not_fatal(caplog):
+    model = _model()
+    rows = bench_kvcache(
+        model, prompt_lengths=[4], new_tokens=[3], repeats=1, warmup=0, seed=0, transformers=lambda p, n: [-1] * n
+    )
+    assert rows[0]["vs_transformers"] > 0
+    assert "transformers' greedy tokens part from ours at 0" in caplog.text

@@ -63,9 +63,10 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
 
     summary = json.loads((project / OUTPUTS[0]).read_text())
     points = [(p, n) for p in (4, 16) for n in (3, 5)]
-    expected = {f"p{p}_n{n}_{k}" for p, n in points for k in ("speedup", "cached_tok_s", "uncached_tok_s")}
+    per_point = ("speedup", "cached_tok_s", "uncached_tok_s", "transformers_tok_s", "vs_transformers")
+    expected = {f"p{p}_n{n}_{k}" for p, n in points for k in per_point}
     bandwidth = {"weight_mb", "weight_read_gb_s", "memory_copy_gb_s", "bandwidth_utilisation"}
-    assert set(summary) == expected | bandwidth | {"max_speedup", "cache_mb_max", "threads"}
+    assert set(summary) == expected | bandwidth | {"max_speedup", "cache_mb_max", "min_vs_transformers", "threads"}
     assert all(isinstance(v, (int, float)) and v > 0 for v in summary.values())
     assert summary["threads"] == torch.get_num_threads()
     model = load_model(project / "models" / "checkpoint")
@@ -80,7 +81,7 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
     assert [(int(r["prompt_len"]), int(r["new_tokens"])) for r in rows] == points
     assert list(rows[0]) == [
         "prompt_len", "new_tokens", "cached_tok_s", "uncached_tok_s", "speedup",
-        "cached_ttft_ms", "uncached_ttft_ms", "cache_mb",
+        "cached_ttft_ms", "uncached_ttft_ms", "cache_mb", "transformers_tok_s", "vs_transformers",
     ]  # fmt: skip
     assert (project / OUTPUTS[2]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -90,6 +91,7 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
     assert run.data.metrics["bench_max_speedup"] == pytest.approx(summary["max_speedup"])
     assert run.data.metrics["bench_p16_n5_speedup"] == pytest.approx(summary["p16_n5_speedup"])
     assert run.data.metrics["bench_weight_read_gb_s"] == pytest.approx(summary["weight_read_gb_s"])
+    assert run.data.metrics["bench_min_vs_transformers"] == pytest.approx(summary["min_vs_transformers"])
     artifacts = {a.path for a in client.list_artifacts(tracker.run_id, "bench_kvcache")}
     assert artifacts == {"bench_kvcache/bench_kvcache.csv", "bench_kvcache/bench_kvcache.png"}
     assert len(client.search_runs([run.info.experiment_id])) == 1  # re-opened, not a new run
@@ -116,4 +118,22 @@ def test_bench_fails_in_one_line_when_the_cache_path_disagrees(project, monkeypa
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "KV cache mismatch at prompt_len=4, new_tokens=3" in lines[0]
+    assert not any((project / out).exists() for out in OUTPUTS)
+
+
+def test_bench_without_the_transformers_comparison(project):
+    result = _run(project, {**UNTRACKED, "bench": {**UNTRACKED["bench"], "compare_transformers": False}})
+    assert result.exit_code == 0, result.output
+    summary = json.loads((project / OUTPUTS[0]).read_text())
+    assert summary["max_speedup"] > 0 and not [k for k in summary if "transformers" in k]
+
+
+def test_bench_says_in_one_line_when_transformers_is_missing(project, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` meets where it is absent
+    result = _run(project, UNTRACKED)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "pip install transformers" in lines[0] and "bench.compare_transformers" in lines[0]
     assert not any((project / out).exists() for out in OUTPUTS)
