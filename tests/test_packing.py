@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from nanollm.checkpoint import load_model, save_checkpoint
-from nanollm.config import ModelConfig
+from nanollm.config import ModelConfig, TrainConfig
 from nanollm.generate import generate
 from nanollm.hf import export_hf, load_hf
 from nanollm.model import Transformer
+from nanollm.optim import make_optimizer
 
 VOCAB = 97
 
@@ -66,7 +67,8 @@ def test_packed_model_still_trains_and_the_fused_path_follows_the_update():
     loss.backward()  # an inference-mode parameter would raise here
     attn = model.layers[0].attention
     assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in (attn.wq.weight, attn.wk.weight, attn.wv.weight))
-    torch.optim.SGD(model.parameters(), lr=0.1).step()  # writes through the views into the buffer
+    optimizer = make_optimizer(model, TrainConfig(lr=0.1), torch.device("cpu"))  # the fused AdamW of pretrain
+    optimizer.step()  # writes through the views into the buffer
     model.eval()
     with torch.no_grad():
         assert attn.packed_qkv is not None and attn.packed_qkv.usable()
