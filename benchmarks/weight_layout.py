@@ -41,7 +41,8 @@ def packed_weights(model: Transformer) -> list[torch.Tensor]:
     weights = []
     for block in model.layers:
         attn, ffn = block.attention, block.feed_forward
-        weights += [attn.packed_qkv.weight, attn.wo.weight, ffn.packed_in.weight, ffn.w2.weight]
+        ffn_in = ffn.packed_in.weight if ffn.packed_in is not None else ffn.w1.weight  # GELU: w1 alone
+        weights += [attn.packed_qkv.weight, attn.wo.weight, ffn_in, ffn.w2.weight]
     return [w.detach() for w in weights] + [model.output.weight.detach()]
 
 

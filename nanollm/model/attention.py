@@ -16,7 +16,7 @@ from torch import nn
 
 from nanollm.config import ModelConfig
 from nanollm.model.flash import flash_attention
-from nanollm.model.packing import PackedLinears, pack
+from nanollm.model.packing import PackedLinears, column_major, pack
 from nanollm.model.rope import apply_rotary
 
 
@@ -143,13 +143,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
         self.backend = BACKENDS[cfg.attention]
         self.cache: KVCache | None = None  # set by Transformer.setup_cache
-        self.packed_qkv: PackedLinears | None = None  # both set by pack_for_decode
-        self.packed_wo: PackedLinears | None = None
+        self.packed_qkv: PackedLinears | None = None  # set by pack_for_decode
 
     def pack_for_decode(self) -> None:
         """Move the weights to the decode layout (packing.py): q, k, v as one matmul, wo column-major."""
         self.packed_qkv = pack(self.wq, self.wk, self.wv, current=self.packed_qkv)
-        self.packed_wo = pack(self.wo, current=self.packed_wo)
+        column_major(self.wo)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q (B, T, nh * hs), k and v (B, T, nkv * hs): one fused matmul when packed."""

@@ -52,9 +52,13 @@ class PackedLinears:
     def _current_pointers(self) -> tuple[int, ...]:
         return tuple(layer.weight.data_ptr() for layer in self.linears)
 
+    def intact(self) -> bool:
+        """True while every layer's weight still lives in the buffer (nothing reassigned its .data)."""
+        return self._current_pointers() == self._pointers
+
     def usable(self) -> bool:
-        """True when a fused call is valid: no autograd wanted and the layers still live in the buffer."""
-        return not torch.is_grad_enabled() and self._current_pointers() == self._pointers
+        """True when a fused call is valid: no autograd wanted and the pack intact."""
+        return not torch.is_grad_enabled() and self.intact()
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x (..., in) -> one output per layer, (..., out_i) each, from a single matmul."""
@@ -63,6 +67,16 @@ class PackedLinears:
 
 def pack(*linears: nn.Linear, current: PackedLinears | None = None) -> PackedLinears:
     """`current` when it still holds these layers' weights (packing twice is a no-op), else a new pack."""
-    if current is not None and current.linears == linears and current._current_pointers() == current._pointers:
+    if current is not None and current.linears == linears and current.intact():
         return current
     return PackedLinears(*linears)
+
+
+def column_major(linear: nn.Linear) -> None:
+    """The decode layout of a layer that shares its input with no other: its weight alone, column-major.
+
+    Idempotent, with no state to keep: the layout is read off the weight's strides.
+    """
+    weight = linear.weight
+    if weight.stride() != (1, weight.size(0)):
+        PackedLinears(linear)

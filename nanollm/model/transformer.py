@@ -19,7 +19,7 @@ from torch import nn
 
 from nanollm.config import ModelConfig
 from nanollm.model.attention import Attention, KVCache
-from nanollm.model.packing import PackedLinears, pack
+from nanollm.model.packing import PackedLinears, column_major, pack
 from nanollm.model.rope import RotaryEmbedding
 
 
@@ -56,14 +56,15 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.n_embd, cfg.hidden_dim, bias=False)
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.n_embd, bias=False)
         self.w3 = nn.Linear(cfg.n_embd, cfg.hidden_dim, bias=False) if self.swiglu else None
-        self.packed_in: PackedLinears | None = None  # both set by pack_for_decode
-        self.packed_w2: PackedLinears | None = None
+        self.packed_in: PackedLinears | None = None  # SwiGLU's w1 and w3, set by pack_for_decode
 
     def pack_for_decode(self) -> None:
         """Move the weights to the decode layout (packing.py): SwiGLU's w1 and w3 as one matmul."""
-        inputs = (self.w1, self.w3) if self.swiglu else (self.w1,)
-        self.packed_in = pack(*inputs, current=self.packed_in)
-        self.packed_w2 = pack(self.w2, current=self.packed_w2)
+        if self.swiglu:
+            self.packed_in = pack(self.w1, self.w3, current=self.packed_in)
+        else:
+            column_major(self.w1)
+        column_major(self.w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
@@ -106,7 +107,6 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.output = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_theta)
-        self.packed_output: PackedLinears | None = None  # set by decode_layout
         self.reset_parameters()
         if cfg.tie_embeddings:
             # One tensor serves as input embedding and LM head: vocab * C fewer parameters
@@ -174,7 +174,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.pack_for_decode()
             layer.feed_forward.pack_for_decode()
-        self.packed_output = pack(self.output, current=self.packed_output)
+        column_major(self.output)
 
     def clear_cache(self) -> None:
         """Free the K/V buffers."""
