@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import torch
 
 from nanollm.config import Config, ConfigError, ModelConfig, TrainConfig, flatten
-from nanollm.errors import NanollmError
+from nanollm.errors import NanollmError, read_json_object
 from nanollm.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def resumable_state(out_dir: str | Path, wanted: dict[str, Any]) -> dict[str, An
 
 def read_checkpoint_info(ckpt_dir: str | Path) -> dict[str, Any]:
     """The parsed config.json of a checkpoint folder."""
-    info = _read_json(Path(ckpt_dir) / CONFIG_FILE)
+    info = read_json_object(Path(ckpt_dir) / CONFIG_FILE, _REDO)
     for key in ("model", "vocab_size"):
         if key not in info:
             raise NanollmError(f"{Path(ckpt_dir) / CONFIG_FILE} has no {key!r} key; {_REDO}")
@@ -250,7 +250,7 @@ def read_checkpoint_info(ckpt_dir: str | Path) -> dict[str, Any]:
 
 def read_run(ckpt_dir: str | Path) -> dict[str, Any]:
     """run.json: {"run_id": str | None, "tracking_uri": str | None}."""
-    run = _read_json(Path(ckpt_dir) / RUN_FILE)
+    run = read_json_object(Path(ckpt_dir) / RUN_FILE, _REDO)
     return {"run_id": run.get("run_id"), "tracking_uri": run.get("tracking_uri")}
 
 
@@ -323,15 +323,3 @@ def _load_error(err: Exception) -> str:
     if not reason:
         reason = (text.strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
     return reason[:160]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NanollmError(f"{path} is missing; {_REDO}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise NanollmError(f"{path} is unreadable ({err}); {_REDO}") from None
-    if not isinstance(data, dict):
-        raise NanollmError(f"{path} must hold a JSON object; {_REDO}")
-    return data

@@ -22,7 +22,7 @@ import torch
 
 from nanollm.atomic import atomic_path
 from nanollm.config import Config, ConfigError, ModelConfig
-from nanollm.errors import NanollmError
+from nanollm.errors import NanollmError, read_json_object
 from nanollm.model import Transformer
 
 __all__ = ["HF_CONFIG", "HF_WEIGHTS", "export_hf", "from_hf_config", "hf_key", "load_hf", "our_key", "to_hf_config"]
@@ -224,16 +224,7 @@ def export_hf(model: Transformer, out_dir: str | Path, *, eos_token_id: int | No
 
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     """The parsed config.json of a Hugging Face model folder."""
-    path = Path(hf_dir) / HF_CONFIG
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NanollmError(f"{path} is missing; pass a Hugging Face model folder (config.json + safetensors)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise NanollmError(f"{path} is unreadable ({err})") from None
-    if not isinstance(data, dict):
-        raise NanollmError(f"{path} must hold a JSON object")
-    return data
+    return read_json_object(Path(hf_dir) / HF_CONFIG, "pass a Hugging Face model folder (config.json + safetensors)")
 
 
 def load_hf(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
