@@ -1,9 +1,33 @@
 """Test-wide settings: everything offline, no telemetry, no hub access."""
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tool_env(**overrides: str) -> dict[str, str]:
+    """Environment for the real tools a test runs as subprocesses (dvc, git, nanollm, torchrun).
+
+    This interpreter's bin first on PATH (so `nanollm` and `dvc` are the tested ones), no
+    MLflow or DVC variables leaking in from an outer run (a `dvc exp run` worker sets
+    DVC_ROOT), offline and telemetry-free, and a git identity for the commits of temp repos.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "DVC_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        HF_HUB_OFFLINE="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
+    env.update(overrides)
+    return env

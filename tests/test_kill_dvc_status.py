@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = [sys.executable, "-m", "dvc"]
@@ -54,15 +55,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="re
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "DVC_"))}
-    env.update(
-        OMP_NUM_THREADS="1",  # fair on a 2-core machine, and training repeatable bit for bit
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        DVC_NO_ANALYTICS="1",
-        MLFLOW_DISABLE_TELEMETRY="true",
-        HF_HUB_OFFLINE="1",
-    )
-    return env
+    return tool_env(OMP_NUM_THREADS="1")  # fair on a 2-core machine, and training repeatable bit for bit
 
 
 def _run(args: list[str], cwd: Path) -> str:

@@ -5,7 +5,6 @@ shipped dvc.yaml, the real stages, real tiktoken, real memmaps and a real MLflow
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ["download", "train_tokenizer", "tokenize", "pretrain", "evaluate", "bench_kvcache"]
@@ -43,18 +43,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _run(args: list[str], cwd: Path, stdout_only: bool = False) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "DVC_"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        DVC_NO_ANALYTICS="1",
-        MLFLOW_DISABLE_TELEMETRY="true",
-        HF_HUB_OFFLINE="1",
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@t",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@t",
-    )
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done.stdout if stdout_only else done.stdout + done.stderr
 

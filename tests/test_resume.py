@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tool_env
 
 from nanollm.data.tokens import write_tokens
 
@@ -47,17 +48,7 @@ PARAMS = {
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "DVC_"))}
-    env.update(
-        OMP_NUM_THREADS="1",  # bitwise repeatable CPU arithmetic, and fair on a 2-core machine
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        DVC_NO_ANALYTICS="1",
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@t",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@t",
-    )
-    return env
+    return tool_env(OMP_NUM_THREADS="1")  # bitwise repeatable CPU arithmetic, and fair on a 2-core machine
 
 
 def _project(path: Path) -> Path:
