@@ -89,7 +89,9 @@ def _timed_greedy(
     return out, first, time.perf_counter() - t0
 
 
-def _timed_peer(peer: Callable[[torch.Tensor, int], list[int]], prompt: torch.Tensor, new_tokens: int, device):
+def _timed_peer(
+    peer: Callable[[torch.Tensor, int], list[int]], prompt: torch.Tensor, new_tokens: int, device: torch.device
+) -> tuple[list[int], float]:
     """(tokens, seconds) of one greedy decode by the peer, clocked like ours (prompt in, ids on the host)."""
     _sync(device)
     t0 = time.perf_counter()
