@@ -9,8 +9,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import platform
+import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -35,42 +39,128 @@ GPU_PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# CPU feature flags that mean bf16 matmuls run in hardware, as Linux's /proc/cpuinfo spells them:
+# x86 AVX512-BF16 (AMD Zen 4+, Intel Cooper Lake / Sapphire Rapids+) and AMX-BF16 (Intel
+# Sapphire Rapids+), Arm's BF16 extension (Neoverse V1/N2: Graviton 3/4). oneDNN's own
+# `_is_mkldnn_bf16_supported()` is no guide: it is true on any AVX-512 CPU, where bf16 is
+# emulated, and there bf16 autocast trained the default model at 1,485 tokens/s against 4,331
+# in fp32 (2-core Intel Xeon without avx512_bf16, benchmarks/pretrain_mfu.py).
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """auto: cuda if available, then mps, then cpu. An explicit device that is absent is an error.
 
-    Under torchrun each process of a node takes the GPU numbered by its LOCAL_RANK.
+def pick_device(name: str = "auto", local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """auto: cuda if available, then mps, then cpu; or the device named (cpu, mps, cuda, cuda:N).
+
+    The one rule every command that runs the model uses. An explicit device that is absent is
+    an error naming `key`, the setting it came from. Under torchrun each process of a node
+    takes the GPU numbered by its LOCAL_RANK (a plain "cuda" or "auto"); "cuda:N" is taken as is.
     """
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if cuda else "mps" if mps else "cpu"
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        raise NanollmError(f"train.device is {name!r} but this machine has none; set train.device: auto or cpu")
-    if name == "cuda":
-        if local_rank >= torch.cuda.device_count():
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise NanollmError(f"{key} is {name!r}; use auto, cpu, mps, cuda or cuda:N")
+    if (kind == "cuda" and not cuda) or (kind == "mps" and not mps):
+        raise NanollmError(f"{key} is {name!r} but this machine has none; set {key}: auto or cpu")
+    if kind == "cuda":
+        gpu = int(index) if index else local_rank
+        if gpu >= torch.cuda.device_count():
             raise NanollmError(
-                f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} GPUs; "
-                "lower torchrun --nproc_per_node"
+                f"{key} asks for GPU {gpu} but this node has {torch.cuda.device_count()} GPU(s); "
+                + ("pick another index" if index else "lower torchrun --nproc_per_node")
             )
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+        return torch.device("cuda", gpu)
+    return torch.device(kind)
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags: /proc/cpuinfo's `flags` (x86) or `Features` (Arm) on Linux.
+
+    On macOS (no /proc) the Arm BF16 extension is read from `sysctl hw.optional.arm.FEAT_BF16`
+    and reported as "bf16". Elsewhere, or when nothing can be read, the set is empty, which
+    makes auto pick fp32: the safe side, never slower than emulated bf16.
+    """
+    return _cpu_flags(platform.system())
+
+
+@functools.cache
+def _cpu_flags(system: str) -> frozenset[str]:
+    if system == "Linux":
+        try:
+            text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return frozenset()
+        for line in text.splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip().lower() in ("flags", "features"):
+                return frozenset(value.split())  # every core lists the same flags: the first line will do
+        return frozenset()
+    if system == "Darwin":
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5
+            )
+        except (OSError, subprocess.SubprocessError):
+            return frozenset()
+        return frozenset({"bf16"}) if out.stdout.strip() == "1" else frozenset()
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The compute dtype of a run and, in words, why: logged at the start and recorded with the run."""
+
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def choose_dtype(name: str, device: torch.device) -> DtypeChoice:
+    """The compute dtype for train.dtype and why; "auto" picks bf16 only where the hardware runs it natively.
+
+    auto, by device:
+    - cuda: bf16 on compute capability 8.0+ (Ampere, Hopper, Ada, Blackwell: bf16 tensor cores);
+      fp16 with loss scaling on 7.x (V100, T4: fp16 tensor cores, bf16 only emulated, which
+      `torch.cuda.is_bf16_supported()` counts as support); fp32 below.
+    - cpu: bf16 when the CPU flags show native bf16 (NATIVE_BF16_CPU_FLAGS; 1.6x the fp32
+      tokens/s of the default model on a 2-core AMD EPYC with avx512_bf16), else fp32. On macOS
+      the CPU's BF16 extension is not used: torch's macOS wheels run CPU matmuls through Apple's
+      Accelerate in fp32, so bf16 autocast there only adds casts.
+    - mps: fp32. Apple GPUs run fp16/bf16 autocast, but no gain has been measured for models
+      of this size; set train.dtype explicitly to try.
+    The choice depends only on the hardware, never on a timing, so the same machine always
+    picks the same dtype and a seeded run stays repeatable.
+    """
+    if name != "auto":
+        return DtypeChoice(DTYPES[name], f"train.dtype: {name}")
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        gpu = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+        if major >= 8:
+            return DtypeChoice(torch.bfloat16, f"auto: {gpu} has bf16 tensor cores")
+        if major == 7:
+            return DtypeChoice(torch.float16, f"auto: {gpu} has fp16 but no bf16 tensor cores; fp16 with loss scaling")
+        return DtypeChoice(torch.float32, f"auto: {gpu} has no tensor cores")
+    if device.type == "cpu":
+        if platform.system() == "Darwin":
+            return DtypeChoice(torch.float32, "auto: CPU matmuls on macOS run in fp32 (Accelerate)")
+        native = sorted(set(NATIVE_BF16_CPU_FLAGS) & cpu_flags())
+        if native:
+            return DtypeChoice(torch.bfloat16, f"auto: the CPU runs bf16 natively ({', '.join(native)})")
+        return DtypeChoice(
+            torch.float32,
+            "auto: the CPU has no native bf16 (no avx512_bf16, amx_bf16 or Arm bf16); emulated bf16 is slower",
+        )
+    return DtypeChoice(torch.float32, f"auto: fp32 on {device.type} (no faster dtype measured)")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype for train.dtype; "auto" picks bf16 wherever the hardware runs it natively.
-
-    auto: bf16 on CUDA when supported (else fp16 with loss scaling); on a CPU, bf16 when oneDNN
-    has native bf16 kernels (AVX512-BF16/AMX: 1.6x the fp32 tokens/s of the default model on
-    our 2-core EPYC), else fp32, where emulated bf16 would be slower; fp32 on MPS. The choice
-    depends only on the hardware, so a seeded run stays repeatable on the same machine.
-    """
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    """The compute dtype for train.dtype (see choose_dtype for what auto picks and why)."""
+    return choose_dtype(name, device).dtype
 
 
 @contextlib.contextmanager

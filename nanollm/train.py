@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from nanollm.config import TrainConfig
 from nanollm.distributed import Distributed, split_evenly
 from nanollm.errors import NanollmError
-from nanollm.hardware import fast_fp32_matmuls, peak_flops, pick_device, resolve_dtype
+from nanollm.hardware import choose_dtype, fast_fp32_matmuls, peak_flops, pick_device, resolve_dtype
 from nanollm.interrupt import GracefulStop, TrainingInterrupted
 from nanollm.memory import MemoryEstimate, PeakMemory, activation_checkpointing, estimate_memory, format_bytes
 from nanollm.optim import lr_at, make_optimizer
@@ -57,6 +57,9 @@ class TrainResult:
     resumed_from: int = 0  # the step this session started after (0: a fresh run)
     memory_estimate: MemoryEstimate | None = None
     peak_memory: int | None = None  # bytes, see nanollm.memory.PeakMemory
+    device: str = "cpu"  # where it trained, e.g. "cpu", "cuda:0"
+    dtype: str = "float32"  # the compute dtype the matmuls ran in (autocast's, or fp32)
+    dtype_reason: str = ""  # why that dtype (nanollm.hardware.choose_dtype)
 
 
 # ---------------------------------------------------------------------------- batches
@@ -238,7 +241,9 @@ def train(
     started = time.perf_counter()
     dist = dist or Distributed()
     device = pick_device(cfg.device, dist.local_rank) if device is None else torch.device(device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    choice = choose_dtype(cfg.dtype, device)
+    dtype = choice.dtype
+    log.info("training on %s in %s (%s)", device, choice.name, choice.reason)
     _check_length(train_data, model.cfg.block_size, "train")
     _check_length(val_data, model.cfg.block_size, "val")
     model.to(device).train()
@@ -270,6 +275,9 @@ def train(
         resumed_from=resumed_from,
         memory_estimate=estimate,
         peak_memory=memory.peak(),
+        device=str(device),
+        dtype=choice.name,
+        dtype_reason=choice.reason,
     )
 
 

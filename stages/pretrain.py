@@ -71,7 +71,7 @@ def _pretrain(
 
     from nanollm.checkpoint import fingerprint, resumable_state, save_checkpoint
     from nanollm.data.tokens import open_split, read_meta
-    from nanollm.hardware import resolve_dtype
+    from nanollm.hardware import choose_dtype
     from nanollm.interrupt import GracefulStop, TrainingInterrupted
     from nanollm.model import Transformer
     from nanollm.tracking import NullTracker
@@ -90,8 +90,8 @@ def _pretrain(
         dist.world_size, device.type, config.train.batch_size * config.train.grad_accum, config.model.block_size,
     )  # fmt: skip
 
-    dtype = str(resolve_dtype(config.train.dtype, device)).removeprefix("torch.")
-    wanted = fingerprint(config.seed, config.model, config.train, meta.to_dict(), dtype)
+    dtype = choose_dtype(config.train.dtype, device)
+    wanted = fingerprint(config.seed, config.model, config.train, meta.to_dict(), dtype.name)
     resume = dist.broadcast(resumable_state(out, wanted) if dist.is_main else None)
     if resume:
         model.load_state_dict(resume["model"])
@@ -107,6 +107,7 @@ def _pretrain(
     status = "FAILED"
     try:
         _open_run(tracker, ctx, meta, resume)
+        tracker.set_tags({"device": str(device), "dtype": dtype.name, "dtype_reason": dtype.reason})
         tracking = ctx.config.tracking
         system_metrics = (
             tracker.system_metrics(tracking.system_metrics_interval) if tracking.system_metrics else nullcontext()
@@ -194,6 +195,9 @@ def _summary(result: Any, n_params: int) -> dict[str, Any]:
         "mfu": None if result.mfu is None else round(result.mfu, 5),
         "peak_memory_mb": None if result.peak_memory is None else round(result.peak_memory / 2**20, 1),
         "estimated_memory_mb": round(result.memory_estimate.total / 2**20, 1),
+        "device": result.device,
+        "dtype": result.dtype,
+        "dtype_reason": result.dtype_reason,
     }
 
 
