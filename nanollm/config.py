@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "NO_VALUE",
     "ConfigError",
     "Config",
     "DataConfig",
@@ -27,16 +28,27 @@ __all__ = [
 ]
 
 
+class _NoValue:
+    """ConfigError's value for a mistake that is not one bad value (a missing file, a pattern matching nothing)."""
+
+    def __repr__(self) -> str:
+        return "NO_VALUE"
+
+
+NO_VALUE: Any = _NoValue()
+
+
 class ConfigError(ValueError):
     """A params value that is missing, unknown, of the wrong type or out of range.
 
-    `str(err)` is one line: the dotted key, the bad value and what is allowed.
+    `str(err)` is one line: the dotted key (or the params file), the bad value and what is
+    allowed; with value=NO_VALUE just the key and the reason ("params.yaml: params file not found").
     """
 
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
         shown = key if key.isprintable() else key.encode("unicode_escape").decode("ascii")  # keep it one line
-        super().__init__(f"{shown}: got {value!r}; {allowed}")
+        super().__init__(f"{shown}: {allowed}" if value is NO_VALUE else f"{shown}: got {value!r}; {allowed}")
 
 
 def _spec(default: Any = dataclasses.MISSING, *, doc: str, factory: Any = None, **rules: Any) -> Any:
@@ -48,6 +60,16 @@ def _spec(default: Any = dataclasses.MISSING, *, doc: str, factory: Any = None, 
 
 
 # ---------------------------------------------------------------------------- sections
+
+_DEVICE_DOC = "where to run the model: auto picks cuda, then mps, then cpu; or cpu, mps, cuda, cuda:N"
+
+
+def _check_device(key: str, value: str) -> None:
+    """The device names nanollm.hardware.pick_device takes (checked here too, so params fail before torch loads)."""
+    kind, _, index = value.partition(":")
+    if value == "auto" or (kind in ("cpu", "mps", "cuda") and not index) or (kind == "cuda" and index.isdigit()):
+        return
+    raise ConfigError(key, value, "must be auto, cpu, mps, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -175,7 +197,7 @@ class TrainConfig:
     eval_interval: int = _spec(100, doc="steps between val-loss estimates", min=1)
     eval_batches: int = _spec(10, doc="micro-batches per val-loss estimate", min=1)
     log_interval: int = _spec(10, doc="steps between logged step metrics", min=1)
-    device: str = _spec("auto", doc="auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
+    device: str = _spec("auto", doc=_DEVICE_DOC)
     dtype: str = _spec(
         "auto",
         doc="compute dtype, via autocast for bf16/fp16; auto: bf16 where the hardware has native bf16, else fp32",
@@ -190,6 +212,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_device("train.device", self.device)
         if self.min_lr > self.lr:
             raise ConfigError("train.min_lr", self.min_lr, f"must be <= train.lr ({self.lr})")
         if self.warmup_steps > self.max_steps:
@@ -209,6 +232,10 @@ class EvalConfig:
     temperature: float = _spec(0.8, doc="sampling temperature (0: greedy)", min=0.0)
     top_k: int | None = _spec(50, doc="sample among the k most likely tokens (null: all)", min=1)
     top_p: float | None = _spec(None, doc="nucleus sampling threshold (null: off)", gt=0.0, max=1.0)
+    device: str = _spec("auto", doc=_DEVICE_DOC + " (also nanollm generate's default)")
+
+    def __post_init__(self) -> None:
+        _check_device("eval.device", self.device)
 
 
 @dataclass(frozen=True)
@@ -223,7 +250,10 @@ class BenchConfig:
         True, doc="also time transformers' generate on the same weights (LlamaForCausalLM) in every round"
     )
 
+    device: str = _spec("auto", doc=_DEVICE_DOC)
+
     def __post_init__(self) -> None:
+        _check_device("bench.device", self.device)
         for key in ("prompt_lengths", "new_tokens"):
             if not getattr(self, key):
                 raise ConfigError(f"bench.{key}", [], "needs at least one value")

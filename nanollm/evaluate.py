@@ -77,8 +77,9 @@ def evaluate_lm(
         logits = model(x).float()  # (B, L, V)
         nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")  # (B*L,)
         y_bytes = nbytes[y.flatten()]  # (B*L,)
-        nats += nll.double().sum().item()
-        nats_text += nll.double()[y_bytes > 0].sum().item()
+        nll64 = nll.to("cpu", torch.float64)  # sums in fp64 on the host: MPS has no float64
+        nats += nll64.sum().item()
+        nats_text += nll64[(y_bytes > 0).cpu()].sum().item()
         text_bytes += int(y_bytes.sum().item())
         correct += int((logits.argmax(dim=-1) == y).sum().item())
         count += y.numel()

@@ -31,7 +31,6 @@ def command(
     ctx: StageContext, checkpoint: Path, tokens: Path, tokenizer: Path, corpus: Path, metrics: Path, samples: Path
 ) -> None:
     """Score the model on the val split and write samples from the eval prompts."""
-    import torch
 
     from nanollm.atomic import write_json, write_text
     from nanollm.checkpoint import architecture_differences, load_model, read_checkpoint_info, read_run_id
@@ -39,6 +38,7 @@ def command(
     from nanollm.data.tokens import check_compatible, open_split, read_meta
     from nanollm.errors import NanollmError
     from nanollm.evaluate import compressor_bits_per_byte, evaluate_lm
+    from nanollm.hardware import pick_device
     from nanollm.tokenizer import load_tokenizer
 
     cfg = ctx.config.eval
@@ -53,7 +53,7 @@ def command(
             f"is {tok.sha256[:12]}; re-run `dvc repro pretrain` (or pass the matching --tokenizer)"
         )
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(cfg.device, key="eval.device")
     model = load_model(checkpoint, device=device)
     architecture_differences(model, ctx.config.model, checkpoint)
     result = evaluate_lm(
@@ -78,6 +78,7 @@ def command(
         "val_bytes": result["bytes"],
         **{f"{name}_bits_per_byte": round(bpb, 6) for name, bpb in baselines.items()},
         "beats_lzma": int(result["bits_per_byte"] < baselines["lzma"]),
+        "device": str(device),
     }
     write_json(metrics, out)
     write_text(samples, _samples(model, tok, ctx.config.seed, cfg, info))

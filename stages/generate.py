@@ -31,6 +31,9 @@ from stages.cli import StageContext, pass_context, path_option
 )
 @click.option("--seed", type=int, default=None, help="Sampling seed. [default: seed in params.yaml]")
 @click.option(
+    "--device", default=None, help="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N. [default: eval.device]"
+)
+@click.option(
     "--threads",
     type=click.IntRange(min=1),
     default=None,
@@ -48,6 +51,7 @@ def command(
     top_k: int | None,
     top_p: float | None,
     seed: int | None,
+    device: str | None,
     threads: int | None,
 ) -> None:
     """Sample up to --max-new-tokens tokens after --prompt; stops early at <|endoftext|>."""
@@ -60,6 +64,7 @@ def command(
     from nanollm.checkpoint import load_model, read_checkpoint_info
     from nanollm.errors import NanollmError
     from nanollm.generate import generate
+    from nanollm.hardware import pick_device
     from nanollm.tokenizer import load_tokenizer
 
     cfg = ctx.config.eval
@@ -77,7 +82,7 @@ def command(
         )
     if threads:
         torch.set_num_threads(threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(cfg.device if device is None else device, key="eval.device" if device is None else "--device")
     model = load_model(checkpoint, device=device)
     if tok.vocab_size > model.vocab_size:
         raise NanollmError(
@@ -107,9 +112,10 @@ def command(
     click.echo(decoder.decode(b"", final=True))
     seconds = time.perf_counter() - start
     logging.getLogger(__name__).info(
-        "%d tokens in %.2f s (%.0f tokens/s), %s",
+        "%d tokens in %.2f s (%.0f tokens/s) on %s, %s",
         n,
         seconds,
         n / seconds if seconds else 0.0,
+        device,
         "stopped at <|endoftext|>" if n < max_new_tokens else "length limit",
     )
