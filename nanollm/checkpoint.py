@@ -35,8 +35,13 @@ _REDO = "re-run `dvc repro pretrain`"
 # resolved dtype is fingerprinted instead), whether to recompute activations (bitwise the same).
 # A checkpoint stays resumable across an edit of these, e.g. to fit a run into less memory.
 NEUTRAL_KEYS = ("log_interval", "eval_interval", "checkpoint_interval", "device", "activation_checkpointing")
-# The modules whose code decides the weights a run ends with; their source is part of the fingerprint.
-TRAINING_CODE = ("model", "train.py", "train_state.py", "optim.py", "distributed.py", "hardware.py")
+# The modules whose code decides the weights a run ends with: the model, the loop and everything
+# they import (config.py decides hidden sizes, hardware.py the dtype); their source is part of
+# the fingerprint. tests/test_code_deps.py derives the list from the imports and fails on a gap.
+TRAINING_CODE = (
+    "__init__.py", "config.py", "distributed.py", "errors.py", "hardware.py", "interrupt.py", "memory.py", "model",
+    "optim.py", "train.py", "train_state.py",
+)  # fmt: skip
 
 
 def save_checkpoint(
