@@ -7,6 +7,7 @@ inside their command bodies, so `nanollm --help` stays instant.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import functools
 import importlib
@@ -21,7 +22,7 @@ from typing import Any
 
 import click
 
-from nanollm.config import Config, ConfigError
+from nanollm.config import NO_VALUE, Config, ConfigError
 from nanollm.errors import NanollmError
 
 # command name -> module under stages/ that defines `command`
@@ -37,6 +38,9 @@ COMMANDS = {
     "export-hf": "stages.export_hf",
     "import-hf": "stages.import_hf",
 }
+
+# either spelling of a command name (hyphens read as underscores) -> its name in COMMANDS
+_SPELLINGS = {name.replace("-", "_"): name for name in COMMANDS}
 
 log = logging.getLogger("nanollm")
 
@@ -75,16 +79,16 @@ def read_params(path: Path) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
-        raise ConfigError(str(path), None, "params file not found; run from the project root or pass --params")
+        raise ConfigError(str(path), NO_VALUE, "params file not found; run from the project root or pass --params")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader.cls())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}{where}", None, f"{problem}; fix the YAML syntax") from None
+        raise ConfigError(f"{path}{where}", NO_VALUE, f"{problem}; fix the YAML syntax") from None
     except UnicodeDecodeError:
-        raise ConfigError(str(path), None, "is not UTF-8 text") from None
+        raise ConfigError(str(path), NO_VALUE, "is not UTF-8 text; save it as UTF-8") from None
     return raw if raw is not None else {}
 
 
@@ -136,9 +140,23 @@ class _Group(click.Group):
         return list(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in COMMANDS:
+        """A command by its name, in either spelling: pipeline stages use underscores (as dvc.yaml
+        runs them), the other commands hyphens, and `train-tokenizer` or `export_hf` work too."""
+        canonical = _SPELLINGS.get(name.replace("-", "_"))
+        if canonical is None:
             return None
-        return importlib.import_module(COMMANDS[name]).command
+        return importlib.import_module(COMMANDS[canonical]).command
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as err:
+            if not args or "No such command" not in err.message:
+                raise
+            close = difflib.get_close_matches(args[0].replace("-", "_"), list(_SPELLINGS), n=1, cutoff=0.6)
+            if not close:
+                raise
+            raise click.UsageError(f"{err.message} Did you mean {_SPELLINGS[close[0]]!r}?", ctx) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

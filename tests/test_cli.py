@@ -69,7 +69,41 @@ def test_missing_params_file_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(cli, ["--params", "nope.yaml", "download"])
     assert result.exit_code == 2
-    assert "nope.yaml" in result.stderr and "not found" in result.stderr
+    assert result.stderr.strip() == (
+        "Error: nope.yaml: params file not found; run from the project root or pass --params"
+    )  # no meaningless "got None": a missing file has no value
+
+
+def test_yaml_syntax_errors_name_the_line_without_a_value(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("train: {lr: 1\n  batch_size: 2\n")
+    result = CliRunner().invoke(cli, ["download"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: params.yaml line 2: ") and "got None" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("typed", "canonical"),
+    [("train-tokenizer", "train_tokenizer"), ("bench-kvcache", "bench_kvcache"), ("export_hf", "export-hf"),
+     ("import_hf", "import-hf"), ("train_tokenizer", "train_tokenizer"), ("export-hf", "export-hf")],
+)  # fmt: skip
+def test_commands_answer_to_either_spelling(typed, canonical):
+    result = CliRunner().invoke(cli, [typed, "--help"])
+    expected = CliRunner().invoke(cli, [canonical, "--help"])
+    assert result.exit_code == expected.exit_code == 0, result.output
+    assert result.output.replace(typed, canonical) == expected.output  # the same command, usage line aside
+
+
+@pytest.mark.parametrize(("typed", "suggested"), [("trian_tokenizer", "train_tokenizer"), ("pretrian", "pretrain")])
+def test_a_misspelt_command_gets_a_suggestion(typed, suggested):
+    result = CliRunner().invoke(cli, [typed])
+    assert result.exit_code == 2
+    assert f"No such command '{typed}'. Did you mean '{suggested}'?" in result.stderr
+
+
+def test_an_unknown_command_gets_no_wild_guess():
+    result = CliRunner().invoke(cli, ["frobnicate"])
+    assert result.exit_code == 2 and "Did you mean" not in result.stderr
 
 
 # ---------------------------------------------------------------------------- mutated params

@@ -55,18 +55,27 @@ def test_default_paths_and_stdlib_source(tmp_path, monkeypatch):
 
 
 def test_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch):
-    cases = {
-        "data:\n  source: files\n  paths: ['nothing/*.txt']\n": "Error: data.paths: 'nothing/*.txt' matches no files",
-        "data:\n  source: hf\n  hf_name: Skylion007/openwebtext\n": (
-            "Error: data.hf_name='Skylion007/openwebtext': the Hugging Face hub is unreachable"
+    cases = {  # params -> (exit code: 2 for a params mistake, 1 for anything else; the one line)
+        "data:\n  source: files\n  paths: ['nothing/*.txt']\n": (
+            2,
+            "Error: params.yaml: data.paths: 'nothing/*.txt' matches no files",
         ),
-        "data:\n  source: files\n  paths: ['one.txt']\n": "Error: the val split is empty",
+        "data:\n  source: files\n  paths: []\n": (2, "Error: params.yaml: data.paths: got []; must list at least one"),
+        "data:\n  source: files\n  paths: ['params.yaml']\n": (
+            2,
+            "Error: params.yaml: data.paths: 'params.yaml' (from 'params.yaml') is not .txt, .jsonl or .parquet",
+        ),
+        "data:\n  source: hf\n  hf_name: Skylion007/openwebtext\n": (
+            1,
+            "Error: data.hf_name='Skylion007/openwebtext': the Hugging Face hub is unreachable",
+        ),
+        "data:\n  source: files\n  paths: ['one.txt']\n": (1, "Error: the val split is empty"),
     }
     (tmp_path / "one.txt").write_text("a single document rarely lands in val")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for params, expected in cases.items():
+    for params, (code, expected) in cases.items():
         result = run(tmp_path, monkeypatch, params)
-        assert result.exit_code == 1, result.output
+        assert result.exit_code == code, result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
         assert not (tmp_path / "metrics").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from nanollm.config import DataConfig
+from nanollm.config import NO_VALUE, ConfigError, DataConfig
 from nanollm.errors import NanollmError
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def open_source(cfg: DataConfig) -> Source:
         return files_source(cfg.paths, cfg.text_field, **limits)
     if cfg.source == "hf":
         return hf_source(cfg.hf_name, cfg.hf_config, cfg.hf_split, cfg.text_field, **limits)
-    raise NanollmError(f"data.source={cfg.source!r} is not a known source; use stdlib, files or hf")
+    raise ConfigError("data.source", cfg.source, "is not a known source; use stdlib, files or hf")
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -202,28 +202,37 @@ def stdlib_source(*, max_documents: int | None = None, max_bytes: int | None = N
 def expand_paths(patterns: Iterable[str]) -> list[Path]:
     """Expand paths and globs (`**` recursive, relative to the cwd) into files, in order, without repeats.
 
-    Raises NanollmError for an empty list, a pattern that matches no file, or an unsupported extension.
+    Raises ConfigError (a params mistake) for an empty list, a pattern that matches no file, or an
+    unsupported extension.
     """
     import glob
 
     patterns = list(patterns)
     if not patterns:
-        raise NanollmError("data.paths is empty; list .txt, .jsonl or .parquet files or globs (e.g. 'corpus/**/*.txt')")
+        raise ConfigError(
+            "data.paths", [], "must list at least one .txt, .jsonl or .parquet file or glob (e.g. 'corpus/**/*.txt')"
+        )
     files: dict[str, None] = {}  # an ordered set
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
         if any(c in expanded for c in "*?["):
             matches = [m for m in sorted(glob.glob(expanded, recursive=True)) if os.path.isfile(m)]
         elif os.path.isdir(expanded):
-            raise NanollmError(f"data.paths: {pattern!r} is a folder; use a glob such as '{pattern}/**/*.txt'")
+            raise ConfigError(
+                "data.paths", NO_VALUE, f"{pattern!r} is a folder; use a glob such as '{pattern}/**/*.txt'"
+            )
         else:
             matches = [expanded] if os.path.isfile(expanded) else []
         if not matches:
-            raise NanollmError(f"data.paths: {pattern!r} matches no files (relative to {os.getcwd()}); fix the path")
+            raise ConfigError(
+                "data.paths", NO_VALUE, f"{pattern!r} matches no files (relative to {os.getcwd()}); fix the path"
+            )
         for match in matches:
             if Path(match).suffix.lower() not in _FILE_SUFFIXES:
-                raise NanollmError(
-                    f"data.paths: {match!r} (from {pattern!r}) is not .txt, .jsonl or .parquet; narrow the pattern"
+                raise ConfigError(
+                    "data.paths",
+                    NO_VALUE,
+                    f"{match!r} (from {pattern!r}) is not .txt, .jsonl or .parquet; narrow the pattern",
                 )
             files.setdefault(match, None)
     return [Path(f) for f in files]
@@ -353,7 +362,7 @@ def _open_hf(name: str, config: str | None, split: str, field: str) -> Any:
     local = Path(name).expanduser()
     if not local.exists():
         if local.suffix.lower() in _HF_BUILDERS or name.startswith((".", "/", "~")):
-            raise NanollmError(f"data.hf_name={name!r}: no such file or folder (relative to {os.getcwd()})")
+            raise ConfigError("data.hf_name", name, f"no such file or folder (relative to {os.getcwd()})")
         reason = _hub_offline_reason()
         if reason:
             raise NanollmError(
@@ -368,13 +377,15 @@ def _open_hf(name: str, config: str | None, split: str, field: str) -> Any:
         elif local.is_file():
             if local.suffix.lower() not in _HF_BUILDERS:
                 known = ", ".join(_HF_BUILDERS)
-                raise NanollmError(f"data.hf_name={name!r}: unsupported file type; use one of {known}")
+                raise ConfigError("data.hf_name", name, f"unsupported file type; use one of {known}")
             builder, options = _HF_BUILDERS[local.suffix.lower()]
             rows = datasets.load_dataset(
                 builder, data_files={split: str(local)}, split=split, streaming=True, **options
             )
         else:  # a local data folder or a hub name
             rows = datasets.load_dataset(str(local) if local.exists() else name, config, split=split, streaming=True)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as err:  # DatasetNotFoundError, ConnectionError, HTTP errors, bad split/config
         raise NanollmError(
             f"data.hf_name={name!r} (config {config!r}, split {split!r}): {type(err).__name__}: {_first_line(err)}; "
@@ -397,7 +408,7 @@ def _saved_split(saved: Any, path: Path, split: str) -> Any:
     if not hasattr(saved, "keys"):
         return saved
     if split not in saved:
-        raise NanollmError(f"data.hf_split={split!r}: {path} has splits {', '.join(saved)}; pick one")
+        raise ConfigError("data.hf_split", split, f"{path} has splits {', '.join(saved)}; pick one")
     return saved[split]
 
 
