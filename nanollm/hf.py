@@ -1,8 +1,10 @@
-"""Hugging Face interop: our Transformer to and from a Llama-format folder (config.json + model.safetensors).
+"""Hugging Face interop: our Transformer to and from a Llama-format folder (config.json + model.safetensors,
+and on export, with a tokenizer, generation_config.json and the tokenizer files: a complete HF model).
 
-Owns the parameter-name mapping and the config translation in both directions. Checkpoint
-folders are nanollm.checkpoint's; `transformers` itself is never imported here (the folder
-format is plain JSON plus safetensors, which is imported lazily inside the functions).
+Owns the parameter-name mapping, the config translation in both directions and the folder's
+layout. The tokenizer files are nanollm.tokenizer.hf's; checkpoint folders are nanollm.checkpoint's.
+`transformers` itself is never imported here (the folder format is plain JSON plus safetensors,
+which is imported lazily inside the functions).
 
 Our parameter names follow Meta's Llama and our RoPE uses HF's rotate_half layout, so the
 conversion is a key rename with no weight permutation. What Llama cannot express is
@@ -15,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,11 +28,25 @@ from nanollm.config import Config, ConfigError, ModelConfig
 from nanollm.errors import NanollmError, read_json_object
 from nanollm.model import Transformer
 
-__all__ = ["HF_CONFIG", "HF_WEIGHTS", "export_hf", "from_hf_config", "hf_key", "load_hf", "our_key", "to_hf_config"]
+if TYPE_CHECKING:
+    from nanollm.tokenizer import Tokenizer
+
+__all__ = [
+    "HF_CONFIG",
+    "HF_GENERATION_CONFIG",
+    "HF_WEIGHTS",
+    "export_hf",
+    "from_hf_config",
+    "hf_key",
+    "load_hf",
+    "our_key",
+    "to_hf_config",
+]
 
 log = logging.getLogger(__name__)
 
 HF_CONFIG, HF_WEIGHTS, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+HF_GENERATION_CONFIG = "generation_config.json"
 
 _TOP = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
@@ -203,23 +220,44 @@ def _safetensors_torch() -> Any:
     return safetensors.torch
 
 
-def export_hf(model: Transformer, out_dir: str | Path, *, eos_token_id: int | None = None) -> Path:
+def export_hf(model: Transformer, out_dir: str | Path, *, tokenizer: Tokenizer | None = None) -> Path:
     """Write `model` as a Llama folder that `LlamaForCausalLM.from_pretrained(out_dir)` loads; atomic.
+
+    With `tokenizer` the folder is a complete HF model: AutoTokenizer and
+    pipeline("text-generation") load it, the tokenizer starts every text with <|endoftext|> as
+    `nanollm generate` does, and config.json and generation_config.json name that token as bos and
+    eos (generation stops at it, as ours does). Without, the folder holds the model alone: ids in,
+    logits out.
 
     Weights keep the model's dtype. A tied LM head is stored once (as the embedding;
     safetensors refuses shared tensors) and `tie_word_embeddings` tells HF to tie it back.
+    Every file gets the permissions a plain open() gives under the umask.
     """
     save_file = _safetensors_torch().save_file
+    eot = tokenizer.eot_id if tokenizer is not None else None
     dtype = model.tok_embeddings.weight.dtype
-    hf_cfg = to_hf_config(model.cfg, model.vocab_size, dtype=dtype, eos_token_id=eos_token_id)
+    hf_cfg = to_hf_config(model.cfg, model.vocab_size, dtype=dtype, eos_token_id=eot)
     state = {hf_key(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         del state["lm_head.weight"]
     with atomic_path(out_dir, directory=True) as tmp:
-        (tmp / HF_CONFIG).write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
+        _write_json(tmp / HF_CONFIG, hf_cfg)
         save_file(state, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})  # "pt": what transformers expects
-    log.info("exported %d tensors to %s", len(state), out_dir)
+        # safetensors renames its own 0600 temporary into place; give it config.json's mode (the umask's)
+        shutil.copymode(tmp / HF_CONFIG, tmp / HF_WEIGHTS)
+        if tokenizer is not None:
+            from nanollm.tokenizer.hf import write_hf_tokenizer
+
+            # pad: we have no pad token, and <|endoftext|> is what generate falls back to (with a warning)
+            _write_json(tmp / HF_GENERATION_CONFIG, {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
+            write_hf_tokenizer(tokenizer, tmp, model_max_length=model.cfg.block_size)
+    with_tokenizer = " and the tokenizer" if tokenizer is not None else ""
+    log.info("exported %d tensors%s to %s", len(state), with_tokenizer, out_dir)
     return Path(out_dir)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:

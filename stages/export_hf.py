@@ -1,7 +1,8 @@
-"""`nanollm export-hf`: write a checkpoint as a Hugging Face Llama folder (config.json + model.safetensors).
+"""`nanollm export-hf`: write a checkpoint and its tokenizer as a Hugging Face model folder
+(Llama config.json + model.safetensors, generation_config.json, tokenizer.json and its configs).
 
-Thin: loads the checkpoint (and, when present, its tokenizer for the <|endoftext|> id) and
-calls nanollm.hf. Not a pipeline stage: run it by hand on the pipeline's output.
+Thin: loads the checkpoint and its tokenizer, checks they belong together, and calls nanollm.hf.
+Not a pipeline stage: run it by hand on the pipeline's output.
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ from stages.cli import StageContext, pass_context, path_option
 @path_option(
     "--tokenizer",
     "data/tokenizer",
-    "Tokenizer folder; its <|endoftext|> id becomes eos_token_id (skipped if the folder is missing).",
+    "Tokenizer folder, exported alongside (its <|endoftext|> is bos and eos); a missing one exports the model alone.",
     folder=None,
 )
 @pass_context
 def command(ctx: StageContext, checkpoint: Path, out: Path, tokenizer: Path) -> None:
-    """Export the checkpoint so that transformers' LlamaForCausalLM.from_pretrained(OUT) loads it."""
+    """Export the checkpoint so that transformers' AutoTokenizer, LlamaForCausalLM and pipeline load OUT.
+
+    Without the tokenizer folder, the model alone is exported, with a warning.
+    """
+    # A warning, not an error: the weights alone serve logits comparisons and `import-hf`, and
+    # refusing would leave a checkpoint whose tokenizer is elsewhere (copied alone, or trained
+    # on tokens from another project) with no way out.
     import logging
 
     from nanollm.checkpoint import load_model, read_checkpoint_info
@@ -32,7 +39,7 @@ def command(ctx: StageContext, checkpoint: Path, out: Path, tokenizer: Path) -> 
     from nanollm.hf import export_hf
 
     info = read_checkpoint_info(checkpoint)
-    eos = None
+    tok = None
     if tokenizer.exists():
         from nanollm.tokenizer import load_tokenizer
 
@@ -47,9 +54,14 @@ def command(ctx: StageContext, checkpoint: Path, out: Path, tokenizer: Path) -> 
                 f"{tokenizer} has {tok.vocab_size} tokens but {checkpoint} only {info['vocab_size']}; "
                 "pass the matching --tokenizer"
             )
-        eos = tok.eot_id
     else:
-        logging.getLogger(__name__).warning("%s not found: exporting without eos_token_id", tokenizer)
+        logging.getLogger(__name__).warning(
+            "%s not found: exporting the model without a tokenizer (AutoTokenizer and pipeline will not load %s); "
+            "pass --tokenizer to include one",
+            tokenizer,
+            out,
+        )
     model = load_model(checkpoint)
-    export_hf(model, out, eos_token_id=eos)
-    click.echo(f"wrote {out} ({model.num_params() / 1e6:.2f}M parameters, Llama format)", err=True)
+    export_hf(model, out, tokenizer=tok)
+    what = "with its tokenizer" if tok is not None else "without a tokenizer"
+    click.echo(f"wrote {out} ({model.num_params() / 1e6:.2f}M parameters, Llama format, {what})", err=True)

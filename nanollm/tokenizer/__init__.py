@@ -1,6 +1,7 @@
 """Byte-level BPE tokenizers: training (bpe.py), the tokenizer.json format and tiktoken-backed
 `Tokenizer` (tokenizer.py), tiktoken's cached GPT-2 encoding (gpt2.py), the split regexes
-(patterns.py), config wiring and the bytes/token metric (train.py). See docs/bpe.md.
+(patterns.py), config wiring and the bytes/token metric (train.py), and the same tokenizer as a
+Hugging Face tokenizer.json (hf.py, imported on demand). See docs/bpe.md.
 """
 
 from nanollm.tokenizer.bpe import train_bpe
