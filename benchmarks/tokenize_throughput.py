@@ -44,7 +44,8 @@ def main() -> None:
         if args.tokenizer:
             tok = load_tokenizer(args.tokenizer)
         else:
-            tok = create_tokenizer(TokenizerConfig(vocab_size=8192), texts, Path(tmp) / "tok", progress=False)
+            config = TokenizerConfig(vocab_size=args.vocab_size)
+            tok = create_tokenizer(config, texts, Path(tmp) / "tok", progress=False)
         print(
             f"command: python benchmarks/tokenize_throughput.py {' '.join(sys.argv[1:])}\n"
             f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
@@ -77,7 +78,8 @@ def main() -> None:
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", type=Path, help="an existing corpus folder (default: build the stdlib corpus)")
-    parser.add_argument("--tokenizer", type=Path, help="a tokenizer folder (default: train a vocab-8192 BPE)")
+    parser.add_argument("--tokenizer", type=Path, help="a tokenizer folder (default: train a BPE on the text)")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="vocab of that BPE (without --tokenizer)")
     parser.add_argument("--threads", type=int, help="encoder threads for both paths (default: all CPUs)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per path; the median is shown")
     return parser.parse_args()

@@ -2,19 +2,22 @@
 achieved memory bandwidth and the markdown report of docs/kv_cache.md.
 
 Owns the timing protocol, the equality check between the two paths and the result files.
-Generation itself is nanollm.generate's; the cache is the model's.
-Regenerate the report from the stage's outputs: `python -m nanollm.bench docs/kv_cache.md`.
+Generation itself is nanollm.generate's; the cache is the model's; the transformers peer is
+built by nanollm.peers. Regenerate the report from the stage's outputs:
+`python -m nanollm.bench docs/kv_cache.md`.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
+import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,8 @@ from tqdm import tqdm
 
 from nanollm.atomic import atomic_path
 from nanollm.errors import NanollmError
-from nanollm.generate import generate
+from nanollm.generate import decode_step, generate, prefill
+from nanollm.peers import PEER_CACHES
 
 __all__ = [
     "COLUMNS",
@@ -36,6 +40,7 @@ __all__ = [
     "plot",
     "read_table",
     "render_report",
+    "rounding_tolerance",
     "speedup",
     "summarize",
     "update_report",
@@ -45,7 +50,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PEER_COLUMNS = ("transformers_tok_s", "vs_transformers")  # only when compared with transformers
+Row = dict[str, Any]  # COLUMNS -> int (prompt_len, new_tokens), str (transformers_peer) or float
+Peer = Callable[[torch.Tensor, int], list[int]]  # (prompt ids (T,), n) -> n greedy ids
+
+# Only when compared with transformers: its tokens/s with each cache, which cache was the
+# faster (the peer), the peer's tokens/s and ours over it.
+PEER_COLUMNS = (
+    *(f"transformers_{cache}_tok_s" for cache in PEER_CACHES),
+    "transformers_peer",
+    "transformers_tok_s",
+    "vs_transformers",
+)
+TEXT_COLUMNS = ("transformers_peer",)
 COLUMNS = (
     "prompt_len",
     "new_tokens",
@@ -60,7 +76,7 @@ COLUMNS = (
 
 
 class KVCacheMismatchError(NanollmError):
-    """Cached and uncached greedy decoding produced different tokens: the cache path is wrong."""
+    """Cached and uncached greedy decoding produced different tokens, and no near-tie explains it."""
 
 
 def _sync(device: torch.device) -> None:
@@ -90,29 +106,101 @@ def _timed_greedy(
 
 
 def _timed_peer(
-    peer: Callable[[torch.Tensor, int], list[int]], prompt: torch.Tensor, new_tokens: int, device: torch.device
-) -> tuple[list[int], float]:
-    """(tokens, seconds) of one greedy decode by the peer, clocked like ours (prompt in, ids on the host)."""
+    peer: Peer, prompt: torch.Tensor, new_tokens: int, device: torch.device
+) -> tuple[list[int], float, float]:
+    """(tokens, nan, seconds) of one greedy decode by the peer, clocked like ours (prompt in, ids on the host).
+
+    generate returns every token at once, so there is no time to first token (nan).
+    """
     _sync(device)
     t0 = time.perf_counter()
     out = peer(prompt, new_tokens)
     _sync(device)
-    return out, time.perf_counter() - t0
+    return out, math.nan, time.perf_counter() - t0
 
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:
     return next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
 
 
-def _check_same(cached: list[int], uncached: list[int], prompt_len: int, new_tokens: int) -> None:
-    """Raise KVCacheMismatchError at the first new token where the two greedy runs (equal lengths) part."""
+def rounding_tolerance(logits: torch.Tensor, dtype: torch.dtype) -> float:
+    """How far two float evaluations of the same logits may drift apart: sqrt(eps) of `dtype` x their scale.
+
+    The cached and the plain path compute the same function with differently shaped
+    kernels (one query row against the cache, or the whole sequence), so their sums are
+    added in other orders; that drift is a few eps per layer, far below sqrt(eps)
+    (3.5e-4 relative in fp32, 0.031 in fp16, 0.088 in bf16): a 4-layer, 256-wide fp32 model
+    after a 512-token prompt drifts by 2e-6 of its logits' scale, 170x inside the band. A
+    bug moves logits by a sizeable share of their scale (a cache nudged at one position, a
+    rope offset: more than 10x the band in tests/test_bench.py).
+    The scale is the largest |logit| (at least 1), so a trained model's sharper logits
+    (~10-20) get a proportionally wider band.
+    """
+    scale = max(1.0, logits.abs().max().item())
+    return math.sqrt(torch.finfo(dtype).eps) * scale
+
+
+@torch.inference_mode()
+def _logits_of_both_paths(
+    model: nn.Module, prompt: torch.Tensor, shared: list[int], new_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits (V,) each path computes for the new token after prompt + shared: (plain forward, cached).
+
+    Replays what generate runs: the uncached path's forward over the whole sequence, and
+    the cached path's prefill of the prompt then one decode step per shared token, against
+    a cache of the size generate allocates (prompt + new_tokens).
+    """
+    seq = torch.cat([prompt, prompt.new_tensor(shared)]).view(1, -1)  # (1, T + i)
+    plain = model(seq, last_only=True)[0, -1]  # (V,)
+    model.setup_cache(1, prompt.numel() + new_tokens)
+    try:
+        logits = prefill(model, prompt.view(1, -1))  # (1, V)
+        for pos, token in enumerate(shared, start=prompt.numel()):
+            logits = decode_step(model, prompt.new_tensor([[token]]), pos)  # (1, V)
+    finally:
+        model.clear_cache()
+    return plain, logits[0]
+
+
+def _check_same(model: nn.Module, prompt: torch.Tensor, cached: list[int], uncached: list[int]) -> str | None:
+    """None when the two greedy runs (equal lengths) agree; a note when they part on a near-tie; else raise.
+
+    Tokens alone cannot tell a broken cache from float rounding: on a trained model two
+    candidates can have logits equal to 1e-6, and the cached path (one query against the
+    cache) and the plain one (the whole sequence) add their sums in other orders, so either
+    may win. Comparing every step's logits would need generate to expose them (it yields
+    ids only) and would cost a logits copy per step inside the timed loop. So the check
+    stays on tokens, and only at the first new token i where the runs part does it replay
+    both paths over their shared prefix (one plain forward and one cached decode, untimed)
+    and compare their logits there. The difference is a near-tie, logged and accepted, when
+    (a) the two logit vectors agree within rounding_tolerance: the paths compute the same
+    function at that step, so the cache is not corrupt; and (b) each run's token is within
+    2x that tolerance of the best logit of the other path's vector: the two candidates tie
+    to rounding. Anything else (logits apart by more than rounding: a stale or corrupted
+    cache, a wrong rope offset) raises KVCacheMismatchError naming the point. After a
+    near-tie the sequences differ, so the rest of the run is not compared.
+    """
     i = _first_difference(cached, uncached)
     if i is None:
-        return
+        return None
+    plain, stepped = _logits_of_both_paths(model, prompt, cached[:i], len(cached))
+    tolerance = rounding_tolerance(plain, next(model.parameters()).dtype)
+    drift = (stepped - plain).abs().max().item()
+    gap = max(plain.max().item() - plain[cached[i]].item(), stepped.max().item() - stepped[uncached[i]].item())
+    where = (
+        f"at prompt_len={prompt.numel()}, new_tokens={len(cached)}: greedy decoding first differs at new token {i} "
+        f"(cached {cached[i]}, uncached {uncached[i]})"
+    )
+    if drift <= tolerance and gap <= 2 * tolerance:
+        return (
+            f"near-tie {where}: logits {plain[uncached[i]].item():.6g} and {plain[cached[i]].item():.6g}, "
+            f"the two paths' logits within {drift:.2g} of each other (rounding allows {tolerance:.2g}); "
+            "the rest of the run is not compared"
+        )
     raise KVCacheMismatchError(
-        f"KV cache mismatch at prompt_len={prompt_len}, new_tokens={new_tokens}: greedy decoding first differs "
-        f"at new token {i} (cached {cached[i]}, uncached {uncached[i]}); the model's cached attention path "
-        "disagrees with its plain forward, fix nanollm/model before trusting any speedup"
+        f"KV cache mismatch {where}, where the two paths' logits differ by up to {drift:.3g} "
+        f"(rounding allows {tolerance:.2g}); the model's cached attention path disagrees with its plain forward, "
+        "fix nanollm/model before trusting any speedup"
     )
 
 
@@ -138,33 +226,41 @@ def bench_kvcache(
     warmup: int,
     seed: int,
     device: str | torch.device | None = None,
-    transformers: Callable[[torch.Tensor, int], list[int]] | None = None,
-) -> list[dict[str, float]]:
+    transformers: Mapping[str, Peer] | None = None,
+) -> list[Row]:
     """Time greedy decoding with and without the KV cache for every (prompt_len, new_tokens) pair.
 
     Prompts are random token ids from a generator seeded with `seed`, nested (each prompt
     is a prefix of the longest), so every run of the benchmark sees the same ones. Each
     point runs `warmup` untimed then `repeats` timed rounds, each round one cached and one
-    uncached decode (interleaved, so clock drift hits both alike); reported figures are
-    medians. tokens/s is end to end: new_tokens over the whole wall time, prefill included,
-    so a long prompt lowers it for both modes; ttft is prefill plus the first token. Every
-    run's tokens must equal those of the other mode, else KVCacheMismatchError names the
-    point. cache_mb is the cache preallocated for prompt + new tokens, in MB (1e6 bytes).
+    uncached decode; reported figures are medians. tokens/s is end to end: new_tokens over
+    the whole wall time, prefill included, so a long prompt lowers it for both modes; ttft
+    is prefill plus the first token. Every run's tokens must equal those of the other mode
+    up to a near-tie (see _check_same), else KVCacheMismatchError names the point.
+    cache_mb is the cache preallocated for prompt + new tokens, in MB (1e6 bytes).
     `device` defaults to the model's; it must be where the model lives.
 
-    `transformers` (nanollm.peers.transformers_greedy) adds the peer to every round, after
-    our two runs and on the same prompt: transformers_tok_s is its cached greedy decoding,
-    clocked the same way, and vs_transformers our cached tokens/s over it. Its tokens are
-    compared with ours and a difference is logged (float rounding can flip a near-tie on
-    a trained model), not raised: the peer is measured, not trusted.
+    `transformers` ({cache setting: greedy function}, nanollm.peers.transformers_settings)
+    adds each setting to every round, on the same prompt, clocked the same way:
+    transformers_{setting}_tok_s is its median; the faster setting at the point is the peer
+    (transformers_peer names it, transformers_tok_s is its rate) and vs_transformers is our
+    cached tokens/s over the peer's. Within a round the order alternates: ours first on the
+    first timed round, the peer's settings first (in reverse order) on the next, and so on,
+    so with an even `repeats` each side leads equally often and ordering effects (a
+    neighbour evicting the weights from cache, the clock speed ramping) cancel in the
+    medians. The peer's tokens are compared with ours and a difference is logged (float
+    rounding can flip a near-tie on a trained model), not raised: the peer is measured,
+    not trusted.
     """
+    if transformers is not None and not set(transformers) <= set(PEER_CACHES):
+        raise ValueError(f"transformers settings must be among {PEER_CACHES}, got {sorted(transformers)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     longest = torch.randint(0, model.vocab_size, (max(prompt_lengths),), generator=gen)
     points = [(p, n) for p in prompt_lengths for n in new_tokens]
     rows = []
     for prompt_len, n_new in tqdm(points, desc="bench_kvcache", unit="point", disable=None):
-        row = _measure_point(model, longest[:prompt_len].to(device), n_new, repeats, warmup, device, transformers)
+        row = _measure_point(model, longest[:prompt_len].to(device), n_new, repeats, warmup, device, transformers or {})
         log.info(
             "prompt %d + %d new: %.1f tok/s cached, %.1f uncached (x%.2f)%s",
             prompt_len,
@@ -172,7 +268,9 @@ def bench_kvcache(
             row["cached_tok_s"],
             row["uncached_tok_s"],
             row["speedup"],
-            f"; transformers {row['transformers_tok_s']:.1f} cached (ours x{row['vs_transformers']:.2f})"
+            "; transformers "
+            + ", ".join(f"{c} cache {row[f'transformers_{c}_tok_s']:.1f}" for c in PEER_CACHES if c in transformers)
+            + f" tok/s (ours x{row['vs_transformers']:.2f} the faster, {row['transformers_peer']})"
             if "vs_transformers" in row
             else "",
         )
@@ -187,40 +285,60 @@ def _measure_point(
     repeats: int,
     warmup: int,
     device: torch.device,
-    transformers: Callable[[torch.Tensor, int], list[int]] | None,
-) -> dict[str, float]:
-    """One row of bench_kvcache: warmup + repeats interleaved rounds at one (prompt, new tokens) point."""
+    peers: Mapping[str, Peer],
+) -> Row:
+    """One row of bench_kvcache: warmup + repeats rounds at one (prompt, new tokens) point, order alternating."""
     prompt_len = prompt.numel()
-    timings: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
-    peer_rates: list[float] = []
+    runs: dict[str, Callable[[], tuple[list[int], float, float]]] = {
+        "cached": functools.partial(_timed_greedy, model, prompt, n_new, use_cache=True, device=device),
+        "uncached": functools.partial(_timed_greedy, model, prompt, n_new, use_cache=False, device=device),
+    }
+    for cache, peer in peers.items():
+        runs[f"transformers_{cache}"] = functools.partial(_timed_peer, peer, prompt, n_new, device)
+    order = list(runs)
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}  # (ttft s, tokens/s) per round
+    logged: set[str] = set()  # one note per point and kind: every round decodes the same tokens
     for round_ in range(warmup + repeats):
         outs = {}
-        for use_cache in (True, False):
-            outs[use_cache], ttft, total = _timed_greedy(model, prompt, n_new, use_cache=use_cache, device=device)
+        for name in order if (round_ - warmup) % 2 == 0 else order[::-1]:
+            outs[name], ttft, seconds = runs[name]()
             if round_ >= warmup:
-                timings[use_cache].append((ttft, n_new / total))
-        _check_same(outs[True], outs[False], prompt_len, n_new)
-        if transformers is not None:
-            theirs, seconds = _timed_peer(transformers, prompt, n_new, device)
-            if round_ >= warmup:
-                peer_rates.append(n_new / seconds)
-            if (i := _first_difference(outs[True], theirs)) is not None:
-                log.warning("prompt %d + %d: transformers' greedy tokens part from ours at %d", prompt_len, n_new, i)
-    cached = statistics.median(r for _, r in timings[True])
-    uncached = statistics.median(r for _, r in timings[False])
-    row = {
+                samples[name].append((ttft, n_new / seconds))
+        note = _check_same(model, prompt, outs["cached"], outs["uncached"])
+        if note is not None and "ours" not in logged:
+            logged.add("ours")
+            log.warning("%s", note)
+        for cache in peers:
+            i = _first_difference(outs["cached"], outs[f"transformers_{cache}"])
+            if i is not None and cache not in logged:
+                logged.add(cache)
+                log.warning(
+                    "prompt %d + %d: transformers' greedy tokens (%s cache) part from ours at %d",
+                    prompt_len,
+                    n_new,
+                    cache,
+                    i,
+                )
+
+    def median(name: str, column: int) -> float:
+        return statistics.median(sample[column] for sample in samples[name])
+
+    cached = median("cached", 1)
+    row: Row = {
         "prompt_len": prompt_len,
         "new_tokens": n_new,
         "cached_tok_s": cached,
-        "uncached_tok_s": uncached,
-        "speedup": speedup(cached, uncached),
-        "cached_ttft_ms": 1e3 * statistics.median(t for t, _ in timings[True]),
-        "uncached_ttft_ms": 1e3 * statistics.median(t for t, _ in timings[False]),
+        "uncached_tok_s": median("uncached", 1),
+        "speedup": speedup(cached, median("uncached", 1)),
+        "cached_ttft_ms": 1e3 * median("cached", 0),
+        "uncached_ttft_ms": 1e3 * median("uncached", 0),
         "cache_mb": _cache_bytes(model, prompt_len + n_new) / 1e6,
     }
-    if peer_rates:
-        row["transformers_tok_s"] = statistics.median(peer_rates)
-        row["vs_transformers"] = cached / row["transformers_tok_s"]
+    if peers:
+        rates = {cache: median(f"transformers_{cache}", 1) for cache in peers}
+        best = max(rates, key=rates.__getitem__)
+        row.update({f"transformers_{cache}_tok_s": rate for cache, rate in rates.items()})
+        row.update(transformers_peer=best, transformers_tok_s=rates[best], vs_transformers=cached / rates[best])
     return row
 
 
@@ -260,7 +378,7 @@ def memory_bandwidth(size_mb: int = 256, repeats: int = 5, device: str | torch.d
     return 2 * src.numel() * src.element_size() / best
 
 
-def bandwidth(rows: Sequence[dict[str, float]], weight_bytes: int, copy_bytes_s: float) -> dict[str, float]:
+def bandwidth(rows: Sequence[Row], weight_bytes: int, copy_bytes_s: float) -> dict[str, float]:
     """gpt-fast's figure: weight bytes per token x cached tokens/s, next to the measured copy bandwidth.
 
     Uses the fastest cached point (the shortest prompt, where prefill and KV reads matter
@@ -277,18 +395,23 @@ def bandwidth(rows: Sequence[dict[str, float]], weight_bytes: int, copy_bytes_s:
     }
 
 
-def summarize(rows: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Flat metrics for DVC/MLflow: per point p{L}_n{N}_{speedup,cached_tok_s,uncached_tok_s}, plus extremes.
+def summarize(rows: Sequence[Row]) -> dict[str, float]:
+    """Flat numeric metrics for DVC/MLflow: per point p{L}_n{N}_{speedup,cached_tok_s,uncached_tok_s}, plus extremes.
 
-    With the transformers comparison, also p{L}_n{N}_{transformers_tok_s,vs_transformers}
-    and min_vs_transformers (the least favourable point: the figure to hold a target to).
+    With the transformers comparison, also per point the tokens/s of each cache setting
+    (p{L}_n{N}_transformers_{dynamic,static}_tok_s), the peer's (transformers_tok_s, the
+    faster of them), vs_transformers, and transformers_static_is_peer (1.0 where the static
+    cache was the faster, 0.0 where the dynamic one was: MLflow metrics are numbers); and
+    min_vs_transformers (the least favourable point: the figure to hold a target to).
     """
     out: dict[str, float] = {}
+    per_point = ("speedup", "cached_tok_s", "uncached_tok_s", *PEER_COLUMNS)
     for r in rows:
         key = f"p{r['prompt_len']}_n{r['new_tokens']}"
-        for name in ("speedup", "cached_tok_s", "uncached_tok_s", "transformers_tok_s", "vs_transformers"):
-            if name in r:
-                out[f"{key}_{name}"] = round(r[name], 4)
+        for name in (n for n in per_point if n in r and n not in TEXT_COLUMNS):
+            out[f"{key}_{name}"] = round(r[name], 4)
+        if "transformers_peer" in r:
+            out[f"{key}_transformers_static_is_peer"] = float(r["transformers_peer"] == "static")
     out["max_speedup"] = round(max(r["speedup"] for r in rows), 4)
     out["cache_mb_max"] = round(max(r["cache_mb"] for r in rows), 4)
     if all("vs_transformers" in r for r in rows):
@@ -296,7 +419,7 @@ def summarize(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def write_table(rows: Sequence[dict[str, float]], path: str | Path) -> None:
+def write_table(rows: Sequence[Row], path: str | Path) -> None:
     """Write the rows as CSV (one line per point; the COLUMNS the rows have, in that order), atomically."""
     columns = [c for c in COLUMNS if all(c in r for r in rows)]
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -306,18 +429,27 @@ def write_table(rows: Sequence[dict[str, float]], path: str | Path) -> None:
             writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
 
 
-def read_table(path: str | Path) -> list[dict[str, float]]:
-    """The rows written by write_table, numbers parsed back (int columns as int)."""
+def read_table(path: str | Path) -> list[Row]:
+    """The rows written by write_table, numbers parsed back (int columns as int, TEXT_COLUMNS as they are)."""
+
+    def parse(column: str, value: str) -> int | float | str:
+        if column in TEXT_COLUMNS:
+            return value
+        return int(value) if column in ("prompt_len", "new_tokens") else float(value)
+
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
-        return [{k: int(v) if k in ("prompt_len", "new_tokens") else float(v) for k, v in r.items()} for r in rows]
+        return [{k: parse(k, v) for k, v in r.items()} for r in rows]
     except (OSError, ValueError, TypeError) as err:
         raise NanollmError(f"cannot read {path} ({err}); run `dvc repro bench_kvcache` first") from None
 
 
-def plot(rows: Sequence[dict[str, float]], path: str | Path, title: str | None = None) -> None:
+def plot(rows: Sequence[Row], path: str | Path, title: str | None = None) -> None:
     """PNG: tokens/s vs prompt length (cached solid, uncached dashed, one colour per new_tokens) and speedup.
+
+    With the transformers comparison, the peer (the faster of its cache settings at each
+    point) is dotted.
 
     Uses matplotlib's object API with the Agg canvas, so no global backend is switched.
     """
@@ -335,7 +467,7 @@ def plot(rows: Sequence[dict[str, float]], path: str | Path, title: str | None =
         rate.plot(x, [r["uncached_tok_s"] for r in sub], "s--", color=color, label=f"uncached, {n_new} new")
         if all("transformers_tok_s" in r for r in sub):
             peer = [r["transformers_tok_s"] for r in sub]
-            rate.plot(x, peer, "^:", color=color, label=f"transformers cached, {n_new} new")
+            rate.plot(x, peer, "^:", color=color, label=f"transformers, faster cache, {n_new} new")
         gain.plot(x, [r["speedup"] for r in sub], "o-", color=color, label=f"{n_new} new tokens")
     lengths = sorted({r["prompt_len"] for r in rows})
     for ax in (rate, gain):
@@ -363,19 +495,26 @@ REPORT_BEGIN = "<!-- bench_kvcache report: regenerate with `python -m nanollm.be
 REPORT_END = "<!-- end of bench_kvcache report -->"
 
 
-def render_report(summary: dict[str, Any], rows: Sequence[dict[str, float]]) -> str:
-    """Markdown for the bench stage's outputs: the per-point table, the speedup range and the bandwidth line."""
-    peer = all("vs_transformers" in r for r in rows)
+def render_report(summary: dict[str, Any], rows: Sequence[Row]) -> str:
+    """Markdown for the bench stage's outputs: the per-point table, the speedup range and the bandwidth line.
+
+    With the transformers comparison the table adds its tokens/s with each cache, which
+    one was the faster (the peer) and ours over the peer.
+    """
+    peer = all(c in r for r in rows for c in PEER_COLUMNS)
+    caches = " | ".join(f"transformers {cache} cache tok/s" for cache in PEER_CACHES)
     out = [
         "| prompt | new tokens | cached tok/s | uncached tok/s | speedup | TTFT cached (ms) | TTFT uncached (ms) "
-        "| KV cache (MB) |" + (" transformers cached tok/s | ours / transformers |" if peer else ""),
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if peer else ""),
+        "| KV cache (MB) |" + (f" {caches} | peer | ours / peer |" if peer else ""),
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        + (" ---: |" * len(PEER_CACHES) + " --- | ---: |" if peer else ""),
     ]
     for r in rows:
+        theirs = "".join(f" {r[f'transformers_{cache}_tok_s']:.0f} |" for cache in PEER_CACHES) if peer else ""
         out.append(
             f"| {r['prompt_len']} | {r['new_tokens']} | {r['cached_tok_s']:.0f} | {r['uncached_tok_s']:.1f} "
             f"| x{r['speedup']:.1f} | {r['cached_ttft_ms']:.1f} | {r['uncached_ttft_ms']:.1f} | {r['cache_mb']:.2f} |"
-            + (f" {r['transformers_tok_s']:.0f} | x{r['vs_transformers']:.2f} |" if peer else "")
+            + (f"{theirs} {r['transformers_peer']} | x{r['vs_transformers']:.2f} |" if peer else "")
         )
     low, high = min(rows, key=lambda r: r["speedup"]), max(rows, key=lambda r: r["speedup"])
     out += [
@@ -386,10 +525,13 @@ def render_report(summary: dict[str, Any], rows: Sequence[dict[str, float]]) -> 
     ]
     if peer:
         ratios = [r["vs_transformers"] for r in rows]
+        static = sum(r["transformers_peer"] == "static" for r in rows)
         out += [
             "",
-            f"Against transformers' generate on the same weights (LlamaForCausalLM, cached, greedy, same prompts), "
-            f"our cached decoding is x{min(ratios):.2f} to x{max(ratios):.2f} as fast.",
+            "Against transformers' generate on the same weights (LlamaForCausalLM, greedy, same prompts, same "
+            "rounds), run with its default dynamic cache and with a static cache sized to the call, the faster of "
+            f"the two at each point (the static one at {static} of {len(rows)}), our cached decoding is "
+            f"x{min(ratios):.2f} to x{max(ratios):.2f} as fast.",
         ]
     if "weight_read_gb_s" in summary:
         out += [

@@ -1,12 +1,14 @@
 """The peer our inference is measured against: transformers' LlamaForCausalLM over the very same weights.
 
 Owns building that twin (through nanollm.hf's Llama export, so both sides hold identical
-numbers) and its greedy decoding call. Timing is the caller's (nanollm.bench, the scripts
-in benchmarks/). `transformers` is imported lazily, and only here.
+numbers) and its greedy decoding call, with each cache setting a comparison must race.
+Timing is the caller's (nanollm.bench, the scripts in benchmarks/). `transformers` is
+imported lazily, and only here.
 """
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,11 @@ from nanollm.errors import NanollmError
 from nanollm.hf import export_hf
 from nanollm.model import Transformer
 
-__all__ = ["transformers_greedy", "transformers_twin"]
+__all__ = ["PEER_CACHES", "transformers_greedy", "transformers_settings", "transformers_twin"]
+
+# The caches transformers' generate offers a Llama model for batch-1 greedy decoding. A
+# comparison counts only against the faster of them, per point (issue 11).
+PEER_CACHES = ("dynamic", "static")
 
 
 def _transformers() -> Any:
@@ -50,16 +56,33 @@ def transformers_twin(model: Transformer) -> Any:
 
 
 def transformers_greedy(model: Transformer) -> Callable[..., list[int]]:
-    """A function (prompt ids (T,), n, use_cache=True) -> the n ids transformers' generate draws greedily.
+    """A function (prompt ids (T,), n, cache="dynamic") -> the n ids transformers' generate draws greedily.
 
     Exactly n tokens (min_new_tokens = n: an end-of-text id does not stop it early), batch 1,
-    an all-ones attention mask, as a user calls generate for one prompt; use_cache=False is
-    its no-cache baseline.
+    an all-ones attention mask, as a user calls generate for one prompt. `cache` is one of
+    PEER_CACHES, or None for its no-cache baseline (use_cache=False):
+    - "dynamic", generate's default: a DynamicCache that grows by concatenation each step;
+    - "static": a StaticCache preallocated for exactly T + n - 1 positions (what generate
+      itself would size for this call: the last token needs no forward). A fresh cache per
+      call, passed in, rather than cache_implementation="static": generate remembers the
+      largest static length of earlier calls on the model (`_previous_max_cache_length`) and
+      never shrinks below it, so a short prompt after a long one would attend over unused
+      slots. Decode steps then have fixed shapes, which is what torch.compile wants:
+      generate compiles the forward by itself with a static cache on CUDA (the first call
+      at each length pays for it, so time only after a warm-up call) and runs it eagerly
+      on a CPU (transformers 5.24 compiles there only through a private CompileConfig
+      flag), where the static cache is measured as it is.
     """
     twin = transformers_twin(model)
+    from transformers import StaticCache
 
-    def greedy(prompt: torch.Tensor, new_tokens: int, use_cache: bool = True) -> list[int]:
+    def greedy(prompt: torch.Tensor, new_tokens: int, cache: str | None = "dynamic") -> list[int]:
+        if cache is not None and cache not in PEER_CACHES:
+            raise ValueError(f"cache must be one of {PEER_CACHES} or None, got {cache!r}")
         ids = prompt.view(1, -1).to(twin.device)  # (1, T)
+        setting: dict[str, Any] = {"use_cache": cache is not None}
+        if cache == "static":
+            setting["cache"] = StaticCache(config=twin.config, max_cache_len=ids.size(1) + new_tokens - 1)
         with torch.inference_mode():
             out = twin.generate(
                 ids,
@@ -67,9 +90,18 @@ def transformers_greedy(model: Transformer) -> Callable[..., list[int]]:
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,
-                use_cache=use_cache,
                 pad_token_id=0,
+                **setting,
             )  # (1, T + n)
         return out[0, ids.size(1) :].tolist()
 
     return greedy
+
+
+def transformers_settings(model: Transformer) -> dict[str, Callable[[torch.Tensor, int], list[int]]]:
+    """{cache setting: (prompt ids (T,), n) -> n greedy ids} for every PEER_CACHES entry, over one twin.
+
+    What nanollm.bench.bench_kvcache races: the faster setting at each point is the peer.
+    """
+    greedy = transformers_greedy(model)
+    return {cache: functools.partial(greedy, cache=cache) for cache in PEER_CACHES}

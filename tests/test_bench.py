@@ -1,8 +1,11 @@
-"""The KV-cache benchmark: row shape, the equality check between modes, summary, CSV, chart, bandwidth, report."""
+"""The KV-cache benchmark: row shape, the equality check between modes (near-ties included), the peer race,
+summary, CSV, chart, bandwidth, report."""
 
 import csv
 import dataclasses
 import json
+import logging
+import re
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from nanollm.bench import (
     plot,
     read_table,
     render_report,
+    rounding_tolerance,
     speedup,
     summarize,
     weight_bytes_per_token,
@@ -51,6 +55,41 @@ class BrokenCache(Transformer):
         return logits
 
 
+class CorruptedCache(Transformer):
+    """Each decode step nudges the cached key of the position before it: a subtly stale cache, not a planted token."""
+
+    def forward(self, idx, start_pos=None, **kwargs):
+        if start_pos:
+            for layer in self.layers:
+                layer.attention.cache.k[:, :, start_pos - 1] += 0.2  # (B, nkv, hs) of one position
+        return super().forward(idx, start_pos, **kwargs)
+
+
+class ShiftedRope(torch.nn.Module):
+    """RoPE tables one position ahead in decode steps: the classic off-by-one of a cached rotation."""
+
+    def __init__(self, rope):
+        super().__init__()
+        self.inner = rope
+
+    def forward(self, start_pos, T):
+        return self.inner(start_pos + 1 if start_pos else start_pos, T)
+
+
+class NearTie(Transformer):
+    """Tokens 7 and 9 tie on top at every step, to 1e-5: the plain forward rounds towards 7, decode steps towards 9.
+
+    That is a trained model's legitimate near-tie, with the two paths' float rounding made explicit.
+    """
+
+    def forward(self, idx, start_pos=None, **kwargs):
+        logits = super().forward(idx, start_pos, **kwargs)
+        top = logits.amax(dim=-1)  # (B, T)
+        logits[..., 7] = top + 1.0
+        logits[..., 9] = top + 1.0 + (1e-5 if start_pos else -1e-5)
+        return logits
+
+
 def test_rows_have_one_point_per_pair_and_sane_numbers():
     model = _model()
     rows = bench_kvcache(model, prompt_lengths=[4, 12], new_tokens=[3, 6], repeats=2, warmup=1, seed=0)
@@ -72,6 +111,41 @@ def test_mismatch_between_modes_names_the_point():
         bench_kvcache(model, prompt_lengths=[5], new_tokens=[8], repeats=1, warmup=0, seed=0)
     assert isinstance(err.value, NanollmError)  # the CLI prints it as one line and exits 1
     assert "\n" not in str(err.value)
+    assert "logits differ by up to 100" in str(err.value)
+
+
+@pytest.mark.parametrize("bug", ["corrupted cache", "rope offset"])
+def test_a_subtly_wrong_cache_path_is_caught_not_excused_as_a_near_tie(bug, caplog):
+    model = _model(CorruptedCache) if bug == "corrupted cache" else _model()
+    if bug == "rope offset":
+        model.rope = ShiftedRope(model.rope)
+    with pytest.raises(KVCacheMismatchError, match=r"prompt_len=6, new_tokens=12: .* at new token \d+") as err:
+        bench_kvcache(model, prompt_lengths=[6], new_tokens=[12], repeats=1, warmup=0, seed=0)
+    drift, allowed = map(float, re.search(r"differ by up to (\S+) \(rounding allows (\S+)\)", str(err.value)).groups())
+    assert drift > 10 * allowed  # far outside rounding, though each step is only slightly off
+    assert "near-tie" not in caplog.text
+
+
+def test_a_near_tie_between_the_paths_is_logged_and_the_run_goes_on(caplog):
+    model = _model(NearTie)
+    with caplog.at_level(logging.WARNING, logger="nanollm.bench"):
+        rows = bench_kvcache(model, prompt_lengths=[5], new_tokens=[6], repeats=2, warmup=1, seed=0)
+    assert rows[0]["cached_tok_s"] > 0 and rows[0]["uncached_tok_s"] > 0
+    notes = [r.getMessage() for r in caplog.records if "near-tie" in r.getMessage()]
+    assert len(notes) == 1  # once per point, though every round meets it
+    # new token 0 comes from the prefill, where both paths round alike; they part at the first decode step
+    assert (
+        "near-tie at prompt_len=5, new_tokens=6: greedy decoding first differs at new token 1 (cached 9, uncached 7)"
+        in notes[0]
+    )
+    assert "the rest of the run is not compared" in notes[0]
+
+
+def test_rounding_tolerance_scales_with_the_dtype_and_the_logits():
+    small, sharp = torch.tensor([0.5, -0.2]), torch.tensor([20.0, -3.0])
+    assert rounding_tolerance(small, torch.float32) == pytest.approx(torch.finfo(torch.float32).eps ** 0.5)
+    assert rounding_tolerance(sharp, torch.float32) == pytest.approx(20 * torch.finfo(torch.float32).eps ** 0.5)
+    assert rounding_tolerance(small, torch.bfloat16) > 100 * rounding_tolerance(small, torch.float32)
 
 
 def test_prompts_are_seeded(monkeypatch):
@@ -179,42 +253,99 @@ def test_report_is_rendered_between_the_markers(tmp_path):
     assert err.value.code == 1
 
 
-def test_transformers_peer_is_timed_in_the_same_rounds_and_reported(tmp_path, caplog):
-    from nanollm.peers import transformers_greedy
+def test_both_transformers_caches_race_in_alternating_rounds_and_the_faster_is_the_peer(tmp_path, monkeypatch, caplog):
+    import nanollm.bench as bench
+    from nanollm.peers import PEER_CACHES, transformers_settings
 
     model = _model()
-    peer = transformers_greedy(model)
+    settings = transformers_settings(model)
+    assert set(settings) == set(PEER_CACHES) == {"dynamic", "static"}
     calls = []
+    real = bench._timed_greedy
 
-    def counted(prompt, n):
-        calls.append((prompt.numel(), n))
-        return peer(prompt, n)
+    def ours(model, prompt, n, *, use_cache, device):
+        calls.append(("cached" if use_cache else "uncached", prompt.numel(), n))
+        return real(model, prompt, n, use_cache=use_cache, device=device)
 
+    def counted(cache):
+        def peer(prompt, n):
+            calls.append((cache, prompt.numel(), n))
+            return settings[cache](prompt, n)
+
+        return peer
+
+    monkeypatch.setattr(bench, "_timed_greedy", ours)
     points = {"prompt_lengths": [4, 9], "new_tokens": [5]}
-    rows = bench_kvcache(model, **points, repeats=2, warmup=1, seed=0, transformers=counted)
-    assert calls == [(4, 5)] * 3 + [(9, 5)] * 3  # warmup + repeats, one per round, same prompts as ours
-    assert not [r for r in caplog.records if "greedy tokens part" in r.getMessage()]  # same weights, same tokens
+    peers = {cache: counted(cache) for cache in PEER_CACHES}
+    with caplog.at_level(logging.WARNING, logger="nanollm.bench"):
+        rows = bench_kvcache(model, **points, repeats=2, warmup=1, seed=0, transformers=peers)
+    ours_first, peer_first = ["cached", "uncached", "dynamic", "static"], ["static", "dynamic", "uncached", "cached"]
+    for prompt_len in (4, 9):
+        rounds = [name for name, p, n in calls if p == prompt_len and n == 5]
+        # warm-up, then the timed rounds: ours leads the first timed round, the peer the next
+        assert rounds == peer_first + ours_first + peer_first
+    assert not [r for r in caplog.records if "part from ours" in r.getMessage()]  # same weights, same tokens
     for r in rows:
-        assert set(r) == set(COLUMNS) and r["transformers_tok_s"] > 0
+        assert set(r) == set(COLUMNS) and r["transformers_dynamic_tok_s"] > 0 and r["transformers_static_tok_s"] > 0
+        best = max(PEER_CACHES, key=lambda cache: r[f"transformers_{cache}_tok_s"])
+        assert r["transformers_peer"] == best and r["transformers_tok_s"] == r[f"transformers_{best}_tok_s"]
         assert r["vs_transformers"] == pytest.approx(r["cached_tok_s"] / r["transformers_tok_s"])
     summary = summarize(rows)
     assert summary["min_vs_transformers"] == pytest.approx(min(r["vs_transformers"] for r in rows), abs=1e-4)
     assert summary["p9_n5_transformers_tok_s"] == pytest.approx(rows[1]["transformers_tok_s"], abs=1e-4)
+    assert summary["p9_n5_transformers_static_tok_s"] == pytest.approx(rows[1]["transformers_static_tok_s"], abs=1e-4)
+    assert summary["p4_n5_transformers_static_is_peer"] == float(rows[0]["transformers_peer"] == "static")
+    assert all(isinstance(v, float) for v in summary.values())  # MLflow metrics are numbers
 
     write_table(rows, tmp_path / "t.csv")
-    assert [list(r) for r in read_table(tmp_path / "t.csv")] == [list(COLUMNS)] * 2
+    back = read_table(tmp_path / "t.csv")
+    assert [list(r) for r in back] == [list(COLUMNS)] * 2
+    assert [r["transformers_peer"] for r in back] == [r["transformers_peer"] for r in rows]
     report = render_report(summary, rows)
-    assert "| transformers cached tok/s | ours / transformers |" in report.splitlines()[0]
+    header = report.splitlines()[0]
+    assert "| transformers dynamic cache tok/s | transformers static cache tok/s | peer | ours / peer |" in header
+    assert f"| {rows[0]['transformers_peer']} | x{rows[0]['vs_transformers']:.2f} |" in report.splitlines()[2]
     low, high = sorted(r["vs_transformers"] for r in rows)
     assert f"our cached decoding is x{low:.2f} to x{high:.2f} as fast" in report
+    static = sum(r["transformers_peer"] == "static" for r in rows)
+    assert f"the faster of the two at each point (the static one at {static} of 2)" in report
     plot(rows, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_peer_is_the_faster_setting_at_each_point():
+    import time as clock
+
+    model = _model()
+
+    def slow(prompt, n):
+        clock.sleep(0.02)
+        return [-1] * n
+
+    rows = bench_kvcache(
+        model,
+        prompt_lengths=[4],
+        new_tokens=[3],
+        repeats=1,
+        warmup=0,
+        seed=0,
+        transformers={"dynamic": slow, "static": lambda p, n: [-1] * n},
+    )
+    assert rows[0]["transformers_peer"] == "static"
+    assert rows[0]["transformers_static_tok_s"] > rows[0]["transformers_dynamic_tok_s"]
+    assert rows[0]["vs_transformers"] == pytest.approx(rows[0]["cached_tok_s"] / rows[0]["transformers_static_tok_s"])
+
+
 def test_a_peer_that_decodes_other_tokens_is_logged_not_fatal(caplog):
     model = _model()
-    rows = bench_kvcache(
-        model, prompt_lengths=[4], new_tokens=[3], repeats=1, warmup=0, seed=0, transformers=lambda p, n: [-1] * n
-    )
+    other = {cache: (lambda p, n: [-1] * n) for cache in ("dynamic", "static")}
+    rows = bench_kvcache(model, prompt_lengths=[4], new_tokens=[3], repeats=2, warmup=0, seed=0, transformers=other)
     assert rows[0]["vs_transformers"] > 0
-    assert "transformers' greedy tokens part from ours at 0" in caplog.text
+    assert caplog.text.count("transformers' greedy tokens (static cache) part from ours at 0") == 1  # once per point
+
+
+def test_an_unknown_peer_setting_is_refused():
+    with pytest.raises(ValueError, match="among"):
+        bench_kvcache(
+            _model(), prompt_lengths=[4], new_tokens=[3], repeats=1, warmup=0, seed=0, transformers={"paged": None}
+        )

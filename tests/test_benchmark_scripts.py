@@ -1,31 +1,257 @@
-"""Benchmark scripts whose figures the docs quote (or that wait for a GPU) still run end to end, on tiny shapes."""
+"""Every script under benchmarks/ runs end to end at smoke size (seconds each), so none rots between measurements.
 
-import os
+The figures of these runs mean nothing (tiny shapes on a shared machine); what is checked is that
+each script still runs, prints the tables the docs quote in their shape, and that its figures are
+positive numbers. test_every_benchmark_script_has_a_smoke_test fails for a script added without one.
+"""
+
+import importlib
+import random
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from conftest import tool_env
+
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+SMOKE_TESTED: set[str] = set()  # benchmarks/ files some test below runs (a helper module through its script)
 
 
+def smoke(*scripts: str):
+    """Mark a test as the smoke run of these benchmarks/ files."""
+    SMOKE_TESTED.update(scripts)
+    return lambda test: test
+
+
+def _run(script: str, *args: str, timeout: int = 300) -> str:
+    command = [sys.executable, f"benchmarks/{script}", *args]
+    done = subprocess.run(command, cwd=ROOT, env=tool_env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _table(stdout: str, first_columns: str) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the markdown table whose header starts with `first_columns` ('a' or 'a | b')."""
+    lines = stdout.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(f"| {first_columns} |")), None)
+    assert start is not None, f"no table starting with {first_columns!r} in:\n{stdout}"
+    assert set(lines[start + 1].replace("|", "").split()) <= {"---", "---:"}  # the separator row
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert len(cells) == len(header), line
+        rows.append(cells)
+    return header, rows
+
+
+def _number(cell: str) -> float:
+    """The first number in a cell: '1,479' -> 1479, 'x5.05' -> 5.05, '0.93x' -> 0.93, '12.6 GB/s (38%)' -> 12.6."""
+    match = re.search(r"\d[\d,]*(\.\d+)?", cell)
+    assert match, f"no number in {cell!r}"
+    return float(match.group().replace(",", ""))
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    """A corpus folder of 40 short code-like documents (some non-ASCII), ~50 KB."""
+    from nanollm.data.corpus import write_corpus
+    from nanollm.data.sources import Document
+
+    rng = random.Random(0)
+    words = [
+        "def",
+        "return",
+        "self",
+        "import",
+        "class",
+        "for",
+        "in",
+        "if",
+        "    ",
+        "\n",
+        "x",
+        "=",
+        "(",
+        "):",
+        "12",
+        "é",
+    ]
+    docs = (Document(f"d{i}", " ".join(rng.choice(words) for _ in range(400))) for i in range(40))
+    folder = tmp_path_factory.mktemp("bench") / "corpus"
+    write_corpus(docs, folder, seed=0, val_fraction=0.2, shard_bytes=10**6, source_description={})
+    return folder
+
+
+def _import_script(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as when the script runs: its helpers are importable
+    return importlib.import_module(name)
+
+
+# ---------------------------------------------------------------------------- the scripts
+
+
+@smoke("bpe_train.py", "_corpus.py")
+def test_bpe_train_on_the_default_corpus_reports_min_and_median_of_both_trainers():
+    out = _run("bpe_train.py", "--sizes", "0.02", "--vocab-size", "300", "--repeats", "2")
+    assert "corpus: stdlib (built in a temp dir)" in out  # _corpus.stdlib_corpus built it
+    assert "min and median of 2 runs each, ours first in even rounds" in out
+    header, rows = _table(out, "train text")
+    assert header[2:6] == ["wall s, min", "wall s, median", "ours / theirs, min", "ours / theirs, median"]
+    assert [r[1] for r in rows] == ["ours", "tokenizers"]
+    for r in rows:
+        fastest, median = _number(r[2]), _number(r[3])
+        assert 0 < fastest <= median and _number(r[6]) > 0 and r[7] == "300" and _number(r[8]) > 1
+    assert _number(rows[0][4]) > 0 and _number(rows[0][5]) > 0
+
+
+@smoke("bpe_train.py")
+def test_bpe_train_on_a_corpus_folder_with_streaming(tiny_corpus):
+    args = ["--corpus", str(tiny_corpus), "--sizes", "0.01,full", "--vocab-size", "300", "--repeats", "2"]
+    out = _run("bpe_train.py", *args, "--stream-copies", "2")
+    _, rows = _table(out, "train text")
+    assert [(r[0].split(" (")[0], r[1]) for r in rows] == [
+        ("0.01 MB", "ours"),
+        ("0.01 MB", "tokenizers"),
+        ("full", "ours"),
+        ("full", "tokenizers"),
+    ]
+    _, streamed = _table(out, "streamed from disk")
+    assert [r[0].split(" (")[0] for r in streamed] == ["1 x train split", "2 x train split"]
+    assert all(_number(r[1]) > 0 and r[3] == "300" for r in streamed)
+
+
+def test_bpe_train_alternates_which_trainer_runs_first(tiny_corpus, monkeypatch):
+    bpe_train = _import_script("bpe_train", monkeypatch)
+    order = []
+
+    def fake(trainer, text_file, val_file, args):
+        order.append(trainer)
+        return {"seconds": 1.0, "vocab_size": 300, "val_bytes_per_token": 3.0, "tokens": ["61"], "phases": "",
+                "start_rss_mb": 1.0, "peak_rss_mb": 2.0, "workers_peak_rss_mb": 0.0}  # fmt: skip
+
+    monkeypatch.setattr(bpe_train, "_spawn", fake)
+    argv = ["bpe_train.py", "--corpus", str(tiny_corpus), "--sizes", "full", "--repeats", "4"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bpe_train.main()
+    assert order == ["ours", "tokenizers", "tokenizers", "ours"] * 2
+
+
+@smoke("tokenize_throughput.py")
+def test_tokenize_throughput_times_the_stage_path_against_raw_tiktoken(tiny_corpus):
+    args = ["--corpus", str(tiny_corpus), "--vocab-size", "300", "--repeats", "2", "--threads", "1"]
+    out = _run("tokenize_throughput.py", *args)
+    header, rows = _table(out, "path")
+    assert header == ["path", "median s", "MB/s", "vs raw"]
+    assert [r[0] for r in rows] == [
+        "raw tiktoken encode_ordinary_batch",
+        "ours: encode_documents + write_tokens",
+        "ours, reading the corpus folder",
+    ]
+    assert rows[0][3] == "1.00x" and all(_number(c) > 0 for r in rows for c in r[1:])
+
+
+@smoke("decode_vs_transformers.py")
+def test_decode_vs_transformers_races_both_caches_and_compares_with_the_faster(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("model: {n_layer: 1, n_head: 2, n_embd: 32, block_size: 16}\ntokenizer: {vocab_size: 300}\n")
+    args = ["--params", str(params), "--reference", "none", "--points", "4+3,6+2", "--repeats", "2"]
+    out = _run("decode_vs_transformers.py", *args, "--uncached-repeats", "2", "--copy-mb", "16", "--threads", "1")
+    header, rows = _table(out, "model")
+    assert header[2:7] == [
+        "transformers dynamic cache",
+        "transformers static cache",
+        "peer",
+        "ours cached",
+        "ours / peer",
+    ]
+    assert [(r[0], r[1]) for r in rows] == [("pipeline 1L/32d/300v", "4 + 3"), ("pipeline 1L/32d/300v", "6 + 2")]
+    for r in rows:
+        dynamic, static, ours = _number(r[2]), _number(r[3]), _number(r[5])
+        assert min(dynamic, static, ours, _number(r[7]), _number(r[8])) > 0
+        assert r[4] == ("static" if static > dynamic else "dynamic") or static == dynamic  # printed rounded
+        assert _number(r[6]) == pytest.approx(ours / max(dynamic, static), rel=0.05, abs=0.01)
+        assert r[11] == "dynamic: identical; static: identical"  # same weights, same greedy tokens
+    header, bandwidth = _table(out, "model | weights read per token (MB)")
+    assert header[2:] == ["ours: GB/s (share of copy)", "peer: GB/s (share)"]
+    assert len(bandwidth) == 1 and _number(bandwidth[0][1]) > 0  # MB per token; GB/s may print 0.0 this small
+    assert all(re.fullmatch(r"[\d.]+ \(\d+%\)", c) for c in bandwidth[0][2:])
+    assert "note:" not in out
+
+
+def test_decode_vs_transformers_alternates_which_side_runs_first(monkeypatch):
+    import argparse
+
+    script = _import_script("decode_vs_transformers", monkeypatch)
+    order = []
+    calls = {key: (lambda p, n, key=key: order.append(key) or [0] * n) for key in (*script.CACHED, *script.UNCACHED)}
+    args = argparse.Namespace(repeats=3, uncached_repeats=2, warmup=0)
+    medians, _ = script.run_point(calls, None, 4, args)
+    timed = order[len(script.UNCACHED) :]  # after the short uncached warm-up
+    ours_first = ["ours_cached", "ours_uncached", "hf_dynamic", "hf_static", "hf_uncached"]
+    assert timed == ours_first + ours_first[::-1] + ["ours_cached", "hf_dynamic", "hf_static"]
+    assert all(rate > 0 for rate in medians.values())
+
+
+@smoke("weight_layout.py")
+def test_weight_layout_times_every_layout_of_the_real_decode_layout():
+    out = _run("weight_layout.py", "--layers", "1", "--width", "32", "--heads", "2", "--vocab", "100", "--rounds", "1",
+               "--steps", "2", "--threads", "1")  # fmt: skip
+    rows = re.findall(r"^\| (.+?) \| ([\d.]+) ms \| ([\d.]+) GB/s \|$", out, flags=re.M)
+    assert [r[0].split(" ")[0] for r in rows] == ["nn.Linear", "column-major,", "decode", "sum()"], out
+    assert all(float(ms) > 0 for _, ms, _ in rows)
+
+
+@smoke("flash_attention.py")
+def test_flash_attention_reports_time_and_peak_memory_of_each_method():
+    out = _run("flash_attention.py", "--seq-len", "64", "256", "--heads", "1", "--head-dim", "16", "--repeats", "1",
+               "--threads", "1")  # fmt: skip
+    header, rows = _table(out, "T")
+    assert header[1:4] == ["method", "forward ms", "forward peak MB"]
+    assert [(r[0], r[1]) for r in rows] == [(t, m) for t in ("64", "256") for m in ("naive", "flash (ours)", "sdpa")]
+    assert all(_number(r[2]) >= 0 and _number(r[4]) > 0 for r in rows)
+    assert all(_number(r[3]) > 0 for r in rows if r[:2] == ["256", "naive"])  # its T x T matrices: 0.3 MB
+    assert len(re.findall(r"^T=\d+: flash peak memory is at most [\d.]+ of naive's", out, flags=re.M)) == 2
+
+
+@smoke("train_throughput.py")
+def test_train_throughput_trains_ours_and_the_peer_with_the_same_step():
+    tiny = "--layers 1 --width 32 --heads 2 --vocab 100 --batch 2 --seq 16 --steps 1 --warmup 1 --rounds 2 --threads 1"
+    out = _run("train_throughput.py", *tiny.split())
+    _, rows = _table(out, "model")
+    assert [r[0] for r in rows] == ["nanollm Transformer", "transformers LlamaForCausalLM (sdpa)"]
+    assert all(_number(r[1]) > 0 and _number(r[3]) > 0 for r in rows)
+    assert re.search(r"ours / peer, median of per-round ratios: [\d.]+x", out)
+
+
+@smoke("pretrain_mfu.py")
 def test_pretrain_mfu_runs_the_pretrain_loop_and_reports_mfu():
     tiny = "--layers 2 --width 64 --heads 2 --seq 32 --batch 2 --grad-accum 2 --vocab 300 --steps 4"
-    command = [sys.executable, "benchmarks/pretrain_mfu.py", "--device", "cpu", "--no-compile", *tiny.split()]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "model: 2 layers x 64 wide, 2 heads, context 32, vocab 300" in done.stdout
-    assert "2 x grad_accum 2 = 128 tokens per step" in done.stdout
-    match = re.search(r"tokens/s: ([\d,]+)\s+MFU: ([\d.]+)%", done.stdout)
-    assert match and float(match.group(1).replace(",", "")) > 0 and float(match.group(2)) > 0, done.stdout
+    out = _run("pretrain_mfu.py", "--device", "cpu", "--no-compile", *tiny.split())
+    assert "model: 2 layers x 64 wide, 2 heads, context 32, vocab 300" in out
+    assert "2 x grad_accum 2 = 128 tokens per step" in out
+    match = re.search(r"tokens/s: ([\d,]+)\s+MFU: ([\d.]+)%", out)
+    assert match and float(match.group(1).replace(",", "")) > 0 and float(match.group(2)) > 0, out
 
 
-def test_weight_layout_times_every_layout_of_the_real_decode_layout():
-    command = [sys.executable, "benchmarks/weight_layout.py", "--layers", "1", "--width", "32", "--heads", "2"]
-    command += ["--vocab", "100", "--rounds", "1", "--steps", "2", "--threads", "1"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = re.findall(r"^\| (.+?) \| ([\d.]+) ms \| ([\d.]+) GB/s \|$", done.stdout, flags=re.M)
-    assert [r[0].split(" ")[0] for r in rows] == ["nn.Linear", "column-major,", "decode", "sum()"], done.stdout
-    assert all(float(ms) > 0 for _, ms, _ in rows)
+def test_pretrain_mfu_races_dtypes_and_says_what_auto_picked():
+    tiny = "--layers 1 --width 32 --heads 2 --seq 16 --batch 2 --vocab 300 --steps 3 --rounds 2"
+    out = _run("pretrain_mfu.py", "--preset", "params.yaml", "--device", "cpu", "--no-compile",
+               "--dtype", "auto,float32,bfloat16", *tiny.split())  # fmt: skip
+    rows = re.findall(r"^\| (auto|float32|bfloat16) \| (float32|bfloat16) \| ([\d,]+) \|", out, flags=re.M)
+    assert [r[0] for r in rows] == ["auto", "float32", "bfloat16"], out
+    assert rows[1][1] == "float32" and rows[2][1] == "bfloat16" and all(float(r[2].replace(",", "")) > 0 for r in rows)
+    match = re.search(r"^auto picked (\w+) \((auto: .+)\): x([\d.]+) the tokens/s of the fastest explicit", out, re.M)
+    assert match and match.group(1) == rows[0][1], out
+    assert re.search(r"^machine: .+; cpu, \d+ threads", out, flags=re.M), out
+
+
+def test_every_benchmark_script_has_a_smoke_test():
+    scripts = {p.name for p in BENCHMARKS.glob("*.py")}
+    assert scripts - SMOKE_TESTED == set(), "benchmarks without a smoke test here; add one marked @smoke(...)"
+    assert SMOKE_TESTED - scripts == set(), "smoke tests name benchmarks that no longer exist"
