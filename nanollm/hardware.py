@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import platform
 import subprocess
 import time
@@ -105,6 +106,53 @@ def _cpu_flags(system: str) -> frozenset[str]:
             return frozenset()
         return frozenset({"bf16"}) if out.stdout.strip() == "1" else frozenset()
     return frozenset()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, sysctl on macOS), or the architecture when unknown."""
+    return _cpu_model(platform.system())
+
+
+@functools.cache
+def _cpu_model(system: str) -> str:
+    if system == "Linux":
+        try:
+            for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "model name" and value.strip():
+                    return value.strip()
+        except OSError:
+            pass
+    elif system == "Darwin":
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+            )
+            if out.stdout.strip():
+                return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(device: torch.device | str = "cpu") -> str:
+    """One line naming what a measured figure came from: the CPU (model, cores, the SIMD and bf16 features
+    that decide its speed) or the GPU (name, compute capability). Printed beside every figure."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}), CUDA {torch.version.cuda}"
+    if device.type == "mps":
+        return f"Apple GPU (MPS) of {cpu_model()}"
+    flags = cpu_flags()
+    simd = next((name for flag, name in _SIMD if flag in flags), None)
+    native = sorted(set(NATIVE_BF16_CPU_FLAGS) & flags)
+    bf16 = f"native bf16 ({', '.join(native)})" if native else "no native bf16"
+    return ", ".join(filter(None, [cpu_model(), f"{os.cpu_count()} CPUs", simd, bf16 if flags else None]))
+
+
+# widest SIMD first: the first flag present names the machine's vector unit
+_SIMD = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sve", "SVE"), ("asimd", "NEON"))
 
 
 @dataclass(frozen=True)

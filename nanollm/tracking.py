@@ -2,7 +2,10 @@
 
 A `Tracker` wraps one MLflow run (created or re-opened by id); a `NullTracker` has the
 same methods and does nothing, so call sites never branch on whether tracking is on.
-mlflow is imported lazily: constructing a tracker is the first moment it is needed.
+This module also owns how the runs look in MLflow's UI: the metric names (`sectioned`),
+the two experiments (models, tokenizers) with the runs-table view each opens with, and the
+`mlflow server` command line behind `nanollm ui`. mlflow is imported lazily: constructing a
+tracker is the first moment it is needed.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import math
 import os
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,81 @@ log = logging.getLogger(__name__)
 
 # MLflow caps a param value at 6000 characters (mlflow.utils.validation).
 _MAX_PARAM_CHARS = 6000
+
+# MLflow's run page draws one section per metric prefix (the text before the last "/"), the
+# sections in alphabetical order, then the un-prefixed metrics under "Model metrics"; charts
+# within a section are alphabetical too, and `system/*` metrics get a tab of their own
+# (getBaseChartAndSectionConfigs in MLflow 3.17's UI). So the section names carry the reading
+# order: eval (bits per byte, val loss), then loss (the train and val curves side by side), then
+# speed (the KV-cache decoding bench), tokens (the data the model trained on) and train (lr, grad
+# norm, throughput). With `bench/` and `data/` instead, 30 bar charts came before bits per byte.
+# source -> (section, names that get a name of their own instead of `section/name`)
+_SECTIONS: dict[str, tuple[str, dict[str, str]]] = {
+    "eval": ("eval", {}),
+    "train": ("train", {"train_loss": "loss/train", "val_loss": "loss/val"}),
+    "bench": ("speed", {}),
+    "data": ("tokens", {"train_tokens": "tokens/train", "val_tokens": "tokens/val"}),
+}
+
+
+def sectioned(source: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """MLflow names for a stage's metrics: `sectioned("eval", {"bits_per_byte": 1.2})` -> `eval/bits_per_byte`.
+
+    source is eval (evaluate), train (the training loop and its totals), bench (bench_kvcache)
+    or data (pretrain's token counts). Only MLflow sees these names: the metrics files that
+    DVC reads keep the stages' own flat keys.
+    """
+    section, own_names = _SECTIONS[source]
+    return {own_names.get(key, f"{section}/{key}"): value for key, value in metrics.items()}
+
+
+@dataclass(frozen=True)
+class RunsView:
+    """One of the project's MLflow experiments and the columns its runs table opens with.
+
+    The columns live in the experiment as a saved view: tag `mlflow.sharedViewState.nanollm`
+    holding the JSON MLflow 3.17's UI itself writes ("Views" menu), opened by `runs_url`.
+    MLflow offers no other way, by URL or tag, to choose the visible columns: without the view
+    a new user's table shows run name, date and source, and no metric.
+    """
+
+    suffix: str  # appended to tracking.experiment: "" for the models, "-tokenizers"
+    title: str  # the view's name in the "Views" menu
+    metrics: tuple[str, ...]
+    params: tuple[str, ...]
+
+    def experiment(self, cfg: TrackingConfig) -> str:
+        return cfg.experiment + self.suffix
+
+    def tags(self) -> dict[str, str]:
+        """The experiment's tags: MLflow's model-training kind and the saved view."""
+        columns = [f"metrics.`{m}`" for m in self.metrics] + [f"params.`{p}`" for p in self.params]
+        # createdAt is fixed (the view is part of the code, not of a moment), so an unchanged view is never rewritten
+        view = {"name": self.title, "createdAt": _VIEW_CREATED_MS, "state": json.dumps({"selectedColumns": columns})}
+        return {
+            # MLflow's record of what the experiment is for: model training, not GenAI (traces, judges)
+            "mlflow.experimentKind": "custom_model_development",
+            f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view),
+        }
+
+
+VIEW_KEY = "nanollm"  # the saved view's id: ?viewStateShareKey=nanollm
+_VIEW_CREATED_MS = 1_795_910_400_000  # 2026-11-29, when nanollm first wrote these views; shown in the "Views" menu
+
+# One run per trained model (pretrain creates it, evaluate and bench_kvcache add to it).
+MODEL_RUNS = RunsView(
+    "",
+    "nanollm: bits per byte, losses",
+    metrics=("eval/bits_per_byte", "eval/val_loss", "loss/val", "loss/train", "speed/max_speedup"),
+    params=("model.n_layer", "model.n_embd", "train.lr", "train.max_steps", "tokenizer.vocab_size"),
+)
+# One run per tokenizer trained, kept apart so that the models' table lists models only.
+TOKENIZER_RUNS = RunsView(
+    "-tokenizers",
+    "nanollm: tokenizers",
+    metrics=("val_bytes_per_token", "gpt2_val_bytes_per_token", "vocab_size", "train_seconds"),
+    params=("tokenizer.kind", "tokenizer.vocab_size", "tokenizer.split_pattern"),
+)
 
 
 def tracking_uri(cfg: TrackingConfig, root: Path) -> str:
@@ -126,10 +206,54 @@ def _best_effort(method: Any) -> Any:
     return wrapper
 
 
+def open_experiment(client: Any, name: str, view: RunsView, artifact_root: Path | None = None) -> str:
+    """The id of experiment `name`, created if absent; its tags (kind, saved view) set when missing or stale.
+
+    Experiments made by older nanollm versions get their tags on first use; their runs, with
+    metrics named the old way (`train_loss`, `eval_bits_per_byte`), stay as they are and show
+    under "Model metrics" on their run page.
+    """
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        location = artifact_root.resolve().as_uri() if artifact_root else None
+        try:
+            client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            pass  # another stage (a parallel queued experiment) created it first
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise MlflowException(f"experiment {name} could not be created")
+    if found.lifecycle_stage == "deleted":
+        raise NanollmError(
+            f"MLflow experiment {name} (id {found.experiment_id}) is deleted in {client.tracking_uri}; restore it "
+            f"(mlflow experiments restore --experiment-id {found.experiment_id}) or set tracking.experiment"
+        )
+    stale = {key: value for key, value in view.tags().items() if found.tags.get(key) != value}
+    try:
+        for key, value in stale.items():
+            client.set_experiment_tag(found.experiment_id, key, value)
+    except MlflowException as err:  # a shared server may let this user log runs but not edit the experiment
+        log.warning("could not tag MLflow experiment %s (%s); runs are logged all the same", name, err.message)
+    return found.experiment_id
+
+
+def _unusable_store(uri: str, err: Exception) -> NanollmError:
+    if isinstance(err, NanollmError):
+        return err
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return NanollmError(
+        f"MLflow store {uri} is unusable ({first}); fix MLFLOW_TRACKING_URI/tracking.uri or set tracking.enabled: false"
+    )
+
+
 class Tracker(NullTracker):
     """One MLflow run in one experiment of one tracking store."""
 
-    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
+    def __init__(
+        self, uri: str, experiment: str, artifact_root: Path | None = None, view: RunsView = MODEL_RUNS
+    ) -> None:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
@@ -137,29 +261,9 @@ class Tracker(NullTracker):
         self.run_id = None
         self.lost = False  # set once the store failed mid-run; later calls then do nothing
         try:
-            self.experiment_id = self._experiment_id(experiment, artifact_root)
+            self.experiment_id = open_experiment(self.client, experiment, view, artifact_root)
         except Exception as err:  # MlflowException, or sqlalchemy errors from a bad database
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise NanollmError(
-                f"MLflow store {uri} is unusable ({first}); fix MLFLOW_TRACKING_URI/tracking.uri "
-                "or set tracking.enabled: false"
-            ) from None
-
-    def _experiment_id(self, name: str, artifact_root: Path | None) -> str:
-        from mlflow.exceptions import MlflowException
-
-        found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        location = artifact_root.resolve().as_uri() if artifact_root else None
-        try:
-            return self.client.create_experiment(name, artifact_location=location)
-        except MlflowException:
-            # another stage (a parallel queued experiment) created it first
-            found = self.client.get_experiment_by_name(name)
-            if found is None:
-                raise
-            return found.experiment_id
+            raise _unusable_store(uri, err) from None
 
     def start(self, run_name: str | None = None, tags: Mapping[str, str] | None = None) -> None:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
@@ -269,8 +373,13 @@ def _probe_server(uri: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def make_tracker(cfg: TrackingConfig, root: Path) -> NullTracker:
-    """A Tracker on the configured store, or a NullTracker when tracking is disabled."""
+def _artifact_root(uri: str, root: Path) -> Path | None:
+    """The project's mlartifacts/ for a sqlite store; a server or database keeps its own."""
+    return Path(root) / "mlartifacts" if uri.startswith("sqlite:") else None
+
+
+def make_tracker(cfg: TrackingConfig, root: Path, *, runs: RunsView = MODEL_RUNS) -> NullTracker:
+    """A Tracker on the configured store, in the experiment of `runs`; a NullTracker when tracking is disabled."""
     if not cfg.enabled:
         return NullTracker()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -281,8 +390,33 @@ def make_tracker(cfg: TrackingConfig, root: Path) -> NullTracker:
         # a server that goes away mid-training should cost seconds before we carry on without it.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    artifact_root = Path(root) / "mlartifacts" if uri.startswith("sqlite:") else None
-    return Tracker(uri, cfg.experiment, artifact_root=artifact_root)
+    return Tracker(uri, runs.experiment(cfg), artifact_root=_artifact_root(uri, root), view=runs)
+
+
+def ui_experiment(cfg: TrackingConfig, root: Path) -> str:
+    """The id of the models' experiment in the store `nanollm ui` serves, created and tagged if needed."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = tracking_uri(cfg, root)
+    try:
+        return open_experiment(
+            MlflowClient(tracking_uri=uri), MODEL_RUNS.experiment(cfg), MODEL_RUNS, _artifact_root(uri, root)
+        )
+    except Exception as err:  # MlflowException, or sqlalchemy errors from a bad database
+        raise _unusable_store(uri, err) from None
+
+
+def runs_url(base: str, experiment_id: str) -> str:
+    """The page of MLflow's UI (3.17) that lists an experiment's runs as model training, with the view's columns.
+
+    MLflow 3.17's UI picks GenAI or model training per browser (localStorage, GenAI unless the
+    user switched) and, with that switch built in, does not read `mlflow.experimentKind`. So the
+    URL says `workflowType=machine_learning` itself: a fresh browser would otherwise land on the
+    GenAI overview (traces, latency, "Detect issues"). `viewStateShareKey` opens the saved view.
+    """
+    query = urllib.parse.urlencode({"workflowType": "machine_learning", "viewStateShareKey": VIEW_KEY})
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
 def ui_command(cfg: TrackingConfig, root: Path, *, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
@@ -297,8 +431,9 @@ def ui_command(cfg: TrackingConfig, root: Path, *, host: str = "127.0.0.1", port
     uri = tracking_uri(cfg, root)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     command += ["--host", host, "--port", str(port), "--workers", "1"]
-    if uri.startswith("sqlite:"):
-        command += ["--artifacts-destination", (Path(root) / "mlartifacts").resolve().as_uri()]
+    artifact_root = _artifact_root(uri, root)
+    if artifact_root is not None:
+        command += ["--artifacts-destination", artifact_root.resolve().as_uri()]
     return command
 
 

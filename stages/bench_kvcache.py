@@ -24,7 +24,8 @@ def command(ctx: StageContext, checkpoint: Path, metrics: Path, table: Path, cha
     """Time cached vs uncached greedy decoding at every bench.prompt_lengths x bench.new_tokens point.
 
     With bench.compare_transformers, transformers' generate on the same weights is timed in
-    the same rounds, and our cached tokens/s is reported as a multiple of its.
+    the same rounds with its dynamic and its static cache, and our cached tokens/s is
+    reported as a multiple of the faster one's.
     """
     import torch
 
@@ -39,16 +40,18 @@ def command(ctx: StageContext, checkpoint: Path, metrics: Path, table: Path, cha
         write_table,
     )
     from nanollm.checkpoint import architecture_differences, load_model, read_run_id
+    from nanollm.hardware import describe_machine, pick_device
+    from nanollm.tracking import make_tracker, sectioned
 
     cfg = ctx.config.bench
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(cfg.device, key="bench.device")
     model = load_model(checkpoint, device=device)
     architecture_differences(model, ctx.config.model, checkpoint)
     peer = None
     if cfg.compare_transformers:
-        from nanollm.peers import transformers_greedy
+        from nanollm.peers import transformers_settings
 
-        peer = transformers_greedy(model)
+        peer = transformers_settings(model)
     rows = bench_kvcache(
         model,
         prompt_lengths=cfg.prompt_lengths,
@@ -62,6 +65,8 @@ def command(ctx: StageContext, checkpoint: Path, metrics: Path, table: Path, cha
     summary = summarize(rows)
     summary.update(bandwidth(rows, weight_bytes_per_token(model), memory_bandwidth(device=device)))
     summary["threads"] = torch.get_num_threads()
+    summary["device"] = str(device)
+    summary["machine"] = describe_machine(device)  # decoding speed is the machine's as much as the model's
     write_json(metrics, summary)
     write_table(rows, table)
     arch = model.cfg
@@ -72,13 +77,13 @@ def command(ctx: StageContext, checkpoint: Path, metrics: Path, table: Path, cha
         f"(prompt {best['prompt_len']}, {best['new_tokens']} new tokens: "
         f"{best['cached_tok_s']:.0f} vs {best['uncached_tok_s']:.0f} tokens/s); weights read at "
         f"{summary['weight_read_gb_s']:.1f} GB/s of {summary['memory_copy_gb_s']:.1f} GB/s measured"
-        + (f"; cached decoding x{summary['min_vs_transformers']:.2f} or more transformers'" if peer else ""),
+        + (f"; cached decoding x{summary['min_vs_transformers']:.2f} or more transformers' best" if peer else ""),
         err=True,
     )
 
-    tracker = ctx.tracker()
+    tracker = make_tracker(ctx.config.tracking, ctx.root)
     with tracker:
         tracker.resume(read_run_id(checkpoint))
-        tracker.log_metrics({f"bench_{k}": v for k, v in summary.items()})
+        tracker.log_metrics(sectioned("bench", summary))
         tracker.log_artifact(table, "bench_kvcache")
         tracker.log_artifact(chart, "bench_kvcache")

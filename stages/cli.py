@@ -100,12 +100,6 @@ class StageContext:
     params_path: Path
     root: Path  # the project root: DVC_ROOT when DVC runs us, else the folder of params.yaml
 
-    def tracker(self, **kwargs: Any) -> Any:
-        """An MLflow tracker for this project (a no-op one when tracking is disabled)."""
-        from nanollm.tracking import make_tracker
-
-        return make_tracker(self.config.tracking, root=self.root, **kwargs)
-
 
 def pass_context(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a stage command so it receives a StageContext as first argument."""

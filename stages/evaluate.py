@@ -40,6 +40,7 @@ def command(
     from nanollm.evaluate import compressor_bits_per_byte, evaluate_lm
     from nanollm.hardware import pick_device
     from nanollm.tokenizer import load_tokenizer
+    from nanollm.tracking import make_tracker, sectioned
 
     cfg = ctx.config.eval
     info = read_checkpoint_info(checkpoint)
@@ -88,10 +89,10 @@ def command(
         err=True,
     )
 
-    tracker = ctx.tracker()
+    tracker = make_tracker(ctx.config.tracking, ctx.root)
     with tracker:
         tracker.resume(read_run_id(checkpoint))
-        tracker.log_metrics({f"eval_{k}": v for k, v in out.items()})
+        tracker.log_metrics(sectioned("eval", out))
         tracker.log_artifact(samples, "evaluate")
         tracker.log_artifact(ctx.params_path, "evaluate")
         if ctx.config.tracking.log_model:  # the model's files beside its metrics: ~17 MB at the defaults

@@ -74,7 +74,7 @@ def _pretrain(
     from nanollm.hardware import choose_dtype
     from nanollm.interrupt import GracefulStop, TrainingInterrupted
     from nanollm.model import Transformer
-    from nanollm.tracking import NullTracker
+    from nanollm.tracking import NullTracker, make_tracker, sectioned
     from nanollm.train import train
 
     config = ctx.config
@@ -96,7 +96,7 @@ def _pretrain(
     if resume:
         model.load_state_dict(resume["model"])
 
-    tracker = ctx.tracker() if dist.is_main else NullTracker()
+    tracker = make_tracker(ctx.config.tracking, ctx.root) if dist.is_main else NullTracker()
     info = {"tokenizer_sha256": meta.tokenizer_sha256, "corpus_sha256": meta.corpus_sha256, "fingerprint": wanted}
 
     def save(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
@@ -115,7 +115,7 @@ def _pretrain(
         with GracefulStop() as stop, system_metrics:
             result = train(
                 model, train_data, val_data, config.train, seed=config.seed, device=device,
-                callback=lambda step, m: tracker.log_metrics(m, step=step), checkpoint=save,
+                callback=lambda step, m: tracker.log_metrics(sectioned("train", m), step=step), checkpoint=save,
                 resume=resume["state"] if resume else None, stop=stop, dist=dist,
             )  # fmt: skip
         if dist.is_main:
@@ -136,7 +136,7 @@ def _open_run(tracker: Any, ctx: StageContext, meta: Any, resume: dict[str, Any]
     """Re-open the resumed checkpoint's MLflow run when it lives in this store; else start a new one."""
     from nanollm.config import flatten
     from nanollm.errors import NanollmError
-    from nanollm.tracking import run_tags
+    from nanollm.tracking import run_tags, sectioned
 
     config = ctx.config
     previous = (resume or {}).get("run") or {}
@@ -144,7 +144,7 @@ def _open_run(tracker: Any, ctx: StageContext, meta: Any, resume: dict[str, Any]
         try:
             tracker.resume(previous["run_id"])
             tracker.set_tags({"resumed_from_step": resume["state"]["step"]})
-            tracker.log_metrics(_data_metrics(meta))
+            tracker.log_metrics(sectioned("data", _data_metrics(meta)))
             return
         except NanollmError as err:
             log.warning("%s; logging the resumed training to a new run", err)
@@ -153,7 +153,7 @@ def _open_run(tracker: Any, ctx: StageContext, meta: Any, resume: dict[str, Any]
     )
     tracker.start(run_name=_run_name(config, meta.vocab_size), tags=tags)
     tracker.log_params(flatten(config.to_dict()))
-    tracker.log_metrics(_data_metrics(meta))
+    tracker.log_metrics(sectioned("data", _data_metrics(meta)))
     tracker.log_artifact(ctx.params_path)
     for split in ("train", "val"):  # lineage: the run's Datasets panel, digest = the corpus sha256
         tracker.log_dataset(f"corpus-{split}", meta.corpus_sha256, source=f"data/tokens/{split}.bin", context=split)
@@ -162,6 +162,7 @@ def _open_run(tracker: Any, ctx: StageContext, meta: Any, resume: dict[str, Any]
 def _write_outputs(outputs: tuple[Path, ...], result: Any, n_params: int, tracker: Any, title: str) -> None:
     """metrics JSON, train/val curves, the loss chart; the final numbers to MLflow."""
     from nanollm.atomic import write_json
+    from nanollm.tracking import sectioned
 
     metrics, train_curve, val_curve, chart = outputs
     summary = _summary(result, n_params)
@@ -171,7 +172,8 @@ def _write_outputs(outputs: tuple[Path, ...], result: Any, n_params: int, tracke
     _plot_losses(chart, result.history, result.val_history, title=title)
     # train_loss, val_loss, tokens_per_s and mfu already have a value at the last step
     step = result.state["step"]
-    tracker.log_metrics({"tokens": result.tokens, "seconds": result.seconds, "params": n_params}, step=step)
+    totals = {"tokens": result.tokens, "seconds": result.seconds, "params": n_params}
+    tracker.log_metrics(sectioned("train", totals), step=step)
     tracker.log_artifact(chart)
     log.info("pretrain: %s", json.dumps(summary))
 
@@ -184,7 +186,9 @@ def _run_name(config: Any, vocab_size: int) -> str:
 
 
 def _summary(result: Any, n_params: int) -> dict[str, Any]:
-    """metrics/pretrain.json: final losses, throughput and size, rounded for readable diffs."""
+    """metrics/pretrain.json: final losses, throughput and size, rounded for readable diffs; where it ran."""
+    from nanollm.hardware import describe_machine
+
     return {
         "train_loss": round(result.train_loss, 6),
         "val_loss": round(result.val_loss, 6),
@@ -198,6 +202,7 @@ def _summary(result: Any, n_params: int) -> dict[str, Any]:
         "device": result.device,
         "dtype": result.dtype,
         "dtype_reason": result.dtype_reason,
+        "machine": describe_machine(result.device),
     }
 
 
@@ -208,12 +213,12 @@ def _data_metrics(meta: Any) -> dict[str, float]:
     also hold timings, which differ on every rerun, and as dependencies they would make DVC
     retrain an unchanged model after a rerun of the tokenizer or tokenize stage.
     """
-    values: dict[str, float] = {"data.vocab_size": meta.vocab_size}
+    values: dict[str, float] = {"vocab_size": meta.vocab_size}
     for split, counts in meta.splits.items():
-        values[f"data.{split}_tokens"] = counts["tokens"]
-        values[f"data.{split}_documents"] = counts["documents"]
+        values[f"{split}_tokens"] = counts["tokens"]
+        values[f"{split}_documents"] = counts["documents"]
         if counts["tokens"]:
-            values[f"data.{split}_bytes_per_token"] = round(counts["bytes"] / counts["tokens"], 4)
+            values[f"{split}_bytes_per_token"] = round(counts["bytes"] / counts["tokens"], 4)
     return values
 
 

@@ -1,7 +1,8 @@
 """`nanollm train_tokenizer`: train the byte-level BPE tokenizer on the corpus train split.
 
 Training and the file format live in nanollm.tokenizer; this module wires paths, metrics and an
-MLflow run of its own (one per tokenizer: every model trained on it shares it).
+MLflow run of its own (one per tokenizer: every model trained on it shares it), logged to the
+experiment `<tracking.experiment>-tokenizers` so that the models' runs table lists models only.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ def command(ctx: StageContext, corpus: Path, out: Path, metrics: Path) -> None:
     from nanollm.config import flatten
     from nanollm.data.corpus import iter_documents, read_manifest
     from nanollm.tokenizer import FILENAME, bytes_per_token, create_tokenizer, gpt2, load_tokenizer
-    from nanollm.tracking import run_tags
+    from nanollm.tracking import TOKENIZER_RUNS, make_tracker, run_tags
 
     cfg = ctx.config.tokenizer
     train_bytes = read_manifest(corpus)["splits"]["train"]["bytes"]
     run_name = "tokenizer-gpt2" if cfg.kind == "gpt2" else f"tokenizer-bpe-{cfg.vocab_size}"
-    tracker = ctx.tracker()
+    tracker = make_tracker(ctx.config.tracking, ctx.root, runs=TOKENIZER_RUNS)
     with tracker:
         tracker.start(run_name=run_name, tags=run_tags(ctx.root, stage="train_tokenizer"))
         tracker.log_params({**flatten({"tokenizer": ctx.config.to_dict()["tokenizer"]}), "seed": ctx.config.seed})

@@ -145,3 +145,34 @@ def test_cpu_flags_are_read_from_proc_cpuinfo(monkeypatch, tmp_path):
 def test_cpu_peak_is_measured_once():
     peak = cpu_matmul_peak(1)
     assert peak > 1e8 and cpu_matmul_peak(1) == peak  # > 0.1 GFLOP/s on anything; cached
+
+
+# ---------------------------------------------------------------------------- naming the machine
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"avx2", "avx512f", "avx512_bf16"}, "Test CPU, 2 CPUs, AVX-512, native bf16 (avx512_bf16)"),
+        ({"avx2", "avx512f"}, "Test CPU, 2 CPUs, AVX-512, no native bf16"),
+        ({"avx2", "fma"}, "Test CPU, 2 CPUs, AVX2, no native bf16"),
+        ({"asimd", "bf16"}, "Test CPU, 2 CPUs, NEON, native bf16 (bf16)"),
+        (set(), "Test CPU, 2 CPUs"),  # nothing readable: say nothing rather than something wrong
+    ],
+)
+def test_describe_machine_names_the_cpu_features_that_decide_speed(monkeypatch, flags, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(hardware, "cpu_model", lambda: "Test CPU")
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 2)
+    assert hardware.describe_machine("cpu") == expected
+
+
+def test_describe_machine_names_the_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    text = hardware.describe_machine(torch.device("cuda", 0))
+    assert text.startswith("NVIDIA H100 80GB HBM3 (compute capability 9.0)")
+
+
+def test_this_machine_has_a_cpu_model():
+    assert hardware.cpu_model() and hardware.describe_machine().startswith(hardware.cpu_model())

@@ -86,9 +86,12 @@ def test_pretrain_writes_outputs_and_one_mlflow_run(project):
     metrics = json.loads((project / "metrics" / "pretrain.json").read_text())
     assert set(metrics) == {
         "train_loss", "val_loss", "tokens", "seconds", "tokens_per_s", "params", "mfu", "peak_memory_mb",
-        "estimated_memory_mb",
+        "estimated_memory_mb", "device", "dtype", "dtype_reason", "machine",
     }  # fmt: skip
     assert metrics["tokens"] == 768 and metrics["val_loss"] < np.log(VOCAB) + 0.5 and metrics["params"] > 0
+    # train.dtype is auto here: which dtype depends on the CPU (tests/test_dtype_matmuls.py pins each branch)
+    assert metrics["device"] == "cpu" and metrics["dtype"] in ("float32", "bfloat16")
+    assert metrics["dtype_reason"].startswith("auto: ") and metrics["machine"]
 
     with open(project / "reports" / "train_curve.csv") as f:
         train_rows = list(csv.DictReader(f))
@@ -109,18 +112,21 @@ def test_pretrain_writes_outputs_and_one_mlflow_run(project):
     assert run.data.params["seed"] == "5" and "eval.top_k" in run.data.params  # every params key, flattened
     assert run.data.tags["stage"] == "pretrain" and run.data.tags["data.sha256"] == "c" * 64
     assert run.data.tags["tokenizer.sha256"] == "a" * 64
+    assert {k: run.data.tags[k] for k in ("device", "dtype", "dtype_reason")} == {
+        k: metrics[k] for k in ("device", "dtype", "dtype_reason")
+    }
     splits = read_meta(project / "data" / "tokens").splits  # the run's data metrics come from meta.json
-    assert {k: v for k, v in run.data.metrics.items() if k.startswith("data.")} == {
-        "data.vocab_size": VOCAB, "data.train_documents": 60, "data.val_documents": 10,
-        "data.train_tokens": splits["train"]["tokens"], "data.val_tokens": splits["val"]["tokens"],
-        "data.train_bytes_per_token": round(6000 / splits["train"]["tokens"], 4),
-        "data.val_bytes_per_token": round(1000 / splits["val"]["tokens"], 4),
+    assert {k: v for k, v in run.data.metrics.items() if k.startswith("tokens/")} == {
+        "tokens/vocab_size": VOCAB, "tokens/train_documents": 60, "tokens/val_documents": 10,
+        "tokens/train": splits["train"]["tokens"], "tokens/val": splits["val"]["tokens"],
+        "tokens/train_bytes_per_token": round(6000 / splits["train"]["tokens"], 4),
+        "tokens/val_bytes_per_token": round(1000 / splits["val"]["tokens"], 4),
     }  # fmt: skip
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [4, 8, 12]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [6, 12]
-    for name in ("lr", "grad_norm", "tokens_per_s", "mfu"):
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/train")] == [4, 8, 12]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/val")] == [6, 12]
+    for name in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu"):
         assert len(client.get_metric_history(run.info.run_id, name)) == 3
-    assert run.data.metrics["params"] == metrics["params"]
+    assert run.data.metrics["train/params"] == metrics["params"]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"params.yaml", "pretrain_loss.png"}
 
 
@@ -170,7 +176,7 @@ def test_a_crashed_run_resumes_into_the_same_mlflow_run(project, monkeypatch):
     assert json.loads((ckpt / "run.json").read_text())["run_id"] == run_id  # the same run, re-opened
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "5"
-    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [4, 8, 12]
+    assert [m.step for m in client.get_metric_history(run_id, "loss/train")] == [4, 8, 12]
     assert len(client.search_runs([run.info.experiment_id])) == 1
     with open(project / "reports" / "train_curve.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [4, 8, 12]  # the whole run

@@ -72,7 +72,10 @@ def test_train_tokenizer_then_tokenize(project, monkeypatch):
     assert metrics["val_bytes_per_token"] == round(val_bytes / sum(len(tok.encode(t)) for t in val), 4) > 1.0
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("nanollm").experiment_id])
+    assert client.get_experiment_by_name("nanollm") is None  # the models' experiment: no tokenizer runs in it
+    experiment = client.get_experiment_by_name("nanollm-tokenizers")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "tokenizer-bpe-300"
     assert run.data.params["tokenizer.vocab_size"] == "300" and run.data.params["tokenizer.split_pattern"] == "gpt4"
     assert run.data.params["seed"] == "1337"
@@ -132,5 +135,5 @@ def test_errors_are_one_line_and_write_nothing(project, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("nanollm").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("nanollm-tokenizers").experiment_id])
     assert run.info.status == "FAILED" and run.info.run_name == "tokenizer-gpt2"

@@ -1,11 +1,25 @@
-"""MLflow tracking on a real sqlite store: URI resolution, runs, params, metrics, resume."""
+"""MLflow tracking on a real sqlite store: URI resolution, runs, params, metrics, resume, how the UI shows them."""
+
+import json
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from nanollm.config import Config, TrackingConfig, flatten
 from nanollm.errors import NanollmError
-from nanollm.tracking import NullTracker, Tracker, make_tracker, run_tags, tracking_uri
+from nanollm.tracking import (
+    MODEL_RUNS,
+    TOKENIZER_RUNS,
+    VIEW_KEY,
+    NullTracker,
+    Tracker,
+    make_tracker,
+    run_tags,
+    runs_url,
+    sectioned,
+    tracking_uri,
+    ui_experiment,
+)
 
 
 def test_uri_default_is_absolute_sqlite_in_project_root(tmp_path, monkeypatch):
@@ -119,3 +133,120 @@ def test_store_lost_mid_run_warns_once_and_carries_on(tmp_path, caplog):
         tracker.end()
     warnings = [r for r in caplog.records if "continuing without tracking" in r.getMessage()]
     assert len(warnings) == 1 and tracker.lost
+
+
+def _section(name: str) -> str:
+    """The section MLflow 3.17's run page files a metric under (getBaseChartAndSectionConfigs)."""
+    return name.rsplit("/", 1)[0] if "/" in name else "Model metrics"
+
+
+def test_metric_sections_put_bits_per_byte_and_the_loss_curves_first():
+    # every name the stages log, in the dicts they log
+    logged = {
+        **sectioned("train", {"train_loss": 3.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 9.0, "mfu": 0.1}),
+        **sectioned("train", {"val_loss": 3.1}),
+        **sectioned("train", {"tokens": 10, "seconds": 2.0, "params": 5}),
+        **sectioned("data", {"vocab_size": 512, "train_tokens": 9, "val_tokens": 1, "train_documents": 3}),
+        **sectioned("eval", {"bits_per_byte": 1.5, "val_loss": 3.2, "perplexity": 24.5, "lzma_bits_per_byte": 1.7}),
+        **sectioned("bench", {"max_speedup": 3.0, "p16_n256_cached_tok_s": 90.0, "weight_read_gb_s": 1.0}),
+    }
+    assert logged["loss/train"] == 3.0 and logged["loss/val"] == 3.1 and logged["train/lr"] == 1e-3
+    assert logged["eval/bits_per_byte"] == 1.5 and logged["speed/max_speedup"] == 3.0
+    assert logged["tokens/train"] == 9 and logged["tokens/vocab_size"] == 512
+    # the run page orders sections alphabetically: what a user compares first comes first
+    sections = sorted({_section(name) for name in logged})
+    assert sections == ["eval", "loss", "speed", "tokens", "train"]
+    # the models' runs table opens with columns that the stages really log
+    assert set(MODEL_RUNS.metrics) <= set(logged)
+
+
+def _saved_view(experiment) -> dict:
+    """The runs-table view nanollm keeps in an experiment, parsed as MLflow's UI parses it."""
+    envelope = json.loads(experiment.tags[f"mlflow.sharedViewState.{VIEW_KEY}"])
+    assert isinstance(envelope["name"], str) and isinstance(envelope["createdAt"], int)
+    return json.loads(envelope["state"])
+
+
+def test_models_and_tokenizers_get_experiments_of_their_own_tagged_for_model_training(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = TrackingConfig(experiment="proj")
+    for runs, name in ((MODEL_RUNS, "a-model"), (TOKENIZER_RUNS, "a-tokenizer")):
+        with make_tracker(cfg, root=tmp_path, runs=runs) as tracker:
+            tracker.start(name)
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    models, tokenizers = client.get_experiment_by_name("proj"), client.get_experiment_by_name("proj-tokenizers")
+    assert [r.info.run_name for r in client.search_runs([models.experiment_id])] == ["a-model"]
+    assert [r.info.run_name for r in client.search_runs([tokenizers.experiment_id])] == ["a-tokenizer"]
+    for experiment in (models, tokenizers):
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    columns = _saved_view(models)["selectedColumns"]
+    assert columns[0] == "metrics.`eval/bits_per_byte`" and "params.`train.lr`" in columns
+    assert "metrics.`val_bytes_per_token`" in _saved_view(tokenizers)["selectedColumns"]
+    assert ui_experiment(cfg, tmp_path) == models.experiment_id
+    assert runs_url("http://localhost:5000", models.experiment_id) == (
+        f"http://localhost:5000/#/experiments/{models.experiment_id}/runs"
+        f"?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+    )
+
+
+def test_ui_experiment_creates_the_experiment_so_the_printed_link_always_works(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    experiment_id = ui_experiment(TrackingConfig(), tmp_path)
+    experiment = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment(experiment_id)
+    assert experiment.name == "nanollm" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").resolve().as_uri()
+
+
+def test_a_store_from_an_older_nanollm_keeps_working(tmp_path, monkeypatch):
+    """Before sections: one experiment, no tags, tokenizer runs beside model runs, flat metric names."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    old_id = client.create_experiment("nanollm")
+    old_model = client.create_run(old_id, run_name="4L256d-4096v-650s", tags={"stage": "pretrain"}).info.run_id
+    for step, loss in ((10, 5.0), (20, 4.0)):
+        client.log_metric(old_model, "train_loss", loss, step=step)
+    client.log_metric(old_model, "eval_bits_per_byte", 2.1)
+    client.log_metric(old_model, "data.vocab_size", 4096)
+    client.set_terminated(old_model)
+    old_tokenizer = client.create_run(old_id, run_name="tokenizer-bpe-4096", tags={"stage": "train_tokenizer"})
+
+    with make_tracker(TrackingConfig(), root=tmp_path) as tracker:  # evaluate re-opens it after an upgrade
+        tracker.resume(old_model)
+        tracker.log_metrics(sectioned("eval", {"bits_per_byte": 2.0}))
+    with make_tracker(TrackingConfig(), root=tmp_path) as tracker:  # the next model
+        tracker.start("2L64d-512v-60s")
+        tracker.log_metrics(sectioned("train", {"train_loss": 3.0}), step=10)
+    with make_tracker(TrackingConfig(), root=tmp_path, runs=TOKENIZER_RUNS) as tokenizer:  # the next tokenizer
+        tokenizer.start("tokenizer-bpe-512")
+
+    assert tracker.experiment_id == old_id and tokenizer.experiment_id != old_id
+    experiment = client.get_experiment(old_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # tagged on first use
+    assert _saved_view(experiment)["selectedColumns"][0] == "metrics.`eval/bits_per_byte`"
+    run = client.get_run(old_model)
+    assert run.data.metrics == {"train_loss": 4.0, "eval_bits_per_byte": 2.1, "data.vocab_size": 4096,
+                                "eval/bits_per_byte": 2.0}  # fmt: skip
+    assert [m.value for m in client.get_metric_history(old_model, "train_loss")] == [5.0, 4.0]
+    assert client.get_run(old_tokenizer.info.run_id).info.experiment_id == old_id  # left where it was
+    assert ui_experiment(TrackingConfig(), tmp_path) == old_id
+
+
+def test_a_stale_view_is_rewritten(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    experiment_id = Tracker(uri, "unit").experiment_id
+    key = f"mlflow.sharedViewState.{VIEW_KEY}"
+    client.set_experiment_tag(experiment_id, key, '{"name": "edited by hand"}')
+    Tracker(uri, "unit")
+    assert client.get_experiment(experiment_id).tags[key] == MODEL_RUNS.tags()[key]
+
+
+def test_a_deleted_experiment_is_a_one_line_error(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("unit"))
+    with pytest.raises(NanollmError) as info:
+        Tracker(uri, "unit")
+    assert "is deleted" in str(info.value) and "mlflow experiments restore" in str(info.value)
+    assert "\n" not in str(info.value)
