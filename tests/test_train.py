@@ -4,19 +4,22 @@ import copy
 import math
 import os
 import signal
+import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from nanollm.config import ModelConfig, TrainConfig
+from nanollm.distributed import Distributed, split_evenly
 from nanollm.errors import NanollmError
-from nanollm.hardware import cpu_matmul_peak, pick_device, resolve_dtype
 from nanollm.interrupt import GracefulStop, TrainingInterrupted
 from nanollm.memory import activation_bytes, estimate_memory
 from nanollm.model import Transformer
-from nanollm.optim import lr_at, param_groups
-from nanollm.train import sample_batch, train
+from nanollm.optim import lr_at, make_optimizer, param_groups
+from nanollm.train import _wrap, micro_batches_per_rank, sample_batch, train, train_step
 
 VOCAB = 64
 # a learnable stream: a fixed random "document" of 200 tokens repeated, ~20k tokens
@@ -76,15 +79,96 @@ def test_sample_batch_windows_are_contiguous():
     assert int(batch.max()) <= 99
 
 
-def test_gradient_accumulation_equals_one_large_batch():
-    one = tiny_model()
-    initial = [p.detach().clone() for p in one.parameters()]
-    train(one, DATA, DATA, tiny_cfg(batch_size=8, grad_accum=1, max_steps=1, warmup_steps=0), seed=3)
-    accumulated = tiny_model()
-    train(accumulated, DATA, DATA, tiny_cfg(batch_size=2, grad_accum=4, max_steps=1, warmup_steps=0), seed=3)
-    for p0, p1, p2 in zip(initial, one.parameters(), accumulated.parameters(), strict=True):
-        assert not torch.equal(p0, p1)  # the step did something
-        torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-5)
+GRAD_ACCUM, MICRO_BATCH = 4, 2  # 8 sequences per step; 2 processes train 2 micro-batches of 2 each
+
+
+def _full_batch_gradients(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The reference: one forward and one backward of the mean loss over every row of `batch` (N, T+1) at once.
+
+    Written out here rather than through nanollm.train, so that the code under test is not its own reference.
+    """
+    model = copy.deepcopy(model)
+    x, y = batch[:, :-1], batch[:, 1:]  # (N, T) each
+    logits = model(x)  # (N, T, vocab)
+    F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1)).backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def _accumulate(
+    model: torch.nn.Module, batch: torch.Tensor, dist: Distributed
+) -> tuple[dict[str, torch.Tensor], float, float]:
+    """This rank's share of `batch` through train_step, as the loop runs it: (gradients, loss, grad norm).
+
+    max_norm inf: clip_grad_norm_ measures the norm and rescales nothing, so the gradients
+    compared are the accumulated ones as they are.
+    """
+    cpu = torch.device("cpu")
+    cfg = tiny_cfg(batch_size=MICRO_BATCH, grad_accum=GRAD_ACCUM)
+    runner, ddp = _wrap(model, cfg, cpu, dist)  # DDP under 2 processes, the model itself under 1
+    rows = split_evenly(len(batch), dist.world_size, dist.rank)
+    optimizer = make_optimizer(model, cfg, cpu)  # only the (disabled) scaler's unscale_ reads it
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    micro_batches = micro_batches_per_rank(GRAD_ACCUM, dist.world_size)
+    loss, grad_norm = train_step(
+        runner, batch[rows.start : rows.stop], optimizer, scaler, micro_batches, torch.float32, cpu, math.inf, ddp
+    )
+    return {name: p.grad.clone() for name, p in model.named_parameters()}, loss.item(), grad_norm
+
+
+def _accumulate_on_rank(rank: int, world_size: int, port: int, batch: torch.Tensor, out: str) -> None:
+    """One of 2 processes (torch.multiprocessing.spawn): join a gloo group as torchrun would, accumulate, save."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    dist = Distributed.from_env()
+    dist.init(torch.device("cpu"))
+    try:
+        grads, loss, grad_norm = _accumulate(tiny_model(), batch, dist)
+        torch.save({"grads": grads, "loss": loss, "grad_norm": grad_norm}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world_size", [1, 2], ids=["1-process", "2-processes"])
+def test_accumulated_gradients_equal_the_full_batch_gradient(world_size, tmp_path):
+    """GRAD_ACCUM micro-batches (split over the processes) leave in .grad the gradient of one full-batch backward.
+
+    Compares gradients, not weights after an AdamW step: Adam's first step moves each weight
+    by about lr * sign(g), which a gradient 4x too large (a missing 1/micro_batches) leaves unchanged.
+    """
+    block_size = tiny_model().cfg.block_size
+    batch = sample_batch(DATA, GRAD_ACCUM * MICRO_BATCH, block_size, torch.Generator().manual_seed(3))  # (8, T+1)
+    full = _full_batch_gradients(tiny_model(), batch)
+    with torch.no_grad():
+        full_loss = F.cross_entropy(tiny_model()(batch[:, :-1]).reshape(-1, VOCAB), batch[:, 1:].reshape(-1)).item()
+    full_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in full.values()])).item()
+
+    if world_size == 1:
+        grads, loss, grad_norm = _accumulate(tiny_model(), batch, Distributed())
+        ranks = [(grads, loss, grad_norm)]
+    else:
+        mp.spawn(_accumulate_on_rank, args=(world_size, _free_port(), batch, str(tmp_path)), nprocs=world_size)
+        saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+        ranks = [(s["grads"], s["loss"], s["grad_norm"]) for s in saved]
+
+    scale = max(g.abs().max().item() for g in full.values())
+    assert scale > 1e-3  # a real gradient, so the tolerance below is tight against it
+    for grads, _, grad_norm in ranks:  # after DDP's all-reduce every rank holds the same gradient
+        assert grads.keys() == full.keys()
+        for name, g in full.items():
+            # fp32, the same sums in another order: 3e-8 apart at most here, a quarter of this tolerance
+            torch.testing.assert_close(grads[name], g, atol=1e-6 * scale, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+        assert grad_norm == pytest.approx(full_norm, rel=1e-5)
+    # each rank's loss is the mean over its own rows; the mean over ranks is the full batch's
+    assert sum(loss for _, loss, _ in ranks) / world_size == pytest.approx(full_loss, rel=1e-6)
 
 
 def test_training_decreases_loss_and_is_bitwise_repeatable():
@@ -123,26 +207,6 @@ def test_nan_loss_names_the_step():
 def test_too_little_data_is_a_user_error():
     with pytest.raises(NanollmError, match="val split has 10 tokens"):
         train(tiny_model(), DATA, DATA[:10], tiny_cfg(), seed=0)
-
-
-def test_pick_device():
-    assert pick_device("cpu").type == "cpu"
-    assert pick_device("auto").type in {"cpu", "cuda", "mps"}
-    if not torch.cuda.is_available():
-        with pytest.raises(NanollmError, match="train.device is 'cuda'"):
-            pick_device("cuda")
-
-
-def test_cpu_peak_is_measured_once():
-    peak = cpu_matmul_peak(1)
-    assert peak > 1e8 and cpu_matmul_peak(1) == peak  # > 0.1 GFLOP/s on anything; cached
-
-
-def test_auto_dtype_is_bf16_only_where_native():
-    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
 
 
 def test_bf16_autocast_trains_on_cpu():
