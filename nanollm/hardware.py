@@ -233,26 +233,37 @@ def fast_fp32_matmuls(device: torch.device) -> Iterator[None]:
 
 @functools.cache
 def cpu_matmul_peak(threads: int, size: int = 1024, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
-    """Measured FLOP/s of a (size x size) matmul in `dtype` on the CPU with `threads` threads (cached).
+    """Measured FLOP/s of a square matmul in `dtype` on the CPU with `threads` threads (cached).
 
     Takes ~0.15 s once. CPUs publish no usable peak, so MFU on a CPU is relative to what
-    torch's own best-case GEMM reaches here (~165 GFLOP/s on 2 cores of our machines). The
+    torch's own best-case GEMM reaches here (~165 GFLOP/s fp32 on 2 cores of our machines). The
     fastest of `repeats` single matmuls is kept: other processes only ever slow a matmul
-    down, so the minimum time is the least disturbed estimate.
+    down, so the minimum time is the least disturbed estimate. A 128 x 128 probe first sizes
+    the matmul down where the dtype is slow: emulated bf16 on a CPU without native bf16 runs
+    at ~1-3 GFLOP/s, where eleven 1024 x 1024 matmuls would hold up the start of training ~45 s.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        a @ b  # warm-up: thread pool start, page faults
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - start)
+        probe = _best_matmul_seconds(128, dtype, repeats=2)
+        # the largest size up to `size` whose matmul takes ~0.1 s at the probe's rate (cube law);
+        # smaller ones understate a multi-core peak (fp32 on 2 cores: 94 GFLOP/s at 512, 178 at 1024)
+        size = max(128, min(size, int(128 * (0.1 / probe) ** (1 / 3))))
+        best = _best_matmul_seconds(size, dtype, repeats)
     finally:
         torch.set_num_threads(previous)
     return 2 * size**3 / best
+
+
+def _best_matmul_seconds(size: int, dtype: torch.dtype, repeats: int) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up: thread pool start, page faults
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
