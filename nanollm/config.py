@@ -177,7 +177,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation loop: AdamW, linear warmup then cosine decay, accumulation, clipping."""
+    """The optimisation loop: AdamW or Muon, warmup then cosine or WSD, accumulation, clipping."""
 
     batch_size: int = _spec(16, doc="sequences per micro-batch (per process under torchrun)", min=1)
     grad_accum: int = _spec(
@@ -187,8 +187,25 @@ class TrainConfig:
         min=1,
     )
     max_steps: int = _spec(650, doc="optimizer steps", min=1)
-    lr: float = _spec(3e-3, doc="peak learning rate", gt=0.0, max=1.0)
-    min_lr: float = _spec(3e-4, doc="learning rate at the end of the cosine decay", min=0.0)
+    optimizer: str = _spec(
+        "adamw",
+        doc="adamw: AdamW on every parameter; muon: Muon (orthogonalised momentum) on the blocks' matrices "
+        "at muon_lr, AdamW on the embedding, the LM head and the norms at lr",
+        choices=("adamw", "muon"),
+    )
+    lr: float = _spec(3e-3, doc="peak learning rate (of AdamW's parameters)", gt=0.0, max=1.0)
+    min_lr: float = _spec(3e-4, doc="learning rate at the end of the schedule (scaled alike for Muon)", min=0.0)
+    muon_lr: float = _spec(0.02, doc="optimizer=muon: peak learning rate of the matrices", gt=0.0, max=1.0)
+    muon_momentum: float = _spec(0.95, doc="optimizer=muon: Nesterov momentum of the matrices", min=0.0, max=0.999)
+    schedule: str = _spec(
+        "cosine",
+        doc="after warmup: cosine (decay to min_lr over all steps) or wsd (constant, then a linear "
+        "cooldown to min_lr over the last cooldown_frac of the steps)",
+        choices=("cosine", "wsd"),
+    )
+    cooldown_frac: float = _spec(
+        0.3, doc="schedule=wsd: share of the steps after warmup spent cooling down", gt=0.0, max=1.0
+    )
     warmup_steps: int = _spec(50, doc="steps of linear warmup from 0 to lr", min=0)
     weight_decay: float = _spec(0.1, doc="AdamW decay on matrices (never on norms or embeddings)", min=0.0)
     beta1: float = _spec(0.9, doc="AdamW beta1", min=0.0, max=0.999999)

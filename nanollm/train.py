@@ -330,9 +330,9 @@ class _Loop:
         )  # fmt: skip
         for step in bar:
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
+            lr = lr_at(step, cfg)  # AdamW's; every group follows the same schedule from its own peak
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group["max_lr"] * lr / cfg.lr
             batch = sample_batch(self.train_data, cfg.grad_accum * cfg.batch_size, self.block_size, self.generator)
             loss, grad_norm = train_step(
                 runner, batch[self.rows.start : self.rows.stop], optimizer, scaler, self.micro_batches, self.dtype,

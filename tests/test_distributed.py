@@ -69,8 +69,14 @@ def test_rows_and_micro_batches_per_rank():
         micro_batches_per_rank(3, 2)
 
 
-@pytest.fixture
-def project(tmp_path, monkeypatch):
+RECIPES = {  # the optimizers: Muon's update is a function of the all-reduced gradient alone, as AdamW's
+    "adamw-cosine": {},
+    "muon-wsd": {"optimizer": "muon", "schedule": "wsd", "min_lr": 0.0},
+}
+
+
+@pytest.fixture(params=list(RECIPES))
+def project(request, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     rng = np.random.default_rng(0)
@@ -84,7 +90,8 @@ def project(tmp_path, monkeypatch):
         corpus_sha256="c" * 64,
         progress=False,
     )
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    params = {**PARAMS, "train": {**PARAMS["train"], **RECIPES[request.param]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path
 
 
@@ -105,7 +112,8 @@ def test_two_processes_match_one_with_the_same_global_batch(project):
          "--train-curve", "reports/ddp_train.csv", "--val-curve", "reports/ddp_val.csv", "--metrics", "ddp.json"],
         cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    (project / "untracked.yaml").write_text(yaml.safe_dump({**PARAMS, "tracking": {"enabled": False}}))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    (project / "untracked.yaml").write_text(yaml.safe_dump({**params, "tracking": {"enabled": False}}))
     single = CliRunner().invoke(cli, ["--params", "untracked.yaml", "pretrain", "--out", "models/one"])  # meanwhile
     assert single.exit_code == 0, single.output
     output = ddp.communicate(timeout=300)[0]
@@ -130,4 +138,4 @@ def test_two_processes_match_one_with_the_same_global_batch(project):
     assert json.loads((project / "ddp.json").read_text())["tokens"] == STEPS * 8 * 16
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("ddp-test").experiment_id])
-    assert run.info.status == "FINISHED" and len(client.get_metric_history(run.info.run_id, "train_loss")) == STEPS
+    assert run.info.status == "FINISHED" and len(client.get_metric_history(run.info.run_id, "loss/train")) == STEPS

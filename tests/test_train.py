@@ -189,6 +189,13 @@ def test_training_decreases_loss_and_is_bitwise_repeatable():
     assert row["tokens_per_s"] > 0 and 0 < row["mfu"] and row["grad_norm"] > 0
 
 
+def test_muon_with_wsd_learns_as_well_as_adamw():
+    adamw = train(tiny_model(), DATA, DATA, tiny_cfg(), seed=7)
+    muon = train(tiny_model(), DATA, DATA, tiny_cfg(optimizer="muon", schedule="wsd", min_lr=0.0), seed=7)
+    assert muon.val_loss < math.log(VOCAB) - 0.5
+    assert muon.val_loss < adamw.val_loss + 0.1  # same steps: no worse than AdamW (in fact better here)
+
+
 def test_nan_loss_names_the_step():
     model = tiny_model()
     calls = {"n": 0}
@@ -230,8 +237,11 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(p, q), name
 
 
-def test_resume_from_a_checkpoint_is_bitwise_the_uninterrupted_run():
-    cfg = tiny_cfg(checkpoint_interval=6, log_interval=4)  # windows straddle the checkpoint
+@pytest.mark.parametrize(
+    "recipe", [{}, {"optimizer": "muon", "schedule": "wsd", "min_lr": 0.0}], ids=["adamw-cosine", "muon-wsd"]
+)
+def test_resume_from_a_checkpoint_is_bitwise_the_uninterrupted_run(recipe):
+    cfg = tiny_cfg(checkpoint_interval=6, log_interval=4, **recipe)  # windows straddle the checkpoint
     whole = tiny_model()
     snapshots = {}
     full = train(whole, DATA, DATA, cfg, seed=5, checkpoint=_snapshots(snapshots))
