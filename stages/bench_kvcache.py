@@ -85,5 +85,6 @@ def command(ctx: StageContext, checkpoint: Path, metrics: Path, table: Path, cha
     with tracker:
         tracker.resume(read_run_id(checkpoint))
         tracker.log_metrics(sectioned("bench", summary))
+        tracker.set_tags({"bench.device": summary["device"], "bench.machine": summary["machine"]})
         tracker.log_artifact(table, "bench_kvcache")
         tracker.log_artifact(chart, "bench_kvcache")

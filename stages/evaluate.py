@@ -93,6 +93,7 @@ def command(
     with tracker:
         tracker.resume(read_run_id(checkpoint))
         tracker.log_metrics(sectioned("eval", out))
+        tracker.set_tags({"eval.device": out["device"]})
         tracker.log_artifact(samples, "evaluate")
         tracker.log_artifact(ctx.params_path, "evaluate")
         if ctx.config.tracking.log_model:  # the model's files beside its metrics: ~17 MB at the defaults

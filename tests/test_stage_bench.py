@@ -110,6 +110,8 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
     )
     for name, value in sectioned("bench", {k: summary[k] for k in keys}).items():
         assert run.data.metrics[name] == pytest.approx(value)
+    assert run.data.tags["bench.device"] == described["device"] == "cpu"
+    assert run.data.tags["bench.machine"] == described["machine"] and described["machine"]
     artifacts = {a.path for a in client.list_artifacts(tracker.run_id, "bench_kvcache")}
     assert artifacts == {"bench_kvcache/bench_kvcache.csv", "bench_kvcache/bench_kvcache.png"}
     assert len(client.search_runs([run.info.experiment_id])) == 1  # re-opened, not a new run

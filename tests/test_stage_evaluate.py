@@ -120,6 +120,7 @@ def test_evaluate_writes_metrics_samples_and_extends_the_pretrain_run(project):
     assert run.info.status == "FINISHED"
     assert run.data.metrics["eval/bits_per_byte"] == pytest.approx(metrics["bits_per_byte"])
     assert run.data.metrics["eval/lzma_bits_per_byte"] == pytest.approx(metrics["lzma_bits_per_byte"])
+    assert run.data.tags["eval.device"] == metrics["device"] == "cpu"  # where the figures came from
     artifacts = {a.path for a in MlflowClient(f"sqlite:///{root}/mlflow.db").list_artifacts(run_id, "evaluate")}
     assert artifacts == {"evaluate/samples.txt", "evaluate/params.yaml"}
 
