@@ -36,6 +36,8 @@ from pathlib import Path
 
 from _corpus import stdlib_corpus  # benchmarks/ is on sys.path when a script runs
 
+from nanollm.hardware import describe_machine
+
 SPECIAL = "<|endoftext|>"
 _MB = 10**6  # megabytes are 10^6 bytes, as in the pipeline's metrics
 
@@ -155,7 +157,7 @@ def _header(args: argparse.Namespace, corpus: Path, texts: list[str], val: list[
     val_mb = sum(len(t.encode()) for t in val) / _MB
     return (
         f"command: python benchmarks/bpe_train.py {' '.join(sys.argv[1:])}\n"
-        f"machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Python "
+        f"machine: {describe_machine()}, Python "
         f"{platform.python_version()}, tokenizers {hf_version}, tiktoken {tiktoken.__version__}; "
         f"load average before: {_load()}\n"
         f"corpus: {corpus if args.corpus else 'stdlib (built in a temp dir)'}: train {train_mb:.2f} MB, "

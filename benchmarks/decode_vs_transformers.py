@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ import torch
 from nanollm.bench import memory_bandwidth, weight_bytes_per_token
 from nanollm.config import Config, ModelConfig
 from nanollm.generate import generate
+from nanollm.hardware import describe_machine
 from nanollm.model import Transformer
 from nanollm.peers import PEER_CACHES, transformers_greedy
 
@@ -213,7 +213,7 @@ def main() -> int:
         shapes.append((reference[0], build(reference[1], reference[2], None)))
     print(f"command: python {' '.join(sys.argv)}")
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, transformers "
+        f"machine: {describe_machine()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; load average "
         + " ".join(f"{x:.2f}" for x in os.getloadavg())
     )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from nanollm.hardware import describe_machine
 from nanollm.model.attention import naive_attention
 from nanollm.model.flash import BLOCK_K, BLOCK_Q, flash_attention
 
@@ -101,7 +101,7 @@ def main() -> int:
 
     print(f"command: python {' '.join(sys.argv)}")
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"machine: {describe_machine()}, "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads; "
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )

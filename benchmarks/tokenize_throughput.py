@@ -25,6 +25,8 @@ from pathlib import Path
 
 from _corpus import stdlib_corpus  # benchmarks/ is on sys.path when a script runs
 
+from nanollm.hardware import describe_machine
+
 _MB = 10**6  # megabytes are 10^6 bytes, as in the pipeline's metrics
 
 
@@ -48,7 +50,7 @@ def main() -> None:
             tok = create_tokenizer(config, texts, Path(tmp) / "tok", progress=False)
         print(
             f"command: python benchmarks/tokenize_throughput.py {' '.join(sys.argv[1:])}\n"
-            f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
+            f"machine: {describe_machine()}, Python {platform.python_version()}, "
             f"tiktoken {tiktoken.__version__}; load average before: {_load()}\n"
             f"text: {corpus if args.corpus else 'stdlib corpus'} train split, {len(texts)} documents, {mb:.2f} MB; "
             f"tokenizer: {tok.encoding.name}; {threads} threads; median of {args.repeats} runs\n"

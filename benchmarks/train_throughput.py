@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 
 import numpy as np
 import torch
+
+from nanollm.hardware import describe_machine
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
     peak = cpu_matmul_peak(args.threads)
     print(
         f"command: python benchmarks/train_throughput.py {' '.join(sys.argv[1:])}\n"
-        f"machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), {args.threads} threads, "
+        f"machine: {describe_machine()}, {args.threads} threads, "
         f"torch {torch.__version__}, transformers {transformers.__version__}; load average before: {_load()}\n"
         f"model: {args.layers} layers x {args.width} wide, {args.heads} heads, vocab {args.vocab}, "
         f"{n_ours / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP per token; "
