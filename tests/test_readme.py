@@ -20,3 +20,36 @@ def test_ci_runs_the_readme_test_command_word_for_word():
 def test_readme_pipeline_command_ends_in_dvc_repro():
     pipeline = [c for c in _commands((ROOT / "README.md").read_text()) if "pytest" not in c]
     assert len(pipeline) == 1 and pipeline[0].endswith("dvc repro")
+
+
+def test_published_figures_are_the_committed_metrics():
+    """README.md's results table and docs/kv_cache.md's report render from metrics/ and reports/ as committed.
+
+    After a default `dvc repro`, `python docs/results.py` rewrites both; a figure edited by hand,
+    or metrics committed without re-rendering, fails here.
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results", ROOT / "docs" / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    assert results.stale_sections(ROOT) == [], "run `python docs/results.py` after `dvc repro`, and commit"
+
+
+def test_the_results_table_changes_with_the_metrics(tmp_path):
+    """The check can fail: a changed figure in a metrics file makes the README stale."""
+    import importlib.util
+    import json
+    import shutil
+
+    for name in ("README.md", "params.yaml", "metrics", "reports", "docs"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp_path / name)
+    spec = importlib.util.spec_from_file_location("results", ROOT / "docs" / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    metrics = tmp_path / "metrics" / "evaluate.json"
+    data = json.loads(metrics.read_text())
+    data["bits_per_byte"] += 0.01
+    metrics.write_text(json.dumps(data))
+    assert results.stale_sections(tmp_path) == ["README.md"]
