@@ -10,18 +10,17 @@ upcast's gradient is cast back to bf16 before the LM head's two gradient matmuls
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from test_stage_pretrain import project  # noqa: F401  (token memmaps and an empty MLflow store)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nanollm.hardware
 from nanollm.config import ModelConfig, TrainConfig
-from nanollm.data.tokens import write_tokens
 from nanollm.model import Transformer
 from nanollm.train import train
 from stages.cli import cli
@@ -148,39 +147,8 @@ def test_auto_dtype_follows_the_cpu_flags_and_runs_what_it_reports(monkeypatch, 
 # ---------------------------------------------------------------------------- the pretrain stage
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An MLflow sqlite store with its tables made (~3 s of migrations, paid once per module)."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch, empty_store):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "mlflow.db").write_bytes(empty_store.read_bytes())
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    rng = np.random.default_rng(0)
-    docs = [rng.integers(0, EOT, rng.integers(20, 60)).tolist() for _ in range(40)]
-    write_tokens(
-        tmp_path / "data" / "tokens",
-        {"train": [(docs[:30], 3000)], "val": [(docs[30:], 1000)]},
-        vocab_size=VOCAB,
-        eot_id=EOT,
-        tokenizer_sha256="a" * 64,
-        corpus_sha256="c" * 64,
-        progress=False,
-    )
-    return tmp_path
-
-
 @pytest.mark.parametrize("name", ["float32", "bfloat16"])
-def test_pretrain_stage_records_the_dtype_its_matmuls_ran_in(project, name):
+def test_pretrain_stage_records_the_dtype_its_matmuls_ran_in(project, name):  # noqa: F811
     from mlflow.tracking import MlflowClient
 
     params = {
