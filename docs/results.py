@@ -75,6 +75,16 @@ def render_readme(data: dict[str, Any]) -> str:
             f"{ev['lzma_bits_per_byte']:.3f} / {ev['bz2_bits_per_byte']:.3f} / {ev['gzip_bits_per_byte']:.3f} "
             "bits per byte",
         ),
+        *(
+            [
+                (
+                    "same val bytes, xz -9e given the train split first",
+                    f"{ev['lzma_train_context_bits_per_byte']:.3f} bits per byte",
+                )
+            ]
+            if "lzma_train_context_bits_per_byte" in ev
+            else []
+        ),
         (
             f"KV cache, prompt {longest} + {new} new tokens",
             f"{bench[f'{point}_cached_tok_s']:.0f} vs {bench[f'{point}_uncached_tok_s']:.1f} tokens/s: "

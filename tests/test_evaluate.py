@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from nanollm import evaluate
 from nanollm.config import ModelConfig
-from nanollm.evaluate import compressor_bits_per_byte, evaluate_lm, windows
+from nanollm.evaluate import compressor_bits_per_byte, evaluate_lm, lzma_with_context_bits_per_byte, windows
 from nanollm.model import Transformer
 
 V = 10
@@ -137,3 +138,24 @@ def test_compressor_figures_are_8_bits_times_the_ratio():
     assert got["gzip"] == pytest.approx(8 * len(gzip.compress(data, compresslevel=9, mtime=0)) / len(data))
     with pytest.raises(ValueError, match="empty"):
         compressor_bits_per_byte(b"")
+
+
+def test_xz_given_the_train_text_copies_what_it_has_seen():
+    rng = np.random.default_rng(0)
+    val = rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes()  # incompressible alone: ~8 bits per byte
+    other = rng.integers(0, 256, 50_000, dtype=np.uint8).tobytes()
+    alone = compressor_bits_per_byte(val)["lzma"]
+    assert alone > 7.9
+    assert lzma_with_context_bits_per_byte(val, other + val) < 0.1  # a copy of val in the context: nearly free
+    unrelated = lzma_with_context_bits_per_byte(val, other)
+    assert abs(unrelated - alone) < 0.1  # context that does not help costs (almost) nothing either
+
+
+def test_xz_context_is_cut_to_the_window_it_can_see(monkeypatch):
+    monkeypatch.setattr(evaluate, "LZMA_WINDOW", 30_000)
+    rng = np.random.default_rng(1)
+    val = rng.integers(0, 256, 10_000, dtype=np.uint8).tobytes()
+    # val sits 40 kB back in the context: beyond the (patched) window, so the context is cut and it cannot help
+    assert lzma_with_context_bits_per_byte(val, val + bytes(40_000)) > 7.9
+    with pytest.raises(ValueError, match="empty"):
+        lzma_with_context_bits_per_byte(b"", b"abc")

@@ -99,7 +99,10 @@ def test_evaluate_writes_metrics_samples_and_extends_the_pretrain_run(project):
     assert set(metrics) >= {
         "val_loss", "perplexity", "bits_per_byte", "accuracy", "val_tokens", "val_bytes",
         "gzip_bits_per_byte", "bz2_bits_per_byte", "lzma_bits_per_byte", "beats_lzma",
+        "lzma_train_context_bits_per_byte", "beats_lzma_train_context",
     }  # fmt: skip
+    # the val documents are near-copies of train ones here: xz that has seen train does far better
+    assert metrics["lzma_train_context_bits_per_byte"] < 0.5 * metrics["lzma_bits_per_byte"]
     assert metrics["device"] == "cpu"  # where it ran (the one text value: the rest are numbers to diff)
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items() if k != "device")
     vocab = json.loads((root / "models" / "checkpoint" / "config.json").read_text())["vocab_size"]
