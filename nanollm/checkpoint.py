@@ -1,8 +1,9 @@
 """Checkpoint folders: write them atomically, read them back without unpickling code, decide on resuming.
 
 A checkpoint is a folder: config.json (architecture, vocab size, step, tokens seen, data
-and tokenizer hashes, the run's fingerprint), model.pt (state_dict), train_state.pt
-(optimizer state, step, RNG states, progress) and run.json (the MLflow run id and store).
+and tokenizer hashes, the run's fingerprint), architecture.json (the architecture and vocab
+size alone), model.pt (state_dict), train_state.pt (optimizer state, step, RNG states,
+progress) and run.json (the MLflow run id and store).
 What goes into train_state is the training loop's business; this module only stores and
 loads it, and says whether a folder was written by the same run (`fingerprint`).
 """
@@ -30,6 +31,9 @@ from nanollm.model import Transformer
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, MODEL_FILE, TRAIN_STATE_FILE, RUN_FILE = "config.json", "model.pt", "train_state.pt", "run.json"
+# The architecture alone (model config and vocab size): it changes only when the network's shape
+# does, so a stage that measures the architecture (bench_kvcache) depends on it, not on the weights.
+ARCHITECTURE_FILE = "architecture.json"
 _REDO = "re-run `dvc repro pretrain`"
 # train keys that change no weight: how often to log, evaluate and save, where to compute (the
 # resolved dtype is fingerprinted instead), whether to recompute activations (bitwise the same).
@@ -71,8 +75,10 @@ def save_checkpoint(
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     run_record = {"run_id": run.get("run_id"), "tracking_uri": run.get("tracking_uri")}
+    architecture = {"model": config["model"], "vocab_size": config["vocab_size"]}
     with _FolderSwap(Path(out_dir)) as tmp:
         _write(tmp / CONFIG_FILE, lambda f: f.write(json.dumps(config, indent=2).encode() + b"\n"))
+        _write(tmp / ARCHITECTURE_FILE, lambda f: f.write(json.dumps(architecture, indent=2).encode() + b"\n"))
         _write(tmp / MODEL_FILE, lambda f: torch.save(model.state_dict(), f))
         _write(tmp / TRAIN_STATE_FILE, lambda f: torch.save(state, f))
         _write(tmp / RUN_FILE, lambda f: f.write(json.dumps(run_record, indent=2).encode() + b"\n"))
@@ -270,6 +276,21 @@ def model_config(info: dict[str, Any], source: str | Path = CONFIG_FILE) -> Mode
         return Config.from_dict({"model": info["model"]}).model
     except ConfigError as err:
         raise NanollmError(f"{source}: invalid architecture ({err}); {_REDO}") from None
+
+
+def load_architecture(path: str | Path) -> tuple[ModelConfig, int]:
+    """(ModelConfig, vocab size) from a checkpoint's architecture.json: the network's shape, no weights."""
+    info = read_json_object(path, _REDO)
+    if "model" not in info or not isinstance(info.get("vocab_size"), int):
+        raise NanollmError(f"{path} lacks 'model' or an integer 'vocab_size'; {_REDO}")
+    return model_config(info, path), info["vocab_size"]
+
+
+def architecture_model(path: str | Path, *, seed: int, device: str | torch.device = "cpu") -> Transformer:
+    """The network architecture.json describes, with seeded random weights, in eval mode: to measure the shape."""
+    cfg, vocab_size = load_architecture(path)
+    torch.manual_seed(seed)
+    return Transformer(cfg, vocab_size).to(device).eval()
 
 
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:

@@ -1,8 +1,11 @@
-"""`nanollm bench_kvcache`: greedy decoding speed of the trained model with and without the KV cache.
+"""`nanollm bench_kvcache`: greedy decoding speed of the model's architecture with and without the KV cache.
 
-Thin: loads the checkpoint, runs nanollm.bench, writes the metrics (with the achieved weight-read
-bandwidth), table and chart, and adds them to the pretrain run. docs/kv_cache.md is rendered
-from these outputs by `python -m nanollm.bench docs/kv_cache.md`.
+Thin: builds the network that the checkpoint's architecture.json describes, runs nanollm.bench,
+writes the metrics (with the achieved weight-read bandwidth), table and chart, and adds them to
+the pretrain run. Decoding speed depends on the architecture, not on the values of the weights,
+so the stage measures seeded random weights of that shape and depends on architecture.json
+alone: a sweep over train.* re-trains and re-evaluates, but does not re-run this stage.
+docs/kv_cache.md is rendered from these outputs by `python docs/results.py`.
 """
 
 from __future__ import annotations
@@ -15,15 +18,22 @@ from stages.cli import StageContext, pass_context, path_option
 
 
 @click.command("bench_kvcache")
-@path_option("--checkpoint", "models/checkpoint", "Trained model.", folder=None)
+@path_option(
+    "--architecture",
+    "models/checkpoint/architecture.json",
+    "The checkpoint's architecture (its run.json beside it names the MLflow run).",
+    folder=False,
+)
 @path_option("--metrics", "metrics/bench_kvcache.json", "Summary JSON.", folder=None)
 @path_option("--table", "reports/bench_kvcache.csv", "One CSV row per point.", folder=None)
 @path_option("--chart", "reports/bench_kvcache.png", "PNG chart.", folder=None)
 @pass_context
-def command(ctx: StageContext, checkpoint: Path, metrics: Path, table: Path, chart: Path) -> None:
+def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, chart: Path) -> None:
     """Time cached vs uncached greedy decoding at every bench.prompt_lengths x bench.new_tokens point.
 
-    With bench.compare_transformers, transformers' generate on the same weights is timed in
+    The weights are random (seeded), as the speed is the architecture's; greedy decoding
+    with and without the cache must still agree. With bench.compare_transformers,
+    transformers' generate on the same weights is timed in
     the same rounds with its dynamic and its static cache, and our cached tokens/s is
     reported as a multiple of the faster one's.
     """
@@ -39,14 +49,14 @@ def command(ctx: StageContext, checkpoint: Path, metrics: Path, table: Path, cha
         weight_bytes_per_token,
         write_table,
     )
-    from nanollm.checkpoint import architecture_differences, load_model, read_run_id
+    from nanollm.checkpoint import RUN_FILE, architecture_differences, architecture_model, read_run_id
     from nanollm.hardware import describe_machine, pick_device
     from nanollm.tracking import make_tracker, sectioned
 
     cfg = ctx.config.bench
     device = pick_device(cfg.device, key="bench.device")
-    model = load_model(checkpoint, device=device)
-    architecture_differences(model, ctx.config.model, checkpoint)
+    model = architecture_model(architecture, seed=ctx.config.seed, device=device)  # the trained shape, seeded weights
+    architecture_differences(model, ctx.config.model, architecture)
     peer = None
     if cfg.compare_transformers:
         from nanollm.peers import transformers_settings
@@ -83,7 +93,8 @@ def command(ctx: StageContext, checkpoint: Path, metrics: Path, table: Path, cha
 
     tracker = make_tracker(ctx.config.tracking, ctx.root)
     with tracker:
-        tracker.resume(read_run_id(checkpoint))
+        run_file = architecture.parent / RUN_FILE
+        tracker.resume(read_run_id(architecture.parent) if run_file.is_file() else None)
         tracker.log_metrics(sectioned("bench", summary))
         tracker.set_tags({"bench.device": summary["device"], "bench.machine": summary["machine"]})
         tracker.log_artifact(table, "bench_kvcache")

@@ -9,10 +9,12 @@ import torch
 
 from nanollm.checkpoint import (
     architecture_differences,
+    architecture_model,
     backup_path,
     code_digest,
     find_resumable,
     fingerprint,
+    load_architecture,
     load_for_resume,
     load_model,
     load_train_state,
@@ -51,7 +53,9 @@ def model():
 def test_round_trip(tmp_path, model):
     ckpt = tmp_path / "ckpt"
     _save(ckpt, model)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.pt", "run.json", "train_state.pt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "architecture.json", "config.json", "model.pt", "run.json", "train_state.pt"
+    ]  # fmt: skip
     info = read_checkpoint_info(ckpt)
     assert info["vocab_size"] == 50 and info["step"] == 7 and info["tokens_seen"] == 700
     assert info["model"]["n_kv_head"] == 1 and info["model"]["mlp"] == "gelu"
@@ -224,3 +228,17 @@ def test_a_checkpoint_that_cannot_be_loaded_means_a_fresh_start(tmp_path, model,
     with caplog.at_level("WARNING"):
         assert find_resumable(ckpt, _wanted()) is None
     assert "has no run fingerprint" in caplog.text
+
+
+def test_architecture_file_holds_the_shape_alone(tmp_path, model):
+    """architecture.json changes only with the architecture: a later step or other weights leave it as it was."""
+    ckpt = tmp_path / "ckpt"
+    _save_with(ckpt, model, {}, step=9)
+    assert load_architecture(ckpt / "architecture.json") == (model.cfg, 50)
+    shaped = architecture_model(ckpt / "architecture.json", seed=3)
+    assert shaped.cfg == model.cfg and not shaped.training
+    assert not torch.equal(shaped.tok_embeddings.weight, model.tok_embeddings.weight)  # seeded, not trained
+    before = (ckpt / "architecture.json").read_bytes()
+    _save(ckpt, model)  # other weights (an optimizer step), another step, another fingerprint
+    assert (ckpt / "architecture.json").read_bytes() == before
+

@@ -9,7 +9,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from nanollm.checkpoint import load_model, save_checkpoint
+from nanollm.checkpoint import architecture_model, load_model, save_checkpoint
 from nanollm.config import ModelConfig, TrackingConfig
 from nanollm.model import Transformer
 from nanollm.tracking import make_tracker, sectioned
@@ -120,8 +120,8 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
 def test_bench_fails_in_one_line_when_the_cache_path_disagrees(project, monkeypatch):
     import nanollm.checkpoint
 
-    def broken(ckpt_dir, device="cpu"):
-        model = load_model(ckpt_dir, device)
+    def broken(path, *, seed, device="cpu"):
+        model = architecture_model(path, seed=seed, device=device)
         plain = model.forward
 
         def forward(idx, start_pos=None, **kwargs):
@@ -133,7 +133,7 @@ def test_bench_fails_in_one_line_when_the_cache_path_disagrees(project, monkeypa
         model.forward = forward  # cached decode steps now favour token 0
         return model
 
-    monkeypatch.setattr(nanollm.checkpoint, "load_model", broken)
+    monkeypatch.setattr(nanollm.checkpoint, "architecture_model", broken)
     result = _run(project, UNTRACKED)
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
@@ -144,8 +144,8 @@ def test_bench_fails_in_one_line_when_the_cache_path_disagrees(project, monkeypa
 def test_a_near_tie_between_the_paths_does_not_fail_the_stage(project, monkeypatch, caplog):
     import nanollm.checkpoint
 
-    def near_tie(ckpt_dir, device="cpu"):
-        model = load_model(ckpt_dir, device)
+    def near_tie(path, *, seed, device="cpu"):
+        model = architecture_model(path, seed=seed, device=device)
         plain = model.forward
 
         def forward(idx, start_pos=None, **kwargs):
@@ -158,7 +158,7 @@ def test_a_near_tie_between_the_paths_does_not_fail_the_stage(project, monkeypat
         model.forward = forward  # tokens 7 and 9 tie to 1e-5 at every step, as on a trained model
         return model
 
-    monkeypatch.setattr(nanollm.checkpoint, "load_model", near_tie)
+    monkeypatch.setattr(nanollm.checkpoint, "architecture_model", near_tie)
     with caplog.at_level(logging.WARNING, logger="nanollm.bench"):
         result = _run(project, {**UNTRACKED, "bench": {**UNTRACKED["bench"], "compare_transformers": False}})
     assert result.exit_code == 0, result.output
