@@ -133,9 +133,16 @@ class ModelConfig:
     n_kv_head: int | None = _spec(None, doc="key/value heads for grouped-query attention (null: n_head)", min=1)
     n_embd: int = _spec(256, doc="residual stream width", min=8)
     block_size: int = _spec(256, doc="training context length in tokens", min=8)
-    mlp: str = _spec("swiglu", doc="feed-forward type", choices=("swiglu", "gelu"))
+    mlp: str = _spec(
+        "swiglu",
+        doc="feed-forward type: swiglu (Llama's), gelu (GPT-2's) or relu2 (w2(relu(w1 x)^2), modded-nanogpt's: "
+        "two matrices like gelu, cheaper to compute; gelu and relu2 do not export to Llama)",
+        choices=("swiglu", "gelu", "relu2"),
+    )
     mlp_hidden: int | None = _spec(
-        None, doc="MLP hidden width (null: 8/3*n_embd rounded up to 64 for swiglu, 4*n_embd for gelu)", min=1
+        None,
+        doc="MLP hidden width (null: 8/3*n_embd rounded up to 64 for swiglu, 4*n_embd for gelu and relu2)",
+        min=1,
     )
     tie_embeddings: bool = _spec(True, doc="share the token embedding with the LM head")
     attention: str = _spec(
@@ -147,6 +154,26 @@ class ModelConfig:
     rope_theta: float = _spec(10000.0, doc="RoPE base frequency", gt=0.0)
     norm_eps: float = _spec(1e-5, doc="RMSNorm epsilon", gt=0.0)
     init_std: float = _spec(0.02, doc="std of the normal weight init", gt=0.0)
+    # Options from modded-nanogpt's record runs; all off is the plain Llama block above.
+    qk_norm: bool = _spec(
+        False,
+        doc="RMSNorm each head's queries and keys (learned gain per head dimension) before RoPE: bounded "
+        "attention logits, steadier at high learning rates; no Llama export",
+    )
+    zero_init_proj: bool = _spec(
+        False, doc="start attention wo and MLP w2 at zero, so every block starts as the identity; exports to Llama"
+    )
+    logit_softcap: float | None = _spec(
+        None,
+        doc="squash the LM head's logits to cap * tanh(logits / cap) (modded-nanogpt: 15 to 30; null: off); "
+        "meant with tie_embeddings: false; no Llama export",
+        gt=0.0,
+    )
+    value_residual: bool = _spec(
+        False,
+        doc="mix every later layer's attention values with the first layer's, v = a v + b v_first, "
+        "a and b learned per layer from 0.5 (ResFormer); no Llama export",
+    )
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -168,7 +195,7 @@ class ModelConfig:
     def hidden_dim(self) -> int:
         if self.mlp_hidden is not None:
             return self.mlp_hidden
-        if self.mlp == "gelu":
+        if self.mlp in ("gelu", "relu2"):
             return 4 * self.n_embd
         # SwiGLU has three matrices, so 8/3 * n_embd keeps the parameter count of a 4x GELU
         # MLP; rounding up to a multiple of 64 keeps matmul shapes friendly.
@@ -293,6 +320,12 @@ class Config:
     """All of params.yaml."""
 
     seed: int = _spec(1337, doc="seeds the data split, initialisation, batches and sampling", min=0)
+    threads: int | None = _spec(
+        None,
+        doc="CPU threads of every stage (null: the CPUs divided among this node's torchrun processes and dvc "
+        "queue workers); no stage depends on it, so changing it re-runs nothing",
+        min=1,
+    )
     data: DataConfig = _spec(factory=DataConfig, doc="corpus")
     tokenizer: TokenizerConfig = _spec(factory=TokenizerConfig, doc="tokenizer")
     model: ModelConfig = _spec(factory=ModelConfig, doc="model architecture")

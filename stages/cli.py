@@ -24,6 +24,7 @@ import click
 
 from nanollm.config import NO_VALUE, Config, ConfigError
 from nanollm.errors import NanollmError
+from nanollm.threads import apply_threads, default_threads
 
 # command name -> module under stages/ that defines `command`
 COMMANDS = {
@@ -99,6 +100,7 @@ class StageContext:
     config: Config
     params_path: Path
     root: Path  # the project root: DVC_ROOT when DVC runs us, else the folder of params.yaml
+    threads: int  # CPU threads this stage may use (already applied to torch and OpenMP)
 
 
 def pass_context(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -110,7 +112,10 @@ def pass_context(fn: Callable[..., Any]) -> Callable[..., Any]:
         params_path: Path = ctx.find_root().params["params"]
         config = Config.from_dict(read_params(params_path))
         root = Path(os.environ.get("DVC_ROOT") or params_path.resolve().parent)
-        return fn(StageContext(config, params_path, root), *args, **kwargs)
+        threads, why = (config.threads, "threads in params.yaml") if config.threads else default_threads()
+        apply_threads(threads)
+        log.info("%d CPU thread(s) (%s)", threads, why)
+        return fn(StageContext(config, params_path, root, threads), *args, **kwargs)
 
     return wrapper
 

@@ -38,7 +38,8 @@ from stages.cli import StageContext, pass_context, path_option
     type=click.IntRange(min=1),
     default=None,
     help="CPU threads for torch. Batch-1 decoding of a small model is memory-bound, and on a busy machine "
-    "1 thread can be 10x faster than 2. [default: torch's choice]",
+    "1 thread can be 10x faster than 2. [default: threads in params.yaml, else the CPUs shared among this "
+    "node's nanollm processes]",
 )
 @pass_context
 def command(

@@ -187,6 +187,8 @@ def _run_name(config: Any, vocab_size: int) -> str:
 
 def _summary(result: Any, n_params: int) -> dict[str, Any]:
     """metrics/pretrain.json: final losses, throughput and size, rounded for readable diffs; where it ran."""
+    import torch
+
     from nanollm.hardware import describe_machine
 
     return {
@@ -203,6 +205,7 @@ def _summary(result: Any, n_params: int) -> dict[str, Any]:
         "dtype": result.dtype,
         "dtype_reason": result.dtype_reason,
         "machine": describe_machine(result.device),
+        "threads": torch.get_num_threads(),
     }
 
 

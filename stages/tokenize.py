@@ -37,7 +37,7 @@ def command(ctx: StageContext, corpus: Path, tokenizer: Path, out: Path, metrics
     start = time.perf_counter()
     meta = write_tokens(
         out,
-        {split: encode_documents(tok, iter_documents(corpus, split)) for split in SPLITS},
+        {split: encode_documents(tok, iter_documents(corpus, split), num_threads=ctx.threads) for split in SPLITS},
         vocab_size=tok.vocab_size,
         eot_id=tok.eot_id,
         tokenizer_sha256=tok.sha256,

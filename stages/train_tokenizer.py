@@ -41,7 +41,7 @@ def command(ctx: StageContext, corpus: Path, out: Path, metrics: Path) -> None:
         tracker.log_params({**flatten({"tokenizer": ctx.config.to_dict()["tokenizer"]}), "seed": ctx.config.seed})
         start = time.perf_counter()
         with atomic_path(out, directory=True) as tmp:
-            create_tokenizer(cfg, iter_documents(corpus, "train"), tmp)
+            create_tokenizer(cfg, iter_documents(corpus, "train"), tmp, workers=ctx.threads)
         seconds = time.perf_counter() - start
         tok = load_tokenizer(out)  # what every later stage will load
 

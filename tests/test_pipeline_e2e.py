@@ -198,6 +198,12 @@ def test_second_repro_is_a_noop_and_model_edit_reruns_exactly_downstream(project
     client, runs = _pretrain_runs(project)
     assert sorted(r.data.params["model.n_layer"] for r in runs) == ["1", "2"]
 
+    # A training-only change retrains and re-evaluates; the bench measures the architecture,
+    # which is the same, so it is left alone (a train.* sweep costs no bench time).
+    params["train"]["lr"] = params["train"]["lr"] / 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran_stages(_run([sys.executable, "-m", "dvc", "repro"], project)) == ["pretrain", "evaluate"]
+
 
 def _commit(project: Path, message: str) -> None:
     _run(["git", "add", "-A"], project)

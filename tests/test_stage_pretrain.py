@@ -67,7 +67,13 @@ def test_pretrain_writes_outputs_and_one_mlflow_run(project):
     assert result.exit_code == 0, result.output
 
     ckpt = project / "models" / "checkpoint"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.pt", "run.json", "train_state.pt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "architecture.json",
+        "config.json",
+        "model.pt",
+        "run.json",
+        "train_state.pt",
+    ]
     info = json.loads((ckpt / "config.json").read_text())
     assert info["vocab_size"] == VOCAB and info["step"] == 12 and info["tokens_seen"] == 12 * 4 * 16
     assert info["tokenizer_sha256"] == "a" * 64 and info["corpus_sha256"] == "c" * 64
@@ -75,8 +81,9 @@ def test_pretrain_writes_outputs_and_one_mlflow_run(project):
     metrics = json.loads((project / "metrics" / "pretrain.json").read_text())
     assert set(metrics) == {
         "train_loss", "val_loss", "tokens", "seconds", "tokens_per_s", "params", "mfu", "peak_memory_mb",
-        "estimated_memory_mb", "device", "dtype", "dtype_reason", "machine",
+        "estimated_memory_mb", "device", "dtype", "dtype_reason", "machine", "threads",
     }  # fmt: skip
+    assert metrics["threads"] >= 1
     assert metrics["tokens"] == 768 and metrics["val_loss"] < np.log(VOCAB) + 0.5 and metrics["params"] > 0
     # train.dtype is auto here: which dtype depends on the CPU (tests/test_dtype_matmuls.py pins each branch)
     assert metrics["device"] == "cpu" and metrics["dtype"] in ("float32", "bfloat16")

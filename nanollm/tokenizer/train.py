@@ -25,7 +25,12 @@ _MEASURE_CHARS = 1 << 22
 
 
 def create_tokenizer(
-    cfg: TokenizerConfig, documents: Iterable[str], out_dir: str | os.PathLike[str], *, progress: bool = True
+    cfg: TokenizerConfig,
+    documents: Iterable[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    workers: int | None = None,
 ) -> Tokenizer:
     """Write `out_dir`/tokenizer.json for `cfg` and return it loaded (validated) through tiktoken.
 
@@ -33,6 +38,7 @@ def create_tokenizer(
     is a maximum: a corpus too small to fill it (no pair left that occurs twice) yields a
     smaller vocabulary, with a warning. kind=gpt2 reads no documents and needs tiktoken's GPT-2
     files in its local cache. The special tokens take the ids right after the merges.
+    `workers` counting processes (default: all CPUs) split the text into chunks.
     """
     path = Path(out_dir) / FILENAME
     if cfg.kind == "gpt2":
@@ -40,7 +46,7 @@ def create_tokenizer(
     else:
         num_merges = cfg.vocab_size - 256 - len(cfg.special_tokens)  # config guarantees >= 0
         pattern = SPLIT_PATTERNS[cfg.split_pattern]
-        merges = train_bpe(documents, num_merges, pattern, progress=progress)
+        merges = train_bpe(documents, num_merges, pattern, progress=progress, workers=workers)
         save_bpe(path, merges, cfg.split_pattern, pattern, cfg.special_tokens)
     tokenizer = load_tokenizer(path)
     if tokenizer.vocab_size < cfg.vocab_size and cfg.kind == "bpe":
