@@ -287,10 +287,14 @@ def load_architecture(path: str | Path) -> tuple[ModelConfig, int]:
 
 
 def architecture_model(path: str | Path, *, seed: int, device: str | torch.device = "cpu") -> Transformer:
-    """The network architecture.json describes, with seeded random weights, in eval mode: to measure the shape."""
+    """The network architecture.json describes, with seeded random weights, in eval mode: to measure the shape.
+
+    zero_init_proj is dropped: it only decides where training starts, and zero projections
+    would leave every block an identity, so checks on this model would see none of them.
+    """
     cfg, vocab_size = load_architecture(path)
     torch.manual_seed(seed)
-    return Transformer(cfg, vocab_size).to(device).eval()
+    return Transformer(dataclasses.replace(cfg, zero_init_proj=False), vocab_size).to(device).eval()
 
 
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:

@@ -8,8 +8,9 @@ which is imported lazily inside the functions).
 
 Our parameter names follow Meta's Llama and our RoPE uses HF's rotate_half layout, so the
 conversion is a key rename with no weight permutation. What Llama cannot express is
-refused: a GELU MLP on export; on import, every config feature we do not implement
-(biases, RoPE scaling, other activations, ...) with an error naming the first such field.
+refused: on export, a GELU or ReLU-squared MLP, QK-norm, logit soft-capping and the value
+residual (llama_incompatibility names the first); on import, every config feature we do not
+implement (biases, RoPE scaling, other activations, ...) with an error naming the first such field.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "export_hf",
     "from_hf_config",
     "hf_key",
+    "llama_incompatibility",
     "load_hf",
     "our_key",
     "to_hf_config",
@@ -104,20 +106,41 @@ def our_key(key: str) -> str | None:
 # ---------------------------------------------------------------------------- configs
 
 
+def llama_incompatibility(cfg: ModelConfig) -> str | None:
+    """Why LlamaForCausalLM cannot compute this architecture (one line, naming the option and the fix), else None.
+
+    zero_init_proj is no obstacle: it decides where training starts, and the trained weights
+    are plain Llama weights.
+    """
+    if cfg.mlp != "swiglu":
+        return (
+            f"model.mlp is {cfg.mlp!r}: Llama's MLP is gated SiLU (swiglu), so this checkpoint has no Llama "
+            "equivalent; train with model.mlp: swiglu to export it"
+        )
+    refused = [
+        ("qk_norm", cfg.qk_norm, "Llama's attention normalises neither queries nor keys"),
+        ("logit_softcap", cfg.logit_softcap, "Llama's LM head has no logit soft-capping"),
+        ("value_residual", cfg.value_residual, "Llama's attention reads only its own layer's values"),
+    ]
+    for key, value, why in refused:
+        if value not in (None, False):
+            shown = "true" if value is True else value
+            return f"model.{key}: {shown} has no Llama equivalent ({why}); export a model trained without it"
+    return None
+
+
 def to_hf_config(
     cfg: ModelConfig, vocab_size: int, *, dtype: torch.dtype = torch.float32, eos_token_id: int | None = None
 ) -> dict[str, Any]:
-    """The LlamaConfig dict for our architecture (raises NanollmError for one Llama cannot express).
+    """The LlamaConfig dict for our architecture (NanollmError for one Llama cannot express: llama_incompatibility).
 
     RoPE's base is written both as transformers 4's `rope_theta` and as 5's `rope_parameters`,
     so either version loads the folder. eos_token_id (our <|endoftext|>) doubles as bos, since
     our documents are separated, not wrapped.
     """
-    if cfg.mlp != "swiglu":
-        raise NanollmError(
-            f"model.mlp is {cfg.mlp!r}: Llama's MLP is gated SiLU (swiglu), so this checkpoint has no Llama "
-            "equivalent; train with model.mlp: swiglu to export it"
-        )
+    why_not = llama_incompatibility(cfg)
+    if why_not is not None:
+        raise NanollmError(why_not)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

@@ -37,6 +37,8 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
     the same rounds with its dynamic and its static cache, and our cached tokens/s is
     reported as a multiple of the faster one's.
     """
+    import logging
+
     import torch
 
     from nanollm.atomic import write_json
@@ -51,6 +53,7 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
     )
     from nanollm.checkpoint import RUN_FILE, architecture_differences, architecture_model, read_run_id
     from nanollm.hardware import describe_machine, pick_device
+    from nanollm.hf import llama_incompatibility
     from nanollm.tracking import make_tracker, sectioned
 
     cfg = ctx.config.bench
@@ -58,7 +61,10 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
     model = architecture_model(architecture, seed=ctx.config.seed, device=device)  # the trained shape, seeded weights
     architecture_differences(model, ctx.config.model, architecture)
     peer = None
-    if cfg.compare_transformers:
+    unportable = llama_incompatibility(model.cfg) if cfg.compare_transformers else None
+    if unportable:  # the peer is transformers' Llama: an architecture it cannot compute has no peer
+        logging.getLogger(__name__).warning("no comparison with transformers: %s", unportable)
+    if cfg.compare_transformers and not unportable:
         from nanollm.peers import transformers_settings
 
         peer = transformers_settings(model)

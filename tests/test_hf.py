@@ -1,5 +1,6 @@
 """Hugging Face interop: exported folders load in transformers' LlamaForCausalLM with equal logits, import
-reverses export, unsupported configs fail naming their field; the exported tokenizer encodes and decodes
+reverses export, unsupported configs fail naming their field, architecture options Llama cannot express are
+refused in one line (export-hf and the bench's transformers peer alike); the exported tokenizer encodes and decodes
 exactly as tiktoken does, pipeline("text-generation") continues a prompt as `nanollm generate` does, the
 files get plain permissions; and the export-hf / import-hf commands."""
 
@@ -27,6 +28,7 @@ from nanollm.hf import (
     export_hf,
     from_hf_config,
     hf_key,
+    llama_incompatibility,
     load_hf,
     our_key,
     to_hf_config,
@@ -104,6 +106,58 @@ def test_names_round_trip():
 def test_gelu_mlp_has_no_llama_form():
     with pytest.raises(NanollmError, match="model.mlp is 'gelu'"):
         to_hf_config(ModelConfig(mlp="gelu"), VOCAB)
+
+
+NO_LLAMA_FORM = [
+    ({"mlp": "relu2"}, "model.mlp is 'relu2': Llama's MLP is gated SiLU (swiglu)"),
+    ({"qk_norm": True}, "model.qk_norm: true has no Llama equivalent (Llama's attention normalises neither"),
+    ({"logit_softcap": 15.0, "tie_embeddings": False}, "model.logit_softcap: 15.0 has no Llama equivalent ("),
+    ({"value_residual": True}, "model.value_residual: true has no Llama equivalent (Llama's attention reads only"),
+]
+
+
+@pytest.mark.parametrize("overrides,start", NO_LLAMA_FORM, ids=["relu2", "qk_norm", "logit_softcap", "value_residual"])
+def test_options_without_a_llama_form_are_refused_in_one_line(tmp_path, overrides, start):
+    model = _model(**overrides)
+    with pytest.raises(NanollmError) as err:
+        export_hf(model, tmp_path / "hf")
+    message = str(err.value)
+    assert message.startswith(start) and "\n" not in message
+    assert message.endswith(("export a model trained without it", "train with model.mlp: swiglu to export it"))
+    assert message == llama_incompatibility(model.cfg)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_only_the_first_obstacle_is_named_and_zero_init_is_none():
+    everything = ModelConfig(mlp="relu2", qk_norm=True, logit_softcap=15.0, value_residual=True)
+    assert llama_incompatibility(everything).startswith("model.mlp is 'relu2'")
+    assert llama_incompatibility(ModelConfig(qk_norm=True, value_residual=True)).startswith("model.qk_norm")
+    assert llama_incompatibility(ModelConfig()) is None
+    assert llama_incompatibility(ModelConfig(zero_init_proj=True)) is None  # only where training starts
+
+
+def test_a_model_trained_from_zero_projections_exports_with_equal_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = _model(zero_init_proj=True, tie_embeddings=False)
+    with torch.no_grad():  # what training makes of the zeros: ordinary weights
+        for layer in model.layers:
+            for linear in (layer.attention.wo, layer.feed_forward.w2):
+                linear.weight.normal_(0.0, 0.2)
+    export_hf(model, tmp_path / "hf")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    idx = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits.float(), model(idx), atol=1e-4, rtol=1e-4)
+
+
+def test_the_transformers_peer_refuses_with_the_same_line():
+    pytest.importorskip("transformers")
+    from nanollm.peers import transformers_twin
+
+    model = _model(qk_norm=True)
+    with pytest.raises(NanollmError) as err:
+        transformers_twin(model)
+    assert str(err.value) == llama_incompatibility(model.cfg)
 
 
 def _hf_config(**changes):
@@ -207,6 +261,23 @@ def test_export_then_import_commands_round_trip(project, caplog):
     with torch.no_grad():
         assert torch.equal(imported(idx), original(idx))
     assert read_checkpoint_info(project / "models" / "imported")["imported_from"] == "hf"
+
+
+def test_export_command_refuses_an_option_without_a_llama_form_in_one_line(project):
+    save_checkpoint(
+        project / "models" / "checkpoint",
+        _model(value_residual=True),
+        train_state={"step": 3, "tokens_seen": 0},
+        info={"tokenizer_sha256": None, "corpus_sha256": None},
+        run={"run_id": None, "tracking_uri": None},
+    )
+    result = CliRunner().invoke(cli, ["export-hf", "--out", "hf"])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "Error: model.value_residual: true has no Llama equivalent (Llama's attention reads only its own "
+        "layer's values); export a model trained without it"
+    )
+    assert not (project / "hf").exists()
 
 
 def test_import_command_errors_are_one_line(project):

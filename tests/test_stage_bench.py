@@ -183,3 +183,16 @@ def test_bench_says_in_one_line_when_transformers_is_missing(project, monkeypatc
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "pip install transformers" in lines[0] and "bench.compare_transformers" in lines[0]
     assert not any((project / out).exists() for out in OUTPUTS)
+
+
+def test_an_architecture_llama_cannot_express_is_benched_without_the_peer(project, caplog):
+    arch = project / "models" / "checkpoint" / "architecture.json"
+    info = json.loads(arch.read_text())
+    info["model"]["qk_norm"] = True
+    arch.write_text(json.dumps(info))
+    with caplog.at_level(logging.WARNING):
+        result = _run(project, {**UNTRACKED, "model": info["model"]})
+    assert result.exit_code == 0, result.output
+    summary = json.loads((project / OUTPUTS[0]).read_text())
+    assert summary["max_speedup"] > 0 and not [k for k in summary if "transformers" in k]
+    assert any("no comparison with transformers: model.qk_norm: true" in r.getMessage() for r in caplog.records)

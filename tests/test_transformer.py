@@ -1,5 +1,6 @@
-"""The Transformer: cached decoding equals the full forward for every backend, the cache stays out of
-checkpoints, tied weights share storage and the FLOP count adds up. (HF Llama parity: test_hf.py.)"""
+"""The Transformer: cached decoding equals the full forward for every backend and every architecture option,
+the cache stays out of checkpoints, tied weights share storage and the FLOP count adds up. (HF Llama parity:
+test_hf.py; each option's own behaviour: test_model_options.py.)"""
 
 import math
 
@@ -11,6 +12,8 @@ from nanollm.config import ModelConfig
 from nanollm.model import Transformer
 
 VOCAB = 97
+# modded-nanogpt's architecture options, every one on (a cap of 3 squashes these logits visibly)
+ALL_OPTIONS = dict(qk_norm=True, mlp="relu2", zero_init_proj=True, logit_softcap=3.0, value_residual=True)
 
 
 def tiny(**overrides) -> Transformer:
@@ -27,11 +30,37 @@ def tiny(**overrides) -> Transformer:
         {"n_kv_head": 1, "attention": "naive"},
         {"n_kv_head": 2, "attention": "flash"},
         {"mlp": "gelu", "tie_embeddings": False},
+        {"qk_norm": True, "n_kv_head": 2},
+        {"mlp": "relu2"},
+        {"zero_init_proj": True},
+        {"logit_softcap": 3.0, "tie_embeddings": False},
+        {"value_residual": True, "n_kv_head": 2},
+        {**ALL_OPTIONS, "tie_embeddings": False, "n_kv_head": 2},
+        {**ALL_OPTIONS, "n_kv_head": 1, "attention": "naive", "n_layer": 3},
+        {**ALL_OPTIONS, "n_kv_head": 2, "attention": "flash"},
     ],
-    ids=["mha", "gqa", "mqa-naive", "gqa-flash", "gelu-untied"],
+    ids=[
+        "mha",
+        "gqa",
+        "mqa-naive",
+        "gqa-flash",
+        "gelu-untied",
+        "qk_norm",
+        "relu2",
+        "zero_init_proj",
+        "softcap",
+        "value_residual",
+        "all-options",
+        "all-options-naive",
+        "all-options-flash",
+    ],
 )
 def test_prefill_then_decode_equals_full_forward(overrides):
     model = tiny(**overrides)
+    if set(overrides) & set(ALL_OPTIONS):
+        # off the initial point: zero projections would make every block the identity (hiding any
+        # decode mistake), tiny logits would leave the soft cap untouched, and the mixes sit at 0.5
+        perturb(model)
     idx = torch.randint(0, VOCAB, (3, 30))  # 30 > block_size 16: decoding runs past the trained context
     with torch.no_grad():
         full = model(idx)  # (3, 30, vocab)
@@ -40,6 +69,14 @@ def test_prefill_then_decode_equals_full_forward(overrides):
         steps += [model(idx[:, t : t + 1], start_pos=t) for t in range(7, 30)]  # decode one token at a time
     assert full.dtype == torch.float32 and full.shape == (3, 30, VOCAB)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def perturb(model: Transformer) -> None:
+    """Give every parameter a random offset, so that no block is the identity and no mix sits at 0.5."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
 
 
 def test_backends_agree_in_logits_and_gradients():
@@ -118,6 +155,26 @@ def test_flops_per_token_counts_head_and_attention():
     assert model.flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16
     untied = tiny(tie_embeddings=False)  # the input lookup is no matmul
     assert untied.flops_per_token(16) == 6 * (untied.num_params() - VOCAB * 32) + 12 * 2 * 32 * 16
+
+
+def test_relu2_has_gelus_width_parameters_and_flops():
+    relu2, gelu = tiny(mlp="relu2"), tiny(mlp="gelu")
+    assert relu2.cfg.hidden_dim == gelu.cfg.hidden_dim == 4 * 32
+    assert relu2.layers[0].feed_forward.w3 is None
+    assert relu2.num_params() == gelu.num_params()
+    assert relu2.flops_per_token(16) == gelu.flops_per_token(16)
+    assert tiny(mlp="relu2", mlp_hidden=48).layers[0].feed_forward.w1.weight.shape == (48, 32)
+
+
+def test_options_add_only_tiny_vectors_to_the_parameter_count():
+    """qk_norm: two gains of head_dim per layer; value_residual: two scalars per layer but the first."""
+    base = tiny(n_layer=3)
+    assert tiny(n_layer=3, qk_norm=True).num_params() == base.num_params() + 3 * 2 * 8
+    assert tiny(n_layer=3, value_residual=True).num_params() == base.num_params() + 2 * 2
+    assert tiny(n_layer=3, zero_init_proj=True, logit_softcap=15.0).num_params() == base.num_params()
+    # 6N counts these vectors as it counts the RMSNorm weights: an overcount of well under 0.1%
+    with_all = tiny(n_layer=3, qk_norm=True, value_residual=True)
+    assert with_all.flops_per_token(16) - base.flops_per_token(16) == 6 * (3 * 2 * 8 + 2 * 2)
 
 
 def test_residual_projections_are_scaled_at_init():

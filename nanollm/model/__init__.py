@@ -7,8 +7,9 @@ nanollm.checkpoint); this package is the network, its KV cache and its attention
 
 from nanollm.model.attention import Attention, KVCache
 from nanollm.model.flash import flash_attention
+from nanollm.model.norm import RMSNorm
 from nanollm.model.rope import RotaryEmbedding, apply_rotary
-from nanollm.model.transformer import Block, FeedForward, RMSNorm, Transformer
+from nanollm.model.transformer import Block, FeedForward, Transformer
 
 __all__ = [
     "Attention",

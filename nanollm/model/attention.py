@@ -1,9 +1,9 @@
 """Causal self-attention with RoPE, grouped-query heads, a KV cache and three backends.
 
-This module owns the attention maths (projections, rotation, masking, the `sdpa`, `flash`
-and `naive` backends) and the KV cache buffers. The rotary tables come from rope.py, the
-from-scratch FlashAttention from flash.py; the decode loop that drives prefill/decode
-lives in nanollm/generate.py. docs/kv_cache.md measures the cache.
+This module owns the attention maths (projections, the optional QK-norm and value residual,
+rotation, masking, the `sdpa`, `flash` and `naive` backends) and the KV cache buffers. The
+rotary tables come from rope.py, the from-scratch FlashAttention from flash.py; the decode
+loop that drives prefill/decode lives in nanollm/generate.py. docs/kv_cache.md measures the cache.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from nanollm.config import ModelConfig
 from nanollm.model.flash import flash_attention
+from nanollm.model.norm import RMSNorm
 from nanollm.model.packing import PackedLinears, column_major, pack
 from nanollm.model.rope import apply_rotary
 
@@ -130,17 +131,43 @@ def flash_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: 
 
 BACKENDS = {"sdpa": sdpa_attention, "flash": flash_backend, "naive": naive_attention}
 
+VALUE_MIX_INIT = 0.5  # value residual: v = 0.5 v + 0.5 v_first at the start, modded-nanogpt's starting mix
+
 
 class Attention(nn.Module):
-    """Multi-head (or grouped-query, when n_kv_head < n_head) causal self-attention with RoPE."""
+    """Multi-head (or grouped-query, when n_kv_head < n_head) causal self-attention with RoPE.
 
-    def __init__(self, cfg: ModelConfig):
+    Two options of ModelConfig act between the projections and the backend (modded-nanogpt's):
+
+    - qk_norm: RMSNorm over each head's query and key vectors, before RoPE, with a learned
+      gain of head_dim entries shared by the heads (q_norm, k_norm). Unit-RMS q and k bound
+      every attention logit by the gains' product times sqrt(head_dim), so no logit can grow
+      with the weights and destabilise training. The gain is learned, not fixed at one (as
+      modded-nanogpt has it), because at our head_dim of 32 a fixed bound of sqrt(32) ~ 5.7
+      caps how sharply a head can attend: over 256 keys orthogonal to the query, the one key
+      aligned with it gets at most e^5.7 / (e^5.7 + 255) ~ 53% of the weight. 2 * head_dim
+      parameters per layer lift that cap. Before RoPE, not after: RoPE rotates pairs of
+      entries, so the RMS is the same on either side, but a per-dimension gain applied after
+      the rotation would make q.k depend on absolute positions, while applied before it the
+      score still depends only on their distance.
+    - value residual (mixes_values, set for every layer but the first under value_residual):
+      v = a v + b v_first, v_first being the first layer's values at the same positions and
+      a, b learned scalars (value_mix) starting at 0.5 each, a convex mix at first (ResFormer,
+      Zhou et al. 2024; modded-nanogpt). It mixes per position before the cache, so the cache
+      holds mixed values and decoding needs no extra state.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, mixes_values: bool = False):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        # (a, b) of v = a v + b v_first; Transformer.reset_parameters sets both to VALUE_MIX_INIT
+        self.value_mix = nn.Parameter(torch.full((2,), VALUE_MIX_INIT)) if mixes_values else None
         self.backend = BACKENDS[cfg.attention]
         self.cache: KVCache | None = None  # set by Transformer.setup_cache
         self.packed_qkv: PackedLinears | None = None  # set by pack_for_decode
@@ -157,15 +184,33 @@ class Attention(nn.Module):
         return self.wq(x), self.wk(x), self.wv(x)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | None = None
-    ) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C). start_pos None: no cache; an int: read and write the cache."""
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start_pos: int | None = None,
+        v_first: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> (output (B, T, C), the values this layer attended with at these positions (B, nkv, T, hs)).
+
+        start_pos None: no cache; an int: read and write the cache. v_first (B, nkv, T, hs), the
+        first layer's values at these positions, is required when this layer mixes values and
+        ignored otherwise.
+        """
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.q_norm is not None and self.k_norm is not None:
+            # cast back: a low-precision q, k times the fp32 gain would come out fp32
+            q, k = self.q_norm(q).to(q.dtype), self.k_norm(k).to(k.dtype)  # unit RMS per head, times the gain
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.value_mix is not None:
+            if v_first is None:
+                raise ValueError("this layer mixes in the first layer's values (value_residual): pass v_first")
+            v = self.value_mix[0] * v + self.value_mix[1] * v_first  # (B, nkv, T, hs); 0-dim factors keep v's dtype
+        values = v
         if start_pos is None:
             start_pos = 0
         else:
@@ -174,4 +219,4 @@ class Attention(nn.Module):
             k, v = self.cache.update(start_pos, k, v)  # (B, nkv, S, hs), S = start_pos + T
         y = self.backend(q, k, v, start_pos)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh * hs)
-        return self.wo(y)  # (B, T, C)
+        return self.wo(y), values  # (B, T, C), (B, nkv, T, hs)

@@ -1,8 +1,10 @@
 """The Llama-style decoder-only Transformer: embedding, blocks, final norm, LM head.
 
 This module owns the architecture, its initialisation, the KV-cache lifecycle and the
-FLOP estimate. Attention internals live in attention.py, RoPE in rope.py; training,
-sampling and checkpoint files are other modules' business.
+FLOP estimate. Attention internals (with the qk_norm and value_residual options) live in
+attention.py, RoPE in rope.py, RMSNorm in norm.py; training, sampling and checkpoint files
+are other modules' business. The options of modded-nanogpt's record runs owned here are the
+relu2 MLP, zero_init_proj and logit_softcap; with every option off the model is Llama's.
 
 Parameter names follow Meta's Llama checkpoints (tok_embeddings, layers.i.attention.wq,
 layers.i.feed_forward.w1, attention_norm, ffn_norm, norm, output), so exporting to
@@ -18,41 +20,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanollm.config import ModelConfig
-from nanollm.model.attention import Attention, KVCache
+from nanollm.model.attention import VALUE_MIX_INIT, Attention, KVCache
+from nanollm.model.norm import RMSNorm
 from nanollm.model.packing import PackedLinears, column_major, pack
 from nanollm.model.rope import RotaryEmbedding
 
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 and cast back (as HF LlamaRMSNorm).
-
-    F.rms_norm is one call (a fused kernel on CUDA) where the spelled-out form (pow, mean,
-    add, rsqrt, mul, mul) is six Python-level ops; in fp32 it matched that form bitwise in
-    our tests, and it is ~25% faster for a decode step's single row on CPU. Lower-precision
-    inputs are upcast first and the weight is applied after the cast back, as HF does.
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps, self.shape = eps, (dim,)
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.shape, self.weight, self.eps)  # (..., C)
-        return self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)  # (..., C)
+__all__ = ["Block", "FeedForward", "RMSNorm", "Transformer"]
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x), or GELU: w2(gelu(w1 x)). No biases.
+    """SwiGLU: w2(silu(w1 x) * w3 x); GELU: w2(gelu(w1 x)); ReLU squared: w2(relu(w1 x)^2). No biases.
 
     SwiGLU costs a third matrix; at hidden = 8/3 * C it matches the parameters and FLOPs of
-    a 4C GELU MLP and trains to a lower loss at equal compute (Shazeer 2020, Llama).
+    a 4C GELU MLP and trains to a lower loss at equal compute (Shazeer 2020, Llama). ReLU
+    squared (So et al. 2021, "Primer"; modded-nanogpt, which measured it ~1-2% better than
+    GELU) keeps GELU's two matrices and 4C width, so the same parameters and FLOPs again, with
+    an activation that is two cheap elementwise ops and exactly zero for half its inputs.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu, self.relu2 = cfg.mlp == "swiglu", cfg.mlp == "relu2"
         self.w1 = nn.Linear(cfg.n_embd, cfg.hidden_dim, bias=False)
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.n_embd, bias=False)
         self.w3 = nn.Linear(cfg.n_embd, cfg.hidden_dim, bias=False) if self.swiglu else None
@@ -73,22 +61,37 @@ class FeedForward(nn.Module):
             else:
                 gate, up = self.w1(x), self.w3(x)
             return self.w2(F.silu(gate) * up)  # (B, T, H) -> (B, T, C)
+        if self.relu2:
+            return self.w2(F.relu(self.w1(x)).square())  # (B, T, H) -> (B, T, C)
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))  # tanh GELU, as GPT-2
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). `index` counts from 0."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, mixes_values=cfg.value_residual and index > 0)
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, start_pos)  # (B, T, C)
-        return x + self.feed_forward(self.ffn_norm(x))  # (B, T, C)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start_pos: int | None,
+        v_first: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> (x (B, T, C), the attention's values (B, nkv, T, hs)); v_first as in Attention.forward.
+
+        Every argument is positional in Transformer.forward, as nanollm.memory's activation
+        checkpointing passes them on.
+        """
+        h, values = self.attention(self.attention_norm(x), cos, sin, start_pos, v_first)  # (B, T, C)
+        x = x + h  # (B, T, C)
+        return x + self.feed_forward(self.ffn_norm(x)), values  # (B, T, C), (B, nkv, T, hs)
 
 
 class Transformer(nn.Module):
@@ -103,7 +106,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         self.tok_embeddings = nn.Embedding(vocab_size, cfg.n_embd)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.output = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_theta)
@@ -117,14 +120,25 @@ class Transformer(nn.Module):
         """normal(0, init_std) for every matrix; the residual projections (wo, w2) scaled by 1/sqrt(2 n_layer).
 
         Each block adds two outputs to the residual stream, so without the scaling its
-        variance grows with depth (GPT-2, section 2.3). Norm weights start at one.
+        variance grows with depth (GPT-2, section 2.3). Norm weights (qk_norm's gains too)
+        start at one, value_residual's mixes at VALUE_MIX_INIT.
+
+        zero_init_proj starts wo and w2 at zero instead (modded-nanogpt): every block is then
+        the identity, the first logits come from the embedding alone, and the first step's
+        gradient reaches only wo, w2, the embedding and the head; the blocks grow in from
+        there. The normal draw still happens first, so the random stream, and with it every
+        other weight, is the same as without the option: each option changes only what it names.
         """
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if p.dim() < 2:
+            if name.endswith("attention.value_mix"):
+                nn.init.constant_(p, VALUE_MIX_INIT)
+            elif p.dim() < 2:
                 nn.init.ones_(p)
             elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+                if self.cfg.zero_init_proj:
+                    nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
 
@@ -133,16 +147,30 @@ class Transformer(nn.Module):
 
         last_only is what sampling needs after a prefill: it skips T - 1 rows of the LM head,
         a quarter of a 512-token prefill's FLOPs for the default model (vocab 4096, C 256).
+
+        logit_softcap squashes every logit into (-cap, cap) as cap * tanh(logits / cap) (Gemma 2;
+        modded-nanogpt), in fp32, here and so for training, evaluation and every decode step
+        alike. Near zero it is the identity (within a relative (x/cap)^2 / 3), while a
+        confident logit can no longer grow without bound, so an untied head, which nothing
+        else ties to the embedding's scale, cannot buy lower loss by inflating its weights.
         """
         _, T = idx.shape
         cos, sin = self.rope(start_pos or 0, T)  # (T, hs) each
         x = self.tok_embeddings(idx)  # (B, T, C)
+        v_first = None  # value_residual: the first layer's values, mixed into every later layer's
         for layer in self.layers:
-            x = layer(x, cos, sin, start_pos)  # (B, T, C)
+            x, values = layer(x, cos, sin, start_pos, v_first)  # (B, T, C), (B, nkv, T, hs)
+            if self.cfg.value_residual and v_first is None:
+                v_first = values
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         logits = self.output(self.norm(x))  # (B, T, vocab)
-        return logits if logits.dtype == torch.float32 else logits.float()
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        cap = self.cfg.logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)  # (B, T, vocab), each in (-cap, cap)
+        return logits
 
     # ------------------------------------------------------------------ KV cache
 
