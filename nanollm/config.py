@@ -77,7 +77,11 @@ class DataConfig:
     """Where the raw text comes from and how it is split into train and val documents."""
 
     source: str = _spec("stdlib", doc="corpus source", choices=("stdlib", "files", "hf"))
-    paths: tuple[str, ...] = _spec(factory=tuple, doc="source=files: paths or globs of .txt, .jsonl or .parquet files")
+    paths: tuple[str, ...] = _spec(
+        factory=tuple,
+        doc="source=files: paths or globs; .jsonl and .parquet hold a document per line or row, any other "
+        "file is one document if it is text (binary files are skipped and counted)",
+    )
     text_field: str = _spec("text", doc="field/column holding the text in .jsonl, .parquet and hf data")
     hf_name: str = _spec(
         "Skylion007/openwebtext", doc="source=hf: dataset name on the Hugging Face hub, or a local folder"
@@ -90,6 +94,23 @@ class DataConfig:
         0.05, doc="share of documents held out for validation, chosen by a seeded hash", gt=0.0, max=0.5
     )
     shard_mb: int = _spec(64, doc="split each text output into shards of about this many MB", min=1)
+    near_dup_threshold: float | None = _spec(
+        0.5,
+        doc="documents whose estimated Jaccard similarity (of word shingles) is at least this, directly or "
+        "through a chain, form a family that the split keeps on one side (null: split each document alone)",
+        gt=0.0,
+        max=1.0,
+    )
+    near_dup_num_perm: int = _spec(
+        128,
+        doc="MinHash slots per document: the similarity estimate's sd is ~sqrt(J(1-J)/num_perm) (0.044 at "
+        "J=0.5 with 128); the index holds ~3.4 KB per document at the defaults, mostly LSH bands",
+        min=16,
+        max=1024,
+    )
+    near_dup_shingle: int = _spec(
+        5, doc="words per shingle: fewer also match documents that only share short phrases", min=1, max=64
+    )
 
 
 @dataclass(frozen=True)

@@ -164,3 +164,50 @@ def test_iter_documents_detects_tampering_and_missing_shards(tmp_path):
     with pytest.raises(NanollmError, match="listed in the manifest is missing"):
         list(iter_documents(tmp_path / "corpus", "train"))
     assert len(list(iter_documents(tmp_path / "corpus", "val"))) == manifest["splits"]["val"]["documents"]
+
+
+class FixedFamilies:
+    """A DocumentFamilies with given labels, to test the split by family apart from MinHash."""
+
+    def __init__(self, labels):
+        self._labels, self.seen = labels, []
+
+    def add(self, text):
+        self.seen.append(text)
+
+    def labels(self):
+        return self._labels
+
+    def summary(self):
+        return {"families": len(set(self._labels))}
+
+
+def test_a_family_follows_its_first_document(tmp_path):
+    documents = docs(60)
+    labels = [0] * 20 + list(range(20, 60))  # documents 0-19 form one family, the rest are alone
+    for seed in range(6):
+        families = FixedFamilies(labels)
+        manifest = write(documents, tmp_path / f"c{seed}", seed=seed, val_fraction=0.3, families=families)
+        assert families.seen == [d.text for d in documents]
+        first_side = split_of("doc0", seed, 0.3)
+        for split in ("train", "val"):
+            ids = shard_ids(tmp_path / f"c{seed}", split)
+            expected = [
+                d.id for i, d in enumerate(documents) if (first_side if i < 20 else split_of(d.id, seed, 0.3)) == split
+            ]
+            assert ids == expected  # stream order kept within a split
+        assert manifest["near_duplicates"] == {"families": 41}
+        assert only_entries(tmp_path / f"c{seed}") == sorted(
+            ["manifest.json", *manifest["splits"]["train"]["shards"], *manifest["splits"]["val"]["shards"]]
+        )  # no spool left behind
+    assert write(documents, tmp_path / "plain")["near_duplicates"] is None
+
+
+def test_a_failing_source_with_families_leaves_no_partial_output(tmp_path):
+    def broken():
+        yield from docs(10)
+        raise NanollmError("boom")
+
+    with pytest.raises(NanollmError, match="boom"):
+        write(broken(), tmp_path / "corpus", families=FixedFamilies(list(range(10))))
+    assert only_entries(tmp_path) == []

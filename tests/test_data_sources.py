@@ -1,7 +1,8 @@
-"""Document sources: stdlib, local files (.txt/.jsonl/.parquet), Hugging Face datasets (local and offline hub)."""
+"""Document sources: stdlib, local files (any text, .jsonl, .parquet; binary skipped), Hugging Face datasets."""
 
 import codecs
 import json
+import logging
 import sysconfig
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from nanollm.config import ConfigError, DataConfig
 from nanollm.data import sources
 from nanollm.data.sources import (
     Document,
+    binary_reason,
     decode_utf8,
     expand_paths,
     files_source,
@@ -161,20 +163,107 @@ def test_globs_expand_recursively_sorted_and_without_repeats(tmp_path, monkeypat
     [
         (["nothing/*.txt"], "'nothing/*.txt' matches no files"),
         (["missing.txt"], "'missing.txt' matches no files"),
-        (["notes.md"], "'notes.md' (from 'notes.md') is not .txt, .jsonl or .parquet"),
-        (["d/*"], "'d/x.csv' (from 'd/*') is not .txt"),
-        (["d"], "'d' is a folder; use a glob such as 'd/**/*.txt'"),
+        (["d"], "'d' is a folder; use a glob such as 'd/**/*'"),
         ([], "data.paths: got []; must list at least one"),
+        (["img/*"], "'img/*' matches only binary files (2, e.g. 'img/a.png': a NUL byte in the first 8 KB); narrow"),
+        (
+            ["d/*", "img/b.*"],
+            "'img/b.*' matches only binary files (1, e.g. 'img/b.bin': over a quarter of the first 8 KB not UTF-8)",
+        ),
     ],
 )
 def test_bad_paths_are_one_line_errors(tmp_path, monkeypatch, patterns, expected):
     monkeypatch.chdir(tmp_path)
-    Path("notes.md").write_text("x")
     Path("d").mkdir()
     Path("d/x.csv").write_text("x")
+    Path("img").mkdir()
+    Path("img/a.png").write_bytes(PNG_HEAD)
+    Path("img/b.bin").write_bytes(bytes(range(128, 256)) * 4)
     with pytest.raises(ConfigError) as err:  # a params mistake: the CLI exits 2, as for any other
         files_source(patterns)
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+# The first bytes of a real PNG: signature, then the IHDR chunk's length (0x0000000d).
+PNG_HEAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x01\x00"
+
+
+@pytest.mark.parametrize(
+    ("head", "reason"),
+    [
+        (b"", None),
+        (b"def f():\n    return 1\n", None),
+        (
+            "caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, na\u00efve fa\u00e7ade\n".encode("latin-1") * 20,
+            None,
+        ),  # ~9% not UTF-8
+        (
+            "\u03ba\u03b1\u03bb\u03b7\u03bc\u03ad\u03c1\u03b1 \u03ba\u03cc\u03c3\u03bc\u03b5\n".encode("iso8859_7")
+            * 20,
+            "not_utf8",
+        ),
+        ("\u00e9t\u00e9 \u2603 \U0001f600 \u65e5\u672c\n".encode() * 100, None),  # multi-byte UTF-8 is text
+        (PNG_HEAD, "nul_byte"),
+        ("text".encode("utf-16-le"), "nul_byte"),
+        (bytes(range(128, 256)) * 8, "not_utf8"),
+        (b"x" * 8191 + b"\xe2\x82", None),  # a character cut at the 8 KB boundary is not evidence
+    ],
+)
+def test_binary_reason(head, reason):
+    assert binary_reason(head) == reason
+
+
+def test_any_text_file_is_one_document_binary_files_are_skipped_and_counted(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    files = {
+        "proj/app.py": b"def main():\n    print('hi')\n",
+        "proj/README.md": "# proj\n\nna\u00efve text\n".encode(),
+        "proj/data.csv": b"a,b\n1,2\n",
+        "proj/latin1.txt": "caf\u00e9\n".encode("latin-1"),  # 1 invalid byte of 5: read, replaced, counted
+        "proj/logo.png": PNG_HEAD + b"rest of the image",
+        "proj/notes-utf16.txt": "hello".encode("utf-16"),
+        "proj/__pycache__/app.cpython-311.pyc": b"\xa7\r\r\n\x00\x00\x00\x00",
+        "proj/greek.txt": "\u03ba\u03b1\u03bb\u03b7\u03bc\u03ad\u03c1\u03b1\n".encode("iso8859_7"),
+        "proj/rows.jsonl": b'{"text": "record one"}\n',
+        "proj/.hidden.py": b"never matched by **: glob skips dot files",
+    }
+    for rel, data in files.items():
+        Path(rel).parent.mkdir(parents=True, exist_ok=True)
+        Path(rel).write_bytes(data)
+    caplog.set_level(logging.INFO, logger="nanollm.data.sources")
+    source = files_source(["proj/**/*"])
+    docs = list(source)
+    assert [d.id for d in docs] == [
+        "proj/README.md", "proj/app.py", "proj/data.csv", "proj/latin1.txt", "proj/rows.jsonl:1",
+    ]  # fmt: skip
+    assert docs[1].text == "def main():\n    print('hi')\n" and docs[3] == Document("proj/latin1.txt", "caf\ufffd\n", 1)
+    assert source.stats.binary_files == {"nul_byte": 3, "not_utf8": 1}
+    assert source.stats.documents == 5 and source.stats.replaced_bytes == 1
+    assert "skipped 3 binary file(s) with a NUL byte in the first 8 KB" in caplog.text
+    assert "skipped 1 binary file(s) with over a quarter of the first 8 KB not UTF-8" in caplog.text
+    assert "e.g. proj/greek.txt" in caplog.text
+    assert list(source) == docs and source.stats.binary_files["nul_byte"] == 3  # counted afresh per pass
+
+
+def test_binary_check_reads_only_the_head(tmp_path, monkeypatch):
+    """A NUL past the first 8 KB does not make a file binary (as for git), and a binary file is not read past it."""
+    monkeypatch.chdir(tmp_path)
+    Path("late-nul.txt").write_bytes(b"x" * 9000 + b"\0")
+    Path("big.bin").write_bytes(b"\0" * 10**6)
+    reads: list[int] = []
+    real_open = open
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if str(path).endswith("big.bin"):
+            real_read = f.read
+            f.read = lambda n=-1: reads.append(n) or real_read(n)
+        return f
+
+    source = files_source(["*"])  # big.bin, then late-nul.txt
+    monkeypatch.setattr("builtins.open", counting_open)
+    assert [(d.id, len(d.text)) for d in source] == [("late-nul.txt", 9001)]
+    assert reads == [8192] and source.stats.binary_files["nul_byte"] == 1
 
 
 def test_bad_jsonl_line_names_file_line_and_field(tmp_path, monkeypatch):
@@ -214,12 +303,12 @@ def test_parquet_missing_or_non_string_column_is_an_error(tmp_path, monkeypatch)
 
 def test_invalid_utf8_is_replaced_and_counted(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    Path("bad.txt").write_bytes(b"ok \xff\xfe then \xe2\x82")  # 2 + 2 invalid bytes
+    Path("bad.txt").write_bytes(b"ok \xff\xfe then more text \xe2\x82")  # 2 + 2 invalid bytes of 26: text
     Path("bad.jsonl").write_bytes(b'{"text": "caf\xe9"}\n{"text": "lone \\ud800 surrogate"}\n')
     source = files_source(["bad.txt", "bad.jsonl"])
     docs = list(source)
     assert [d.replaced_bytes for d in docs] == [4, 1, 1]
-    assert docs[0].text == "ok \ufffd\ufffd then \ufffd" and docs[1].text == "caf\ufffd"
+    assert docs[0].text == "ok \ufffd\ufffd then more text \ufffd" and docs[1].text == "caf\ufffd"
     assert docs[2].text == "lone \ufffd surrogate"
     assert source.stats.replaced_bytes == 6
     for doc in docs:

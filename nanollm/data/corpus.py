@@ -1,14 +1,17 @@
 """The corpus folder: train/val JSONL shards plus manifest.json, written atomically and read back in order.
 
-This module owns the per-document split and the content hashes; where documents come from is
-sources.py's job, turning text into tokens is tokens.py's.
+This module owns the split and the content hashes; where documents come from is sources.py's job,
+which documents are near-copies of each other is near_duplicates.py's, turning text into tokens is
+tokens.py's.
 
 Folder contract: `train-00000.jsonl`, ..., `val-00000.jsonl`, ... hold one `{"id", "text"}` object per
-line; `manifest.json` holds `{"source", "seed", "val_fraction", "sha256", "replaced_bytes", "splits":
-{"train": {"documents", "bytes", "sha256", "shards"}, "val": {...}}}`. Hashes (see `content_sha256`):
-a split's sha256 covers its texts in order, each as an 8-byte little-endian UTF-8 length then the
-bytes (unambiguous even for texts holding NUL); the top-level sha256 is that of
-`"train:<train sha256>\\nval:<val sha256>\\n"`, so it changes iff any split's content or order does.
+line; `manifest.json` holds `{"source", "seed", "val_fraction", "sha256", "replaced_bytes",
+"near_duplicates", "splits": {"train": {"documents", "bytes", "sha256", "shards"}, "val": {...}}}`,
+where "near_duplicates" is null or the settings and counts of the families that the split kept
+together. Hashes (see `content_sha256`): a split's sha256 covers its texts in order, each as an
+8-byte little-endian UTF-8 length then the bytes (unambiguous even for texts holding NUL); the
+top-level sha256 is that of `"train:<train sha256>\\nval:<val sha256>\\n"`, so it changes iff any
+split's content or order does.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from tqdm import tqdm
 
@@ -35,6 +38,21 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 _REBUILD = "re-run `dvc repro download` (or `nanollm download`)"
+_SPOOL = "stream.jsonl"  # the documents in stream order while families are found; deleted before the rename
+
+
+class DocumentFamilies(Protocol):
+    """Groups a stream of documents into families that the split keeps together
+    (nanollm.data.near_duplicates.NearDuplicateFamilies is the one in use)."""
+
+    def add(self, text: str) -> None:
+        """Take the next document of the stream."""
+
+    def labels(self) -> Sequence[int]:
+        """Per document, in stream order, the number (0-based) of the first document of its family."""
+
+    def summary(self) -> dict[str, Any]:
+        """Settings and counts, stored in the manifest as "near_duplicates"."""
 
 
 def split_of(doc_id: str, seed: int, val_fraction: float) -> str:
@@ -117,12 +135,20 @@ def write_corpus(
     val_fraction: float,
     shard_bytes: int,
     source_description: dict[str, Any],
+    families: DocumentFamilies | None = None,
 ) -> dict[str, Any]:
     """Split `documents` into train/val shards under `out_dir` and write the manifest; return it.
 
+    Without `families` each document is split by its own id (`split_of`); with them, by the id of
+    the first document of its family, so a family lands whole on one side. Families are known only
+    once the stream has ended, so then the documents are first spooled to a file in the new folder
+    (the corpus's size again on disk for a moment; the source is still read once) and split from it.
+
     The folder is built next to `out_dir` and renamed into place only when complete, so on any
     error (including an empty corpus or split, which raise NanollmError) `out_dir` is left as it was.
-    Documents are streamed: memory use is one document plus the open shard buffers.
+    Documents are streamed: memory use is one document plus the open shard buffers (plus, with
+    families, their index while they are found, see near_duplicates.py, and 9 bytes per document
+    while splitting).
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -133,12 +159,17 @@ def write_corpus(
         writers = {split: _SplitWriter(tmp, split, shard_bytes) for split in SPLITS}
         replaced = 0
         try:
-            for doc in tqdm(documents, desc="corpus", unit="doc", disable=None):
-                writers[split_of(doc.id, seed, val_fraction)].write(doc)
+            if families is None:
+                placed = ((doc, split_of(doc.id, seed, val_fraction)) for doc in documents)
+            else:
+                placed = _split_by_family(documents, families, tmp / _SPOOL, seed, val_fraction)
+            for doc, split in tqdm(placed, desc="corpus", unit="doc", disable=None):
+                writers[split].write(doc)
                 replaced += doc.replaced_bytes
         finally:
             for writer in writers.values():
                 writer.close()
+        (tmp / _SPOOL).unlink(missing_ok=True)
         splits = {split: writer.summary() for split, writer in writers.items()}
         _check_not_empty(splits, val_fraction)
         manifest = {
@@ -147,6 +178,7 @@ def write_corpus(
             "val_fraction": val_fraction,
             "sha256": _corpus_sha256({s: splits[s]["sha256"] for s in SPLITS}),
             "replaced_bytes": replaced,
+            "near_duplicates": families.summary() if families is not None else None,
             "splits": splits,
         }
         write_json(tmp / MANIFEST, manifest)
@@ -161,6 +193,26 @@ def write_corpus(
         time.perf_counter() - start,
     )
     return manifest
+
+
+def _split_by_family(
+    documents: Iterable[Document], families: DocumentFamilies, spool: Path, seed: int, val_fraction: float
+) -> Iterator[tuple[Document, str]]:
+    """Each document with its split, the split of its family's first document: two passes over a spool."""
+    with open(spool, "wb") as f:
+        for doc in tqdm(documents, desc="near-duplicates", unit="doc", disable=None):
+            families.add(doc.text)
+            record = {"id": doc.id, "text": doc.text, "replaced_bytes": doc.replaced_bytes}
+            f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    labels = families.labels()
+    in_val = bytearray(len(labels))  # per document: 1 if it (as the first of a family) went to val
+    with open(spool, "rb") as f:
+        for number, line in enumerate(f):
+            record = json.loads(line)
+            first = labels[number]
+            if first == number:
+                in_val[number] = split_of(record["id"], seed, val_fraction) == "val"
+            yield Document(record["id"], record["text"], record["replaced_bytes"]), "val" if in_val[first] else "train"
 
 
 def _check_not_empty(splits: dict[str, dict[str, Any]], val_fraction: float) -> None:

@@ -1,7 +1,8 @@
-"""Document sources for the corpus: the Python standard library, local text files, Hugging Face datasets.
+"""Document sources for the corpus: the Python standard library, local files, Hugging Face datasets.
 
-Each source streams `Document`s lazily (never the whole corpus in memory), skips empty ones and
-applies the document/byte limits. Splitting and writing the corpus is corpus.py's job.
+Each source streams `Document`s lazily (never the whole corpus in memory), skips empty documents and
+binary files (counting both) and applies the document/byte limits. Grouping near-duplicates is
+near_duplicates.py's job; splitting and writing the corpus is corpus.py's.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import re
 import socket
 import sysconfig
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,7 +32,21 @@ log = logging.getLogger(__name__)
 # pydoc_data (0.76 MB of generated English help text in one file: a corpus of code would
 # otherwise have 6% of prose in one document, and whichever split drew it would be skewed).
 _SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "pydoc_data"})
-_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# Files of data.paths read as records (a document per line or row); any other file is one document.
+_RECORD_SUFFIXES = (".jsonl", ".parquet")
+# How much of a file decides whether it is text: git, grep and diff look for a NUL in about as much
+# (git: the first 8000 bytes), and 8 KB is one read.
+_SNIFF_BYTES = 8192
+# Legacy-encoded Western text (Latin-1, cp1252) has a few bytes in a hundred that are not UTF-8 (its
+# accented letters): it is read, with them replaced and counted. Past a quarter the file is binary, or
+# text in an encoding whose letters would all become U+FFFD (Greek or Cyrillic code pages).
+_NOT_UTF8_SHARE = 0.25
+# Why a file of data.paths was skipped (keys of the download metrics' binary_files). UTF-16/32 text
+# has NULs and Greek or Cyrillic code pages are mostly not UTF-8: such text must be converted first.
+BINARY_REASONS = {
+    "nul_byte": "a NUL byte in the first 8 KB",
+    "not_utf8": "over a quarter of the first 8 KB not UTF-8",
+}
 # Rows per Arrow batch: bounds memory to ~1k documents while keeping per-batch overhead negligible.
 _BATCH_ROWS = 1024
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -53,6 +69,14 @@ class Document:
     replaced_bytes: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class SkippedFile:
+    """A file of data.paths that is not text: a source's reader yields it in place of a Document."""
+
+    path: str
+    reason: str  # a key of BINARY_REASONS
+
+
 @dataclass
 class SourceStats:
     """What one pass over a Source read; filled in while iterating."""
@@ -62,6 +86,7 @@ class SourceStats:
     empty_documents: int = 0  # skipped: no non-whitespace text
     replaced_bytes: int = 0
     truncated: bool = False  # stopped early by max_documents or max_bytes
+    binary_files: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(BINARY_REASONS, 0)))
 
 
 class Source:
@@ -74,7 +99,7 @@ class Source:
     def __init__(
         self,
         description: dict[str, Any],
-        read: Callable[[], Iterator[Document]],
+        read: Callable[[], Iterator[Document | SkippedFile]],
         *,
         max_documents: int | None = None,
         max_bytes: int | None = None,
@@ -87,8 +112,14 @@ class Source:
     def __iter__(self) -> Iterator[Document]:
         stats = self.stats = SourceStats()
         docs = self._read()
+        examples: dict[str, str] = {}  # per reason, the first file skipped for it
         try:
             for doc in docs:
+                if isinstance(doc, SkippedFile):
+                    stats.binary_files[doc.reason] += 1
+                    examples.setdefault(doc.reason, doc.path)
+                    log.debug("skipped %s: %s", doc.path, BINARY_REASONS[doc.reason])
+                    continue
                 doc, size = _with_valid_unicode(doc)
                 if not doc.text.strip():
                     stats.empty_documents += 1
@@ -111,6 +142,10 @@ class Source:
             stats.empty_documents,
             stats.replaced_bytes,
         )
+        for reason, path in examples.items():
+            log.info(
+                "skipped %d binary file(s) with %s, e.g. %s", stats.binary_files[reason], BINARY_REASONS[reason], path
+            )
 
     def _limit_reached(self, stats: SourceStats) -> bool:
         if self.max_documents is not None and stats.documents >= self.max_documents:
@@ -146,6 +181,20 @@ def decode_utf8(data: bytes) -> tuple[str, int]:
     inserted = text.count("\ufffd") - data.count(b"\xef\xbf\xbd")
     valid_bytes = len(text.encode("utf-8")) - 3 * inserted  # U+FFFD is 3 bytes in UTF-8
     return text, len(data) - valid_bytes
+
+
+def binary_reason(head: bytes) -> str | None:
+    """Why a file that starts with `head` (its first 8 KB) is not text (a key of BINARY_REASONS), or None.
+
+    A NUL byte: never part of text in an ASCII-compatible encoding, and in the first few KB of
+    nearly every binary format (PNG, JPEG, zip, gzip, .pyc, executables). Then the share of bytes
+    that are not UTF-8 (a multi-byte character cut at 8 KB adds at most 3 of 8192).
+    """
+    if b"\0" in head:
+        return "nul_byte"
+    if head and decode_utf8(head)[1] > _NOT_UTF8_SHARE * len(head):
+        return "not_utf8"
+    return None
 
 
 def _with_valid_unicode(doc: Document) -> tuple[Document, int]:
@@ -202,66 +251,91 @@ def stdlib_source(*, max_documents: int | None = None, max_bytes: int | None = N
 def expand_paths(patterns: Iterable[str]) -> list[Path]:
     """Expand paths and globs (`**` recursive, relative to the cwd) into files, in order, without repeats.
 
-    Raises ConfigError (a params mistake) for an empty list, a pattern that matches no file, or an
-    unsupported extension.
+    Raises ConfigError (a params mistake) for an empty list, a folder, or a pattern that matches no
+    file or only binary files (each file is checked by its first 8 KB until one is text). Binary
+    files among text ones are returned: reading skips and counts them.
     """
     import glob
 
     patterns = list(patterns)
     if not patterns:
-        raise ConfigError(
-            "data.paths", [], "must list at least one .txt, .jsonl or .parquet file or glob (e.g. 'corpus/**/*.txt')"
-        )
+        raise ConfigError("data.paths", [], "must list at least one file or glob (e.g. 'my-project/**/*.py')")
     files: dict[str, None] = {}  # an ordered set
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
         if any(c in expanded for c in "*?["):
             matches = [m for m in sorted(glob.glob(expanded, recursive=True)) if os.path.isfile(m)]
         elif os.path.isdir(expanded):
-            raise ConfigError(
-                "data.paths", NO_VALUE, f"{pattern!r} is a folder; use a glob such as '{pattern}/**/*.txt'"
-            )
+            raise ConfigError("data.paths", NO_VALUE, f"{pattern!r} is a folder; use a glob such as '{pattern}/**/*'")
         else:
             matches = [expanded] if os.path.isfile(expanded) else []
         if not matches:
             raise ConfigError(
                 "data.paths", NO_VALUE, f"{pattern!r} matches no files (relative to {os.getcwd()}); fix the path"
             )
-        for match in matches:
-            if Path(match).suffix.lower() not in _FILE_SUFFIXES:
-                raise ConfigError(
-                    "data.paths",
-                    NO_VALUE,
-                    f"{match!r} (from {pattern!r}) is not .txt, .jsonl or .parquet; narrow the pattern",
-                )
-            files.setdefault(match, None)
+        _check_some_text(pattern, matches)
+        files.update(dict.fromkeys(matches))
     return [Path(f) for f in files]
+
+
+def _check_some_text(pattern: str, matches: list[str]) -> None:
+    """ConfigError unless a match is a record file or starts like text."""
+    reasons = {}
+    for match in matches:
+        if Path(match).suffix.lower() in _RECORD_SUFFIXES:
+            return
+        with open(match, "rb") as f:
+            reason = binary_reason(f.read(_SNIFF_BYTES))
+        if reason is None:
+            return
+        reasons.setdefault(reason, match)
+    reason, example = next(iter(reasons.items()))
+    raise ConfigError(
+        "data.paths",
+        NO_VALUE,
+        f"{pattern!r} matches only binary files ({len(matches)}, e.g. {example!r}: {BINARY_REASONS[reason]}); "
+        "narrow the pattern to text files, or convert them to UTF-8",
+    )
 
 
 def files_source(
     paths: Iterable[str], text_field: str = "text", *, max_documents: int | None = None, max_bytes: int | None = None
 ) -> Source:
-    """Local files: .txt (one document per file), .jsonl (one per line), .parquet (one per row).
+    """Local files: .jsonl (one document per line), .parquet (one per row), any other file one document.
 
-    Document ids are the path as matched (relative paths stay relative), plus `:line` for .jsonl
-    (1-based, as editors count) and `:row` for .parquet (0-based), so they survive moving the project.
+    Files that are not .jsonl or .parquet are read as UTF-8 text (code, prose, .txt, .md, .csv...);
+    binary ones (see `binary_reason`) are skipped and counted in `stats.binary_files`, so a glob
+    over a whole repository (`my-project/**/*`) works. Document ids are the path as matched
+    (relative paths stay relative), plus `:line` for .jsonl (1-based, as editors count) and `:row`
+    for .parquet (0-based), so they survive moving the project.
     """
     paths = list(paths)
     files = expand_paths(paths)
 
-    def read() -> Iterator[Document]:
+    def read() -> Iterator[Document | SkippedFile]:
         for path in files:
             suffix = path.suffix.lower()
-            if suffix == ".txt":
-                text, replaced = decode_utf8(path.read_bytes())
-                yield Document(path.as_posix(), text, replaced)
-            elif suffix == ".jsonl":
+            if suffix == ".jsonl":
                 yield from _read_jsonl(path, text_field)
-            else:
+            elif suffix == ".parquet":
                 yield from _read_parquet(path, text_field)
+            else:
+                yield _read_text_file(path)
 
     description = {"kind": "files", "paths": paths, "files": len(files), "text_field": text_field}
     return Source(description, read, max_documents=max_documents, max_bytes=max_bytes)
+
+
+def _read_text_file(path: Path) -> Document | SkippedFile:
+    """The file as one document, or SkippedFile if its first 8 KB say it is binary (the rest is then not read)."""
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+        reason = binary_reason(head)
+        if reason is not None:
+            return SkippedFile(path.as_posix(), reason)
+        data = head + f.read()
+    text, replaced = decode_utf8(data)
+    return Document(path.as_posix(), text, replaced)
 
 
 def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
