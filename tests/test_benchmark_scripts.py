@@ -251,6 +251,18 @@ def test_pretrain_mfu_races_dtypes_and_says_what_auto_picked():
     assert re.search(r"^machine: .+; cpu, \d+ threads", out, flags=re.M), out
 
 
+@smoke("split_leaks.py")
+def test_split_leaks_scores_both_splits_against_exact_near_copies():
+    out = _run("split_leaks.py", "--max-documents", "120", "--seeds", "3", "--thresholds", "0.5,0.8")
+    rows = re.findall(
+        r"^\| (each document by its id|by near-duplicate family, J >= [\d.]+) \| .+ \| (\d+) \|$", out, re.M
+    )
+    assert [r[0] for r in rows] == [
+        "each document by its id", "by near-duplicate family, J >= 0.5", "by near-duplicate family, J >= 0.8"
+    ], out  # fmt: skip
+    assert re.search(r"corpus: stdlib, 120 documents; \d+ pairs with exact Jaccard >= 0.5", out), out
+
+
 def test_every_benchmark_script_has_a_smoke_test():
     scripts = {p.name for p in BENCHMARKS.glob("*.py")}
     assert scripts - SMOKE_TESTED == set(), "benchmarks without a smoke test here; add one marked @smoke(...)"
