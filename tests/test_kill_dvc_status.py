@@ -163,6 +163,11 @@ def _paths(stage: str, *kinds: str) -> list[str]:
     return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
 
 
+def _inside(path: str, outputs: set[str]) -> bool:
+    """Whether `path` is one of `outputs` or a file in one (bench_kvcache reads models/checkpoint/architecture.json)."""
+    return any(path == out or path.startswith(f"{out}/") for out in outputs)
+
+
 def _outputs(stage: str) -> list[str]:
     return _paths(stage, "outs", "metrics", "plots")
 
@@ -294,7 +299,7 @@ def _play(prepared: tuple[Path, dict[str, float]], tmp_path: Path, stage: str, b
             why for out in outputs if (project / out).exists() and (why := _incomplete(project / out, source / out))
         ],
         "changed": changed,
-        "readers": {s for s in PIPELINE if changed & set(_paths(s, "deps"))},  # stages that read a changed output
+        "readers": {s for s in PIPELINE if any(_inside(dep, changed) for dep in _paths(s, "deps"))},
         "stale": _stale(project),
     }
     # by hand nothing need be stale (every old output may be intact): force the stage to run
