@@ -105,8 +105,10 @@ def _param_shapes(cfg: ModelConfig, vocab_size: int) -> list[int]:
     attention = C * C * 2 + C * kv * 2  # wq, wo; wk, wv
     mlp = C * H * (3 if cfg.mlp == "swiglu" else 2)
     per_layer = attention + mlp + 2 * C  # + two RMSNorm weights
+    per_layer += 2 * cfg.head_dim if cfg.qk_norm else 0  # q_norm and k_norm gains
+    mixes = 2 * (cfg.n_layer - 1) if cfg.value_residual else 0  # (a, b) in every layer but the first
     head = 0 if cfg.tie_embeddings else vocab_size * C
-    return [vocab_size * C, cfg.n_layer * per_layer, C, head]  # embedding, blocks, final norm, head
+    return [vocab_size * C, cfg.n_layer * per_layer + mixes, C, head]  # embedding, blocks, final norm, head
 
 
 class PeakMemory:

@@ -331,7 +331,15 @@ def test_activation_estimate_matches_what_autograd_saves(dtype, overrides):
     assert estimate == pytest.approx(saved, rel=0.15)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"mlp": "gelu", "tie_embeddings": False}, {"n_kv_head": 1}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"mlp": "gelu", "tie_embeddings": False},
+        {"n_kv_head": 1},
+        {"mlp": "relu2", "qk_norm": True, "value_residual": True, "logit_softcap": 15.0, "zero_init_proj": True},
+    ],
+)
 def test_memory_estimate_counts_the_parameters_and_adamw_state(overrides):
     model = tiny_model(**overrides)
     estimate = estimate_memory(model.cfg, VOCAB, 4)
