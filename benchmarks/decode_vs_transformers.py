@@ -1,11 +1,11 @@
-"""Batch-1 greedy decoding: ours (nanollm.generate) beside transformers' generate on the same exported weights.
+"""Batch-1 greedy decoding: ours (nanollm.inference.generate) beside transformers' generate on the same weights.
 
 For each model shape the model is exported with nanollm.hf.export_hf and loaded back with
 LlamaForCausalLM.from_pretrained, so both sides run the same weights in fp32 on the same
 torch threads. Each point generates exactly the same number of tokens greedily from the
 same random prompt: ours with and without the KV cache; transformers with its default
 dynamic cache, with a static cache sized to the call (`cache_implementation="static"`'s
-cache, nanollm.peers) and without a cache. The peer is the faster of transformers' two
+cache, nanollm.inference.peers) and without a cache. The peer is the faster of transformers' two
 caches at each point (median over rounds): a comparison counts only against the peer's
 best settings. Every round runs every column once, ours first on even rounds and
 transformers first (in reverse order) on odd ones, so that ordering effects and load
@@ -34,12 +34,12 @@ from pathlib import Path
 
 import torch
 
-from nanollm.bench import memory_bandwidth, weight_bytes_per_token
 from nanollm.config import Config, ModelConfig
-from nanollm.generate import generate
 from nanollm.hardware import describe_machine
+from nanollm.inference.bench import memory_bandwidth, weight_bytes_per_token
+from nanollm.inference.generate import generate
+from nanollm.inference.peers import PEER_CACHES, transformers_greedy
 from nanollm.model import Transformer
-from nanollm.peers import PEER_CACHES, transformers_greedy
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = CLOCKS["wall"]  # --clock sets it

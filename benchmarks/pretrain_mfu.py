@@ -1,6 +1,6 @@
 """Tokens/s and MFU of the pretrain loop on a preset's model, on random tokens, in one or several dtypes.
 
-Runs nanollm.train.train (the very loop of `nanollm pretrain`: autocast, compile, fused
+Runs nanollm.training.loop.train (the very loop of `nanollm pretrain`: autocast, compile, fused
 AdamW, gradient accumulation, clipping) for a few steps of a preset's model and training
 settings on random token ids, so no corpus, tokenizer file or network is needed. Prints the
 throughput and MFU that the loop itself measures (warm-up and compile step excluded,
@@ -39,9 +39,9 @@ def main() -> int:
     import torch
 
     from nanollm.hardware import choose_dtype, describe_machine, pick_device
-    from nanollm.memory import format_bytes
     from nanollm.model import Transformer
-    from nanollm.train import train
+    from nanollm.training.loop import train
+    from nanollm.training.memory import format_bytes
 
     dtypes = args.dtype.split(",") if args.dtype else [None]
     configs = {name: _config(args, name) for name in dtypes}

@@ -2,7 +2,7 @@
 
 Both models have the same parameters (a Llama block: RMSNorm, RoPE, SDPA attention, SwiGLU,
 tied embeddings), so the same FLOPs per token; both are trained by the very same step:
-nanollm.train.train_step (forward, cross-entropy, backward, clipping) then our fused AdamW. Timed
+nanollm.training.loop.train_step (forward, cross-entropy, backward, clipping) then our fused AdamW. Timed
 rounds alternate between the two models and a round of plain 1024 x 1024 fp32 matmuls, so that
 load from other processes weighs on all three alike, and the figures are medians of per-round
 ratios. Our achieved FLOP/s is given against the matmul rate of the same round (our MFU on a
@@ -137,8 +137,8 @@ class _LogitsOnly(torch.nn.Module):
 def _stepper(model, args):
     """A function running n training steps of `model` and returning its tokens/s."""
     from nanollm.config import TrainConfig
-    from nanollm.optim import make_optimizer
-    from nanollm.train import sample_batch, train_step
+    from nanollm.training.loop import sample_batch, train_step
+    from nanollm.training.optim import make_optimizer
 
     model.train()
     optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))  # ours: fused AdamW, for both

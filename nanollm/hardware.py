@@ -1,7 +1,7 @@
 """What the machine offers training: the device, the compute dtype, its peak FLOP/s, TF32.
 
-The training loop (nanollm/train.py) asks these questions; how much memory a run will need
-is nanollm/memory.py's business, and process groups are nanollm/distributed.py's.
+The training loop (nanollm/training/loop.py) asks these questions; how much memory a run will need
+is nanollm/training/memory.py's business, and process groups are nanollm/training/distributed.py's.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`nanollm bench_kvcache`: greedy decoding speed of the model's architecture with and without the KV cache.
 
-Thin: builds the network that the checkpoint's architecture.json describes, runs nanollm.bench,
+Thin: builds the network that the checkpoint's architecture.json describes, runs nanollm.inference.bench,
 writes the metrics (with the achieved weight-read bandwidth), table and chart, and adds them to
 the pretrain run. Decoding speed depends on the architecture, not on the values of the weights,
 so the stage measures seeded random weights of that shape and depends on architecture.json
@@ -42,7 +42,10 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
     import torch
 
     from nanollm.atomic import write_json
-    from nanollm.bench import (
+    from nanollm.checkpoint import RUN_FILE, architecture_differences, architecture_model, read_run_id
+    from nanollm.hardware import describe_machine, pick_device
+    from nanollm.hf import llama_incompatibility
+    from nanollm.inference.bench import (
         bandwidth,
         bench_kvcache,
         memory_bandwidth,
@@ -51,9 +54,6 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
         weight_bytes_per_token,
         write_table,
     )
-    from nanollm.checkpoint import RUN_FILE, architecture_differences, architecture_model, read_run_id
-    from nanollm.hardware import describe_machine, pick_device
-    from nanollm.hf import llama_incompatibility
     from nanollm.tracking import make_tracker, sectioned
 
     cfg = ctx.config.bench
@@ -65,7 +65,7 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
     if unportable:  # the peer is transformers' Llama: an architecture it cannot compute has no peer
         logging.getLogger(__name__).warning("no comparison with transformers: %s", unportable)
     if cfg.compare_transformers and not unportable:
-        from nanollm.peers import transformers_settings
+        from nanollm.inference.peers import transformers_settings
 
         peer = transformers_settings(model)
     rows = bench_kvcache(

@@ -1,7 +1,7 @@
 """`nanollm evaluate`: held-out loss, perplexity, bits per byte vs gzip/bzip2/xz, and text samples.
 
 Thin: checks that checkpoint, tokenizer, tokens and corpus belong together, calls
-nanollm.evaluate and nanollm.generate, writes the outputs and adds them to the pretrain run.
+nanollm.evaluate and nanollm.inference.generate, writes the outputs and adds them to the pretrain run.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def _samples(model: Transformer, tok: Tokenizer, seed: int, cfg: EvalConfig, inf
     """One sample per eval prompt, each seeded on its own so that one prompt's length never shifts another's."""
     import torch
 
-    from nanollm.generate import generate
+    from nanollm.inference.generate import generate
 
     header = (
         f"# nanollm samples: checkpoint step {info.get('step')}, {cfg.sample_tokens} new tokens at most, "

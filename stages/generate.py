@@ -1,6 +1,6 @@
 """`nanollm generate`: continue a prompt with the trained model, streaming text to stdout as tokens arrive.
 
-Thin: loads checkpoint and tokenizer, samples ids with nanollm.generate (which knows no
+Thin: loads checkpoint and tokenizer, samples ids with nanollm.inference.generate (which knows no
 text) and decodes each token's bytes incrementally, so a character split across tokens
 is printed whole once its last byte arrives. Not a pipeline stage.
 """
@@ -64,8 +64,8 @@ def command(
 
     from nanollm.checkpoint import load_model, read_checkpoint_info
     from nanollm.errors import NanollmError
-    from nanollm.generate import generate
     from nanollm.hardware import pick_device
+    from nanollm.inference.generate import generate
     from nanollm.tokenizer import load_tokenizer
 
     cfg = ctx.config.eval

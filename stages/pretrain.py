@@ -1,7 +1,7 @@
 """`nanollm pretrain`: train the model on the token memmaps; write checkpoint, metrics, curves, chart.
 
-Thin: the loop is nanollm.train, the network nanollm.model, the files nanollm.checkpoint,
-process groups nanollm.distributed. This module creates THE MLflow run of the model (evaluate
+Thin: the loop is nanollm.training.loop, the network nanollm.model, the files nanollm.checkpoint,
+process groups nanollm.training.distributed. This module creates THE MLflow run of the model (evaluate
 and bench_kvcache re-open it; a resumed training re-opens it too) and records its id in the
 checkpoint's run.json. Under torchrun only rank 0 writes files and talks to MLflow.
 """
@@ -22,7 +22,7 @@ from stages.cli import StageContext, pass_context, path_option
 if TYPE_CHECKING:  # annotations only: torch loads inside the command, so `nanollm --help` stays instant
     import torch
 
-    from nanollm.distributed import Distributed
+    from nanollm.training.distributed import Distributed
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ def command(
     kill, a SIGINT/SIGTERM or a crash); `torchrun --nproc_per_node N nanollm pretrain` trains
     with DistributedDataParallel. SIGINT/SIGTERM save a checkpoint and exit with 128 + signal.
     """
-    from nanollm.distributed import Distributed
     from nanollm.hardware import pick_device
+    from nanollm.training.distributed import Distributed
 
     dist = Distributed.from_env()
     device = pick_device(ctx.config.train.device, dist.local_rank)
@@ -72,10 +72,10 @@ def _pretrain(
     from nanollm.checkpoint import fingerprint, resumable_state, save_checkpoint
     from nanollm.data.tokens import open_split, read_meta
     from nanollm.hardware import choose_dtype
-    from nanollm.interrupt import GracefulStop, TrainingInterrupted
     from nanollm.model import Transformer
     from nanollm.tracking import NullTracker, make_tracker, sectioned
-    from nanollm.train import train
+    from nanollm.training.interrupt import GracefulStop, TrainingInterrupted
+    from nanollm.training.loop import train
 
     config = ctx.config
     meta = read_meta(tokens)

@@ -10,7 +10,9 @@ import re
 import pytest
 import torch
 
-from nanollm.bench import (
+from nanollm.config import ModelConfig
+from nanollm.errors import NanollmError
+from nanollm.inference.bench import (
     COLUMNS,
     PEER_COLUMNS,
     REPORT_BEGIN,
@@ -29,8 +31,6 @@ from nanollm.bench import (
     weight_bytes_per_token,
     write_table,
 )
-from nanollm.config import ModelConfig
-from nanollm.errors import NanollmError
 from nanollm.model import Transformer
 
 
@@ -128,7 +128,7 @@ def test_a_subtly_wrong_cache_path_is_caught_not_excused_as_a_near_tie(bug, capl
 
 def test_a_near_tie_between_the_paths_is_logged_and_the_run_goes_on(caplog):
     model = _model(NearTie)
-    with caplog.at_level(logging.WARNING, logger="nanollm.bench"):
+    with caplog.at_level(logging.WARNING, logger="nanollm.inference.bench"):
         rows = bench_kvcache(model, prompt_lengths=[5], new_tokens=[6], repeats=2, warmup=1, seed=0)
     assert rows[0]["cached_tok_s"] > 0 and rows[0]["uncached_tok_s"] > 0
     notes = [r.getMessage() for r in caplog.records if "near-tie" in r.getMessage()]
@@ -149,7 +149,7 @@ def test_rounding_tolerance_scales_with_the_dtype_and_the_logits():
 
 
 def test_prompts_are_seeded(monkeypatch):
-    import nanollm.bench as bench
+    import nanollm.inference.bench as bench
 
     seen = []
     real = bench._timed_greedy
@@ -254,8 +254,8 @@ def test_report_is_rendered_between_the_markers(tmp_path):
 
 
 def test_both_transformers_caches_race_in_alternating_rounds_and_the_faster_is_the_peer(tmp_path, monkeypatch, caplog):
-    import nanollm.bench as bench
-    from nanollm.peers import PEER_CACHES, transformers_settings
+    import nanollm.inference.bench as bench
+    from nanollm.inference.peers import PEER_CACHES, transformers_settings
 
     model = _model()
     settings = transformers_settings(model)
@@ -277,7 +277,7 @@ def test_both_transformers_caches_race_in_alternating_rounds_and_the_faster_is_t
     monkeypatch.setattr(bench, "_timed_greedy", ours)
     points = {"prompt_lengths": [4, 9], "new_tokens": [5]}
     peers = {cache: counted(cache) for cache in PEER_CACHES}
-    with caplog.at_level(logging.WARNING, logger="nanollm.bench"):
+    with caplog.at_level(logging.WARNING, logger="nanollm.inference.bench"):
         rows = bench_kvcache(model, **points, repeats=2, warmup=1, seed=0, transformers=peers)
     ours_first, peer_first = ["cached", "uncached", "dynamic", "static"], ["static", "dynamic", "uncached", "cached"]
     for prompt_len in (4, 9):

@@ -108,7 +108,7 @@ def test_no_stage_declares_code_it_does_not_import(stage):
 def test_the_fingerprint_covers_all_the_code_that_decides_the_weights():
     """The model, the loop and what they import (config decides hidden sizes, hardware the dtype)."""
     package = ROOT / "nanollm"
-    needed = import_closure("nanollm.train", "nanollm.model", "nanollm.config")
+    needed = import_closure("nanollm.training.loop", "nanollm.model", "nanollm.config")
     digested = [f"nanollm/{name}" for name in checkpoint.TRAINING_CODE]
     missing = sorted(str(f.relative_to(ROOT)) for f in needed if not _covered(f, digested))
     assert not missing, f"nanollm.checkpoint.TRAINING_CODE lacks {missing}"

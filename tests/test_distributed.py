@@ -13,9 +13,9 @@ import yaml
 from click.testing import CliRunner
 
 from nanollm.data.tokens import write_tokens
-from nanollm.distributed import Distributed, split_evenly
 from nanollm.errors import NanollmError
-from nanollm.train import micro_batches_per_rank
+from nanollm.training.distributed import Distributed, split_evenly
+from nanollm.training.loop import micro_batches_per_rank
 from stages.cli import cli
 
 VOCAB, EOT = 64, 63

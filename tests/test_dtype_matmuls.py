@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import nanollm.hardware
 from nanollm.config import ModelConfig, TrainConfig
 from nanollm.model import Transformer
-from nanollm.train import train
+from nanollm.training.loop import train
 from stages.cli import cli
 
 VOCAB, EOT = 64, 63

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanollm.config import ModelConfig
-from nanollm.generate import generate, sample_next
+from nanollm.inference.generate import generate, sample_next
 from nanollm.model import Transformer
 
 DRAWS = 4000  # rows per statistical check: a token of probability 0.05 is missed with p < 1e-80

@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from nanollm.checkpoint import load_model, read_checkpoint_info, save_checkpoint
 from nanollm.config import ModelConfig, TokenizerConfig
 from nanollm.errors import NanollmError
-from nanollm.generate import generate
 from nanollm.hf import (
     HF_CONFIG,
     HF_GENERATION_CONFIG,
@@ -33,6 +32,7 @@ from nanollm.hf import (
     our_key,
     to_hf_config,
 )
+from nanollm.inference.generate import generate
 from nanollm.model import Transformer
 from nanollm.tokenizer import create_tokenizer, gpt2, load_tokenizer
 from nanollm.tokenizer.hf import HF_TOKENIZER_FILES, hf_tokenizer, oniguruma_pattern
@@ -75,7 +75,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, overrides):
 
 def test_greedy_generation_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from nanollm.generate import generate
+    from nanollm.inference.generate import generate
 
     model = _model(n_kv_head=2, init_std=0.3)
     export_hf(model, tmp_path / "hf")
@@ -152,7 +152,7 @@ def test_a_model_trained_from_zero_projections_exports_with_equal_logits(tmp_pat
 
 def test_the_transformers_peer_refuses_with_the_same_line():
     pytest.importorskip("transformers")
-    from nanollm.peers import transformers_twin
+    from nanollm.inference.peers import transformers_twin
 
     model = _model(qk_norm=True)
     with pytest.raises(NanollmError) as err:

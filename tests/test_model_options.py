@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from nanollm.checkpoint import CONFIG_FILE, load_model, model_config, save_checkpoint
 from nanollm.config import Config, ConfigError, ModelConfig, TrainConfig
-from nanollm.generate import generate
+from nanollm.inference.generate import generate
 from nanollm.model import Transformer
-from nanollm.optim import muon_param_groups
-from nanollm.train import train
+from nanollm.training.loop import train
+from nanollm.training.optim import muon_param_groups
 
 VOCAB = 97
 OPTIONS = {"qk_norm": True, "zero_init_proj": True, "logit_softcap": 3.0, "value_residual": True}

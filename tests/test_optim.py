@@ -1,11 +1,11 @@
-"""nanollm.optim: Muon's orthogonalised updates and its parameter split, its AdamW half, the schedules."""
+"""nanollm.training.optim: Muon's orthogonalised updates and its parameter split, its AdamW half, the schedules."""
 
 import pytest
 import torch
 
 from nanollm.config import ModelConfig, TrainConfig
 from nanollm.model import Transformer
-from nanollm.optim import Muon, lr_at, make_optimizer, muon_param_groups, orthogonalize
+from nanollm.training.optim import Muon, lr_at, make_optimizer, muon_param_groups, orthogonalize
 
 
 def _model(**overrides) -> Transformer:

@@ -5,10 +5,10 @@ import torch
 
 from nanollm.checkpoint import load_model, save_checkpoint
 from nanollm.config import ModelConfig, TrainConfig
-from nanollm.generate import generate
 from nanollm.hf import export_hf, load_hf
+from nanollm.inference.generate import generate
 from nanollm.model import Transformer
-from nanollm.optim import make_optimizer
+from nanollm.training.optim import make_optimizer
 
 VOCAB = 97
 

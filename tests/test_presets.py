@@ -12,9 +12,9 @@ import torch
 from dvc.utils.hydra import apply_overrides
 
 from nanollm.config import Config, flatten
-from nanollm.memory import estimate_memory
 from nanollm.model import Transformer
-from nanollm.train import train
+from nanollm.training.loop import train
+from nanollm.training.memory import estimate_memory
 from stages.cli import read_params
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -159,7 +159,7 @@ def test_a_near_tie_between_the_paths_does_not_fail_the_stage(project, monkeypat
         return model
 
     monkeypatch.setattr(nanollm.checkpoint, "architecture_model", near_tie)
-    with caplog.at_level(logging.WARNING, logger="nanollm.bench"):
+    with caplog.at_level(logging.WARNING, logger="nanollm.inference.bench"):
         result = _run(project, {**UNTRACKED, "bench": {**UNTRACKED["bench"], "compare_transformers": False}})
     assert result.exit_code == 0, result.output
     assert all((project / out).exists() for out in OUTPUTS)

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from nanollm.checkpoint import save_checkpoint
 from nanollm.config import ModelConfig, TokenizerConfig
-from nanollm.generate import generate
+from nanollm.inference.generate import generate
 from nanollm.model import Transformer
 from nanollm.tokenizer import create_tokenizer
 from stages.cli import cli
@@ -62,7 +62,7 @@ def test_text_streams_token_by_token_and_characters_are_never_split(project, mon
     _, tok, _ = project
     text = "héllo"  # é is two bytes: with byte-level tokens it may arrive in two pieces
     ids = [i for ch in text for i in tok.encode_bytes(ch.encode())]
-    monkeypatch.setattr("nanollm.generate.generate", lambda *a, **k: iter(ids))
+    monkeypatch.setattr("nanollm.inference.generate.generate", lambda *a, **k: iter(ids))
     chunks = []
     real_echo = click.echo
     monkeypatch.setattr(click, "echo", lambda message=None, **kw: (chunks.append(message), real_echo(message, **kw)))
@@ -80,7 +80,7 @@ def test_options_default_to_params_and_stop_at_endoftext(project, monkeypatch):
         seen.update(kwargs, prompt=list(prompt_ids), n=max_new_tokens)
         return iter([])
 
-    monkeypatch.setattr("nanollm.generate.generate", spy)
+    monkeypatch.setattr("nanollm.inference.generate.generate", spy)
     _params(root, {"seed": 9, "eval": {"temperature": 0.5, "top_k": 7, "top_p": 0.9}})
     assert _run("--prompt", "def").exit_code == 0
     assert (seen["temperature"], seen["top_k"], seen["top_p"], seen["n"]) == (0.5, 7, 0.9, 256)

@@ -147,17 +147,17 @@ def test_pretrain_reports_a_truncated_token_file_in_one_line(project):
 def test_a_crashed_run_resumes_into_the_same_mlflow_run(project, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    import nanollm.train
+    import nanollm.training.loop
 
     params = {**PARAMS, "train": {**PARAMS["train"], "checkpoint_interval": 5}}
-    real_lr_at = nanollm.train.lr_at
+    real_lr_at = nanollm.training.loop.lr_at
 
     def crash_at_step_8(step, cfg):
         if step == 8:
             raise RuntimeError("power cut")
         return real_lr_at(step, cfg)
 
-    monkeypatch.setattr(nanollm.train, "lr_at", crash_at_step_8)
+    monkeypatch.setattr(nanollm.training.loop, "lr_at", crash_at_step_8)
     with pytest.raises(RuntimeError, match="power cut"):
         _run(project, params)
     ckpt = project / "models" / "checkpoint"
@@ -166,7 +166,7 @@ def test_a_crashed_run_resumes_into_the_same_mlflow_run(project, monkeypatch):
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     assert client.get_run(run_id).info.status == "FAILED"
 
-    monkeypatch.setattr(nanollm.train, "lr_at", real_lr_at)
+    monkeypatch.setattr(nanollm.training.loop, "lr_at", real_lr_at)
     result = _run(project, params)
     assert result.exit_code == 0, result.output
     assert json.loads((ckpt / "run.json").read_text())["run_id"] == run_id  # the same run, re-opened
@@ -207,7 +207,7 @@ def test_unreachable_tracking_server_stops_pretrain_fast_before_any_output(proje
 
 
 def test_store_lost_mid_training_still_writes_every_output(project, monkeypatch):
-    from nanollm import train as train_module
+    from nanollm.training import loop as train_module
 
     real_train = train_module.train
 
@@ -215,7 +215,7 @@ def test_store_lost_mid_training_still_writes_every_output(project, monkeypatch)
         (project / "mlflow.db").write_bytes(b"gone")  # the store dies once training has started
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr("nanollm.train.train", train_then_lose_the_store)
+    monkeypatch.setattr("nanollm.training.loop.train", train_then_lose_the_store)
     result = _run(project, PARAMS)
     assert result.exit_code == 0, result.output
     assert json.loads((project / "metrics" / "pretrain.json").read_text())["tokens"] == 768

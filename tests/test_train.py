@@ -13,13 +13,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from nanollm.config import ModelConfig, TrainConfig
-from nanollm.distributed import Distributed, split_evenly
 from nanollm.errors import NanollmError
-from nanollm.interrupt import GracefulStop, TrainingInterrupted
-from nanollm.memory import activation_bytes, estimate_memory
 from nanollm.model import Transformer
-from nanollm.optim import lr_at, make_optimizer, param_groups
-from nanollm.train import _wrap, micro_batches_per_rank, sample_batch, train, train_step
+from nanollm.training.distributed import Distributed, split_evenly
+from nanollm.training.interrupt import GracefulStop, TrainingInterrupted
+from nanollm.training.loop import _wrap, micro_batches_per_rank, sample_batch, train, train_step
+from nanollm.training.memory import activation_bytes, estimate_memory
+from nanollm.training.optim import lr_at, make_optimizer, param_groups
 
 VOCAB = 64
 # a learnable stream: a fixed random "document" of 200 tokens repeated, ~20k tokens
@@ -85,7 +85,7 @@ GRAD_ACCUM, MICRO_BATCH = 4, 2  # 8 sequences per step; 2 processes train 2 micr
 def _full_batch_gradients(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
     """The reference: one forward and one backward of the mean loss over every row of `batch` (N, T+1) at once.
 
-    Written out here rather than through nanollm.train, so that the code under test is not its own reference.
+    Written out here rather than through nanollm.training.loop, so that the code under test is not its own reference.
     """
     model = copy.deepcopy(model)
     x, y = batch[:, :-1], batch[:, 1:]  # (N, T) each

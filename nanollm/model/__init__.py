@@ -1,6 +1,6 @@
 """The Llama-style Transformer: `Transformer(cfg, vocab_size)` plus its building blocks.
 
-Training, sampling and checkpoint files live elsewhere (nanollm.train, nanollm.generate,
+Training, sampling and checkpoint files live elsewhere (nanollm.training.loop, nanollm.inference.generate,
 nanollm.checkpoint); this package is the network, its KV cache and its attention backends
 (PyTorch SDPA, the from-scratch FlashAttention in flash.py, the naive reference).
 """

@@ -3,7 +3,7 @@
 This module owns the attention maths (projections, the optional QK-norm and value residual,
 rotation, masking, the `sdpa`, `flash` and `naive` backends) and the KV cache buffers. The
 rotary tables come from rope.py, the from-scratch FlashAttention from flash.py; the decode
-loop that drives prefill/decode lives in nanollm/generate.py. docs/kv_cache.md measures the cache.
+loop that drives prefill/decode lives in nanollm/inference/generate.py. docs/kv_cache.md measures the cache.
 """
 
 from __future__ import annotations

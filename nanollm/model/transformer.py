@@ -86,7 +86,7 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> (x (B, T, C), the attention's values (B, nkv, T, hs)); v_first as in Attention.forward.
 
-        Every argument is positional in Transformer.forward, as nanollm.memory's activation
+        Every argument is positional in Transformer.forward, as nanollm.training.memory's activation
         checkpointing passes them on.
         """
         h, values = self.attention(self.attention_norm(x), cos, sin, start_pos, v_first)  # (B, T, C)

@@ -1,7 +1,7 @@
 """Training memory: a pre-flight estimate from the architecture, the peak actually reached, and recomputation.
 
 The estimate counts what AdamW training keeps alive (weights, gradients, two moments) plus the
-tensors autograd saves during one micro-batch's forward pass. The loop (nanollm/train.py)
+tensors autograd saves during one micro-batch's forward pass. The loop (nanollm/training/loop.py)
 logs it before the first step and compares it with `PeakMemory` afterwards;
 `activation_checkpointing` trades compute for most of the activations.
 """

@@ -2,7 +2,7 @@
 
 Owns building that twin (through nanollm.hf's Llama export, so both sides hold identical
 numbers) and its greedy decoding call, with each cache setting a comparison must race.
-Timing is the caller's (nanollm.bench, the scripts in benchmarks/). `transformers` is
+Timing is the caller's (nanollm.inference.bench, the scripts in benchmarks/). `transformers` is
 imported lazily, and only here.
 """
 
@@ -101,7 +101,7 @@ def transformers_greedy(model: Transformer) -> Callable[..., list[int]]:
 def transformers_settings(model: Transformer) -> dict[str, Callable[[torch.Tensor, int], list[int]]]:
     """{cache setting: (prompt ids (T,), n) -> n greedy ids} for every PEER_CACHES entry, over one twin.
 
-    What nanollm.bench.bench_kvcache races: the faster setting at each point is the peer.
+    What nanollm.inference.bench.bench_kvcache races: the faster setting at each point is the peer.
     """
     greedy = transformers_greedy(model)
     return {cache: functools.partial(greedy, cache=cache) for cache in PEER_CACHES}

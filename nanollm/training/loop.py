@@ -3,7 +3,7 @@
 `train()` is a plain function that reports through callbacks, so it knows nothing of MLflow,
 files or params.yaml; the pretrain stage wires it to those. Writing checkpoint files is
 nanollm.checkpoint's business, the machine's capabilities nanollm.hardware's, process groups
-nanollm.distributed's.
+nanollm.training.distributed's.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from nanollm.config import TrainConfig
-from nanollm.distributed import Distributed, split_evenly
 from nanollm.errors import NanollmError
 from nanollm.hardware import choose_dtype, fast_fp32_matmuls, peak_flops, pick_device, resolve_dtype
-from nanollm.interrupt import GracefulStop, TrainingInterrupted
-from nanollm.memory import MemoryEstimate, PeakMemory, activation_checkpointing, estimate_memory, format_bytes
-from nanollm.optim import lr_at, make_optimizer
-from nanollm.train_state import Progress, capture, restore
+from nanollm.training.distributed import Distributed, split_evenly
+from nanollm.training.interrupt import GracefulStop, TrainingInterrupted
+from nanollm.training.memory import MemoryEstimate, PeakMemory, activation_checkpointing, estimate_memory, format_bytes
+from nanollm.training.optim import lr_at, make_optimizer
+from nanollm.training.state import Progress, capture, restore
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class TrainResult:
     optimizer: torch.optim.Optimizer | None = None
     resumed_from: int = 0  # the step this session started after (0: a fresh run)
     memory_estimate: MemoryEstimate | None = None
-    peak_memory: int | None = None  # bytes, see nanollm.memory.PeakMemory
+    peak_memory: int | None = None  # bytes, see nanollm.training.memory.PeakMemory
     device: str = "cpu"  # where it trained, e.g. "cpu", "cuda:0"
     dtype: str = "float32"  # the compute dtype the matmuls ran in (autocast's, or fp32)
     dtype_reason: str = ""  # why that dtype (nanollm.hardware.choose_dtype)

@@ -1,6 +1,6 @@
 """Graceful stops: the first SIGINT or SIGTERM becomes a request the training loop honours between steps.
 
-The loop (nanollm/train.py) polls `GracefulStop.signum`, saves a checkpoint and raises
+The loop (nanollm/training/loop.py) polls `GracefulStop.signum`, saves a checkpoint and raises
 `TrainingInterrupted`; what exit status that becomes is the stage's decision.
 """
 

@@ -3,7 +3,7 @@
 `torchrun --nproc_per_node N nanollm pretrain` starts N processes with RANK, LOCAL_RANK,
 WORLD_SIZE, MASTER_ADDR and MASTER_PORT set; `Distributed.from_env()` joins them (NCCL on CUDA,
 gloo on CPU). Without those variables everything here is a no-op for a single process.
-Which rows of a batch a rank trains on is decided in nanollm/train.py.
+Which rows of a batch a rank trains on is decided in nanollm/training/loop.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The optimisers and their schedule: AdamW, or Muon for the blocks' matrices with AdamW for the rest;
 linear warmup, then cosine decay or warmup-stable-decay (WSD).
 
-The loop that steps them is nanollm/train.py's; their state in a checkpoint nanollm/train_state.py's.
+The loop that steps them is nanollm/training/loop.py's; their state in a checkpoint nanollm/training/state.py's.
 Every param group carries `max_lr`, its peak learning rate; the loop sets each group's `lr` to
 `max_lr * lr_at(step, cfg) / cfg.lr`, so one schedule drives groups with different peaks.
 """

@@ -2,9 +2,9 @@
 achieved memory bandwidth and the markdown report of docs/kv_cache.md.
 
 Owns the timing protocol, the equality check between the two paths and the result files.
-Generation itself is nanollm.generate's; the cache is the model's; the transformers peer is
-built by nanollm.peers. Regenerate the report from the stage's outputs:
-`python -m nanollm.bench docs/kv_cache.md`.
+Generation itself is nanollm.inference.generate's; the cache is the model's; the transformers peer is
+built by nanollm.inference.peers. Regenerate the report from the stage's outputs:
+`python -m nanollm.inference.bench docs/kv_cache.md`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from nanollm.atomic import atomic_path
 from nanollm.errors import NanollmError
-from nanollm.generate import decode_step, generate, prefill
-from nanollm.peers import PEER_CACHES
+from nanollm.inference.generate import decode_step, generate, prefill
+from nanollm.inference.peers import PEER_CACHES
 
 __all__ = [
     "COLUMNS",
@@ -240,7 +240,7 @@ def bench_kvcache(
     cache_mb is the cache preallocated for prompt + new tokens, in MB (1e6 bytes).
     `device` defaults to the model's; it must be where the model lives.
 
-    `transformers` ({cache setting: greedy function}, nanollm.peers.transformers_settings)
+    `transformers` ({cache setting: greedy function}, nanollm.inference.peers.transformers_settings)
     adds each setting to every round, on the same prompt, clocked the same way:
     transformers_{setting}_tok_s is its median; the faster setting at the point is the peer
     (transformers_peer names it, transformers_tok_s is its rate) and vs_transformers is our
@@ -491,7 +491,7 @@ def plot(rows: Sequence[Row], path: str | Path, title: str | None = None) -> Non
 
 # ---------------------------------------------------------------------------- report
 
-REPORT_BEGIN = "<!-- bench_kvcache report: regenerate with `python -m nanollm.bench docs/kv_cache.md` -->"
+REPORT_BEGIN = "<!-- bench_kvcache report: regenerate with `python -m nanollm.inference.bench docs/kv_cache.md` -->"
 REPORT_END = "<!-- end of bench_kvcache report -->"
 
 
@@ -569,7 +569,7 @@ def update_report(doc: str | Path, metrics: str | Path, table: str | Path) -> No
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m nanollm.bench", description="Rewrite the KV-cache report section of a markdown file."
+        prog="python -m nanollm.inference.bench", description="Rewrite the KV-cache report section of a markdown file."
     )
     parser.add_argument("doc", nargs="?", default="docs/kv_cache.md", help="markdown file with the report markers")
     parser.add_argument("--metrics", default="metrics/bench_kvcache.json", help="the bench stage's summary JSON")

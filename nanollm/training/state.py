@@ -2,7 +2,7 @@
 
 `capture` makes the dict a checkpoint stores (torch.load(weights_only=True) reads it back);
 `restore` puts it back so the next step is the one an uninterrupted run would take. Files are
-nanollm/checkpoint.py's business; the loop that calls these is nanollm/train.py.
+nanollm/checkpoint.py's business; the loop that calls these is nanollm/training/loop.py.
 """
 
 from __future__ import annotations
