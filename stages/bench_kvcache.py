@@ -45,7 +45,7 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
     from nanollm.checkpoint import RUN_FILE, architecture_differences, architecture_model, read_run_id
     from nanollm.hardware import describe_machine, pick_device
     from nanollm.hf import llama_incompatibility
-    from nanollm.inference.bench import (
+    from nanollm.inference.bench.timing import (
         bandwidth,
         bench_kvcache,
         memory_bandwidth,

@@ -12,7 +12,7 @@ import torch
 
 from nanollm.config import ModelConfig
 from nanollm.errors import NanollmError
-from nanollm.inference.bench import (
+from nanollm.inference.bench.timing import (
     COLUMNS,
     PEER_COLUMNS,
     REPORT_BEGIN,
@@ -149,7 +149,7 @@ def test_rounding_tolerance_scales_with_the_dtype_and_the_logits():
 
 
 def test_prompts_are_seeded(monkeypatch):
-    import nanollm.inference.bench as bench
+    import nanollm.inference.bench.timing as bench
 
     seen = []
     real = bench._timed_greedy
@@ -254,7 +254,7 @@ def test_report_is_rendered_between_the_markers(tmp_path):
 
 
 def test_both_transformers_caches_race_in_alternating_rounds_and_the_faster_is_the_peer(tmp_path, monkeypatch, caplog):
-    import nanollm.inference.bench as bench
+    import nanollm.inference.bench.timing as bench
     from nanollm.inference.peers import PEER_CACHES, transformers_settings
 
     model = _model()

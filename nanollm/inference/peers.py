@@ -101,7 +101,7 @@ def transformers_greedy(model: Transformer) -> Callable[..., list[int]]:
 def transformers_settings(model: Transformer) -> dict[str, Callable[[torch.Tensor, int], list[int]]]:
     """{cache setting: (prompt ids (T,), n) -> n greedy ids} for every PEER_CACHES entry, over one twin.
 
-    What nanollm.inference.bench.bench_kvcache races: the faster setting at each point is the peer.
+    What nanollm.inference.bench.timing.bench_kvcache races: the faster setting at each point is the peer.
     """
     greedy = transformers_greedy(model)
     return {cache: functools.partial(greedy, cache=cache) for cache in PEER_CACHES}

@@ -4,7 +4,7 @@ achieved memory bandwidth and the markdown report of docs/kv_cache.md.
 Owns the timing protocol, the equality check between the two paths and the result files.
 Generation itself is nanollm.inference.generate's; the cache is the model's; the transformers peer is
 built by nanollm.inference.peers. Regenerate the report from the stage's outputs:
-`python -m nanollm.inference.bench docs/kv_cache.md`.
+`python -m nanollm.inference.bench.timing docs/kv_cache.md`.
 """
 
 from __future__ import annotations
@@ -491,7 +491,9 @@ def plot(rows: Sequence[Row], path: str | Path, title: str | None = None) -> Non
 
 # ---------------------------------------------------------------------------- report
 
-REPORT_BEGIN = "<!-- bench_kvcache report: regenerate with `python -m nanollm.inference.bench docs/kv_cache.md` -->"
+REPORT_BEGIN = (
+    "<!-- bench_kvcache report: regenerate with `python -m nanollm.inference.bench.timing docs/kv_cache.md` -->"
+)
 REPORT_END = "<!-- end of bench_kvcache report -->"
 
 
@@ -569,7 +571,8 @@ def update_report(doc: str | Path, metrics: str | Path, table: str | Path) -> No
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m nanollm.inference.bench", description="Rewrite the KV-cache report section of a markdown file."
+        prog="python -m nanollm.inference.bench.timing",
+        description="Rewrite the KV-cache report section of a markdown file.",
     )
     parser.add_argument("doc", nargs="?", default="docs/kv_cache.md", help="markdown file with the report markers")
     parser.add_argument("--metrics", default="metrics/bench_kvcache.json", help="the bench stage's summary JSON")
