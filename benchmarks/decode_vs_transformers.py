@@ -36,7 +36,7 @@ import torch
 
 from nanollm.config import Config, ModelConfig
 from nanollm.hardware import describe_machine
-from nanollm.inference.bench.timing import memory_bandwidth, weight_bytes_per_token
+from nanollm.inference.bench.bandwidth import memory_bandwidth, weight_bytes_per_token
 from nanollm.inference.generate import generate
 from nanollm.inference.peers import PEER_CACHES, transformers_greedy
 from nanollm.model import Transformer

@@ -105,7 +105,8 @@ def render_readme(data: dict[str, Any]) -> str:
 
 
 def render_kv_report(root: Path) -> str:
-    from nanollm.inference.bench.timing import read_table, render_report
+    from nanollm.inference.bench.report import render_report
+    from nanollm.inference.bench.results import read_table
 
     summary = json.loads((root / "metrics" / "bench_kvcache.json").read_text(encoding="utf-8"))
     return render_report(summary, read_table(root / "reports" / "bench_kvcache.csv"))
@@ -113,7 +114,7 @@ def render_kv_report(root: Path) -> str:
 
 def _sections(root: Path) -> list[tuple[Path, str, str, str]]:
     """(document, begin marker, end marker, body) for every generated section."""
-    from nanollm.inference.bench.timing import REPORT_BEGIN, REPORT_END
+    from nanollm.inference.bench.report import REPORT_BEGIN, REPORT_END
 
     return [
         (root / "README.md", BEGIN, END, render_readme(_load(root))),

@@ -45,15 +45,10 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
     from nanollm.checkpoint import RUN_FILE, architecture_differences, architecture_model, read_run_id
     from nanollm.hardware import describe_machine, pick_device
     from nanollm.hf import llama_incompatibility
-    from nanollm.inference.bench.timing import (
-        bandwidth,
-        bench_kvcache,
-        memory_bandwidth,
-        plot,
-        summarize,
-        weight_bytes_per_token,
-        write_table,
-    )
+    from nanollm.inference.bench.bandwidth import bandwidth, memory_bandwidth, weight_bytes_per_token
+    from nanollm.inference.bench.chart import plot
+    from nanollm.inference.bench.results import summarize, write_table
+    from nanollm.inference.bench.timing import bench_kvcache
     from nanollm.tracking import make_tracker, sectioned
 
     cfg = ctx.config.bench

@@ -1,5 +1,5 @@
-"""The KV-cache benchmark: row shape, the equality check between modes (near-ties included), the peer race,
-summary, CSV, chart, bandwidth, report."""
+"""The KV-cache benchmark (nanollm/inference/bench/): row shape, the equality check between modes (near-ties
+included), the peer race, summary, CSV, chart, bandwidth, report."""
 
 import csv
 import dataclasses
@@ -12,25 +12,13 @@ import torch
 
 from nanollm.config import ModelConfig
 from nanollm.errors import NanollmError
-from nanollm.inference.bench.timing import (
-    COLUMNS,
-    PEER_COLUMNS,
-    REPORT_BEGIN,
-    REPORT_END,
-    KVCacheMismatchError,
-    bandwidth,
-    bench_kvcache,
-    main,
-    memory_bandwidth,
-    plot,
-    read_table,
-    render_report,
-    rounding_tolerance,
-    speedup,
-    summarize,
-    weight_bytes_per_token,
-    write_table,
-)
+from nanollm.inference.bench import timing
+from nanollm.inference.bench.bandwidth import bandwidth, memory_bandwidth, weight_bytes_per_token
+from nanollm.inference.bench.chart import plot
+from nanollm.inference.bench.equality import KVCacheMismatchError, rounding_tolerance
+from nanollm.inference.bench.report import REPORT_BEGIN, REPORT_END, main, render_report
+from nanollm.inference.bench.results import read_table, summarize, write_table
+from nanollm.inference.bench.timing import COLUMNS, PEER_COLUMNS, bench_kvcache, speedup
 from nanollm.model import Transformer
 
 
@@ -149,16 +137,14 @@ def test_rounding_tolerance_scales_with_the_dtype_and_the_logits():
 
 
 def test_prompts_are_seeded(monkeypatch):
-    import nanollm.inference.bench.timing as bench
-
     seen = []
-    real = bench._timed_greedy
+    real = timing._timed_greedy
 
     def spy(model, prompt, *args, **kwargs):
         seen.append(prompt.tolist())
         return real(model, prompt, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "_timed_greedy", spy)
+    monkeypatch.setattr(timing, "_timed_greedy", spy)
     model = _model()
     for _ in range(2):
         bench_kvcache(model, prompt_lengths=[3, 7], new_tokens=[2], repeats=1, warmup=0, seed=5)
@@ -254,14 +240,13 @@ def test_report_is_rendered_between_the_markers(tmp_path):
 
 
 def test_both_transformers_caches_race_in_alternating_rounds_and_the_faster_is_the_peer(tmp_path, monkeypatch, caplog):
-    import nanollm.inference.bench.timing as bench
     from nanollm.inference.peers import PEER_CACHES, transformers_settings
 
     model = _model()
     settings = transformers_settings(model)
     assert set(settings) == set(PEER_CACHES) == {"dynamic", "static"}
     calls = []
-    real = bench._timed_greedy
+    real = timing._timed_greedy
 
     def ours(model, prompt, n, *, use_cache, device):
         calls.append(("cached" if use_cache else "uncached", prompt.numel(), n))
@@ -274,7 +259,7 @@ def test_both_transformers_caches_race_in_alternating_rounds_and_the_faster_is_t
 
         return peer
 
-    monkeypatch.setattr(bench, "_timed_greedy", ours)
+    monkeypatch.setattr(timing, "_timed_greedy", ours)
     points = {"prompt_lengths": [4, 9], "new_tokens": [5]}
     peers = {cache: counted(cache) for cache in PEER_CACHES}
     with caplog.at_level(logging.WARNING, logger="nanollm.inference.bench"):

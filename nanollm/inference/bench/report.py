@@ -1,0 +1,117 @@
+"""The benchmark's markdown: the section of docs/kv_cache.md between REPORT_BEGIN and REPORT_END.
+
+Owns how the stage's outputs (metrics/bench_kvcache.json, reports/bench_kvcache.csv) read as
+prose and a table. docs/results.py renders it with the README's figures; to rewrite this
+section alone: `python -m nanollm.inference.bench.report docs/kv_cache.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nanollm.atomic import write_text
+from nanollm.errors import NanollmError
+from nanollm.inference.bench.results import read_table
+from nanollm.inference.bench.timing import PEER_COLUMNS, Row
+from nanollm.inference.peers import PEER_CACHES
+
+__all__ = ["REPORT_BEGIN", "REPORT_END", "main", "render_report", "update_report"]
+
+REPORT_BEGIN = (
+    "<!-- bench_kvcache report: regenerate with `python -m nanollm.inference.bench.report docs/kv_cache.md` -->"
+)
+REPORT_END = "<!-- end of bench_kvcache report -->"
+
+
+def render_report(summary: dict[str, Any], rows: Sequence[Row]) -> str:
+    """Markdown for the bench stage's outputs: the per-point table, the speedup range and the bandwidth line.
+
+    With the transformers comparison the table adds its tokens/s with each cache, which
+    one was the faster (the peer) and ours over the peer.
+    """
+    peer = all(c in r for r in rows for c in PEER_COLUMNS)
+    caches = " | ".join(f"transformers {cache} cache tok/s" for cache in PEER_CACHES)
+    out = [
+        "| prompt | new tokens | cached tok/s | uncached tok/s | speedup | TTFT cached (ms) | TTFT uncached (ms) "
+        "| KV cache (MB) |" + (f" {caches} | peer | ours / peer |" if peer else ""),
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        + (" ---: |" * len(PEER_CACHES) + " --- | ---: |" if peer else ""),
+    ]
+    for r in rows:
+        theirs = "".join(f" {r[f'transformers_{cache}_tok_s']:.0f} |" for cache in PEER_CACHES) if peer else ""
+        out.append(
+            f"| {r['prompt_len']} | {r['new_tokens']} | {r['cached_tok_s']:.0f} | {r['uncached_tok_s']:.1f} "
+            f"| x{r['speedup']:.1f} | {r['cached_ttft_ms']:.1f} | {r['uncached_ttft_ms']:.1f} | {r['cache_mb']:.2f} |"
+            + (f"{theirs} {r['transformers_peer']} | x{r['vs_transformers']:.2f} |" if peer else "")
+        )
+    low, high = min(rows, key=lambda r: r["speedup"]), max(rows, key=lambda r: r["speedup"])
+    out += [
+        "",
+        f"The cache gains x{low['speedup']:.1f} at prompt {low['prompt_len']} + {low['new_tokens']} new tokens and "
+        f"x{high['speedup']:.1f} at prompt {high['prompt_len']} + {high['new_tokens']}: without it every step "
+        "runs the model over the whole sequence again, so the gap grows with the length.",
+    ]
+    if peer:
+        ratios = [r["vs_transformers"] for r in rows]
+        static = sum(r["transformers_peer"] == "static" for r in rows)
+        out += [
+            "",
+            "Against transformers' generate on the same weights (LlamaForCausalLM, greedy, same prompts, same "
+            "rounds), run with its default dynamic cache and with a static cache sized to the call, the faster of "
+            f"the two at each point (the static one at {static} of {len(rows)}), our cached decoding is "
+            f"x{min(ratios):.2f} to x{max(ratios):.2f} as fast.",
+        ]
+    if "weight_read_gb_s" in summary:
+        out += [
+            "",
+            f"Bandwidth (gpt-fast's measure): a decode step reads {summary['weight_mb']:.1f} MB of weights, so the "
+            f"fastest cached point moves {summary['weight_read_gb_s']:.1f} GB/s, "
+            f"{100 * summary['bandwidth_utilisation']:.0f}% of the {summary['memory_copy_gb_s']:.1f} GB/s that a "
+            f"256 MB tensor copy reaches on the same machine"
+            + (f" ({_threads(summary['threads'])})." if "threads" in summary else "."),
+        ]
+    return "\n".join(out) + "\n"
+
+
+def _threads(n: float) -> str:
+    return "1 thread" if n == 1 else f"{n:.0f} threads"
+
+
+def update_report(doc: str | Path, metrics: str | Path, table: str | Path) -> None:
+    """Replace the generated section of `doc` (between REPORT_BEGIN and REPORT_END) with render_report."""
+    doc = Path(doc)
+    try:
+        text = doc.read_text(encoding="utf-8")
+        summary = json.loads(Path(metrics).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise NanollmError(f"cannot read the report inputs ({err}); run `dvc repro bench_kvcache` first") from None
+    head, sep, rest = text.partition(REPORT_BEGIN)
+    _, end, tail = rest.partition(REPORT_END)
+    if not sep or not end:
+        raise NanollmError(f"{doc} lacks the report markers {REPORT_BEGIN!r} ... {REPORT_END!r}; add them back")
+    body = render_report(summary, read_table(table))
+    write_text(doc, f"{head}{REPORT_BEGIN}\n{body}{REPORT_END}{tail}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nanollm.inference.bench.report",
+        description="Rewrite the KV-cache report section of a markdown file.",
+    )
+    parser.add_argument("doc", nargs="?", default="docs/kv_cache.md", help="markdown file with the report markers")
+    parser.add_argument("--metrics", default="metrics/bench_kvcache.json", help="the bench stage's summary JSON")
+    parser.add_argument("--table", default="reports/bench_kvcache.csv", help="the bench stage's CSV")
+    args = parser.parse_args(argv)
+    try:
+        update_report(args.doc, args.metrics, args.table)
+    except NanollmError as err:
+        parser.exit(1, f"Error: {err}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

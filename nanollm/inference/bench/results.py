@@ -1,0 +1,67 @@
+"""The benchmark's rows as files: a CSV table (written and read back) and flat metrics for DVC and MLflow.
+
+Owns the file formats of reports/bench_kvcache.csv and metrics/bench_kvcache.json; the rows'
+columns are timing.py's, the chart chart.py's, the markdown report.py's.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+from nanollm.atomic import atomic_path
+from nanollm.errors import NanollmError
+from nanollm.inference.bench.timing import COLUMNS, PEER_COLUMNS, TEXT_COLUMNS, Row
+
+__all__ = ["read_table", "summarize", "write_table"]
+
+
+def summarize(rows: Sequence[Row]) -> dict[str, float]:
+    """Flat numeric metrics for DVC/MLflow: per point p{L}_n{N}_{speedup,cached_tok_s,uncached_tok_s}, plus extremes.
+
+    With the transformers comparison, also per point the tokens/s of each cache setting
+    (p{L}_n{N}_transformers_{dynamic,static}_tok_s), the peer's (transformers_tok_s, the
+    faster of them), vs_transformers, and transformers_static_is_peer (1.0 where the static
+    cache was the faster, 0.0 where the dynamic one was: MLflow metrics are numbers); and
+    min_vs_transformers (the least favourable point: the figure to hold a target to).
+    """
+    out: dict[str, float] = {}
+    per_point = ("speedup", "cached_tok_s", "uncached_tok_s", *PEER_COLUMNS)
+    for r in rows:
+        key = f"p{r['prompt_len']}_n{r['new_tokens']}"
+        for name in (n for n in per_point if n in r and n not in TEXT_COLUMNS):
+            out[f"{key}_{name}"] = round(r[name], 4)
+        if "transformers_peer" in r:
+            out[f"{key}_transformers_static_is_peer"] = float(r["transformers_peer"] == "static")
+    out["max_speedup"] = round(max(r["speedup"] for r in rows), 4)
+    out["cache_mb_max"] = round(max(r["cache_mb"] for r in rows), 4)
+    if all("vs_transformers" in r for r in rows):
+        out["min_vs_transformers"] = round(min(r["vs_transformers"] for r in rows), 4)
+    return out
+
+
+def write_table(rows: Sequence[Row], path: str | Path) -> None:
+    """Write the rows as CSV (one line per point; the COLUMNS the rows have, in that order), atomically."""
+    columns = [c for c in COLUMNS if all(c in r for r in rows)]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
+
+
+def read_table(path: str | Path) -> list[Row]:
+    """The rows written by write_table, numbers parsed back (int columns as int, TEXT_COLUMNS as they are)."""
+
+    def parse(column: str, value: str) -> int | float | str:
+        if column in TEXT_COLUMNS:
+            return value
+        return int(value) if column in ("prompt_len", "new_tokens") else float(value)
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        return [{k: parse(k, v) for k, v in r.items()} for r in rows]
+    except (OSError, ValueError, TypeError) as err:
+        raise NanollmError(f"cannot read {path} ({err}); run `dvc repro bench_kvcache` first") from None
