@@ -126,6 +126,7 @@ def run_point(calls: dict, prompt: torch.Tensor, n_new: int, args: argparse.Name
 
 def run_shape(name: str, model: Transformer, args: argparse.Namespace) -> list[dict]:
     hf = transformers_greedy(model)  # exported with export_hf, loaded by LlamaForCausalLM.from_pretrained
+    model.pack_for_decode()  # ours decodes in the layout `nanollm generate` and the bench stage use
     calls = deciders(model, hf)
     gen = torch.Generator().manual_seed(0)
     rows = []

@@ -1,4 +1,4 @@
-"""How fast one token's matmuls stream a model's weights in each layout: why decode_layout exists.
+"""How fast one token's matmuls stream a model's weights in each layout: why pack_for_decode exists.
 
 Takes the weights of a freshly initialised model, runs one row through every linear layer in
 turn (as one decode step does, so each weight has been evicted from cache by the others
@@ -28,7 +28,7 @@ from nanollm.model import Transformer
 
 
 def layer_groups(model: Transformer) -> list[list[torch.nn.Linear]]:
-    """The linear layers of one decode step, grouped by shared input as decode_layout packs them."""
+    """The linear layers of one decode step, grouped by shared input as pack_for_decode packs them."""
     groups = []
     for block in model.layers:
         attn, ffn = block.attention, block.feed_forward
@@ -37,7 +37,7 @@ def layer_groups(model: Transformer) -> list[list[torch.nn.Linear]]:
 
 
 def packed_weights(model: Transformer) -> list[torch.Tensor]:
-    """The weights one decode step multiplies after decode_layout, one per packed group, (sum outs, in) each."""
+    """The weights one decode step multiplies after pack_for_decode, one per packed group, (sum outs, in) each."""
     weights = []
     for block in model.layers:
         attn, ffn = block.attention, block.feed_forward
@@ -52,7 +52,7 @@ def step_functions(model: Transformer) -> dict[str, callable]:
     row_major = [[layer.weight.detach().contiguous() for layer in group] for group in groups]
     column_major = [[w.t().contiguous().t() for w in group] for group in row_major]
     decoding = copy.deepcopy(model)
-    decoding.decode_layout()  # the real thing: one (sum outs, in) column-major weight per group
+    decoding.pack_for_decode()  # the real thing: one (sum outs, in) column-major weight per group
     packed = packed_weights(decoding)
     inputs = {w.size(1): torch.randn(1, w.size(1)) for group in row_major for w in group}
     flat = [w for group in row_major for w in group]

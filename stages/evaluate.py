@@ -86,6 +86,7 @@ def command(
         "device": str(device),
     }
     write_json(metrics, out)
+    model.pack_for_decode()  # only now: the loss above is scored in the layout the model trained in
     write_text(samples, _samples(model, tok, ctx.config.seed, cfg, info))
     click.echo(
         f"val loss {out['val_loss']:.4f}, {out['bits_per_byte']:.3f} bits/byte "

@@ -85,6 +85,7 @@ def command(
         torch.set_num_threads(threads)
     device = pick_device(cfg.device if device is None else device, key="eval.device" if device is None else "--device")
     model = load_model(checkpoint, device=device)
+    model.pack_for_decode()  # batch-1 decoding streams every weight per token: the layout that streams fastest
     if tok.vocab_size > model.vocab_size:
         raise NanollmError(
             f"{tokenizer} has {tok.vocab_size} tokens but {checkpoint} only {model.vocab_size}; pass the matching "

@@ -199,7 +199,7 @@ def test_decode_vs_transformers_alternates_which_side_runs_first(monkeypatch):
 
 
 @smoke("weight_layout.py")
-def test_weight_layout_times_every_layout_of_the_real_decode_layout():
+def test_weight_layout_times_every_layout_of_the_real_pack_for_decode():
     out = _run("weight_layout.py", "--layers", "1", "--width", "32", "--heads", "2", "--vocab", "100", "--rounds", "1",
                "--steps", "2", "--threads", "1")  # fmt: skip
     rows = re.findall(r"^\| (.+?) \| ([\d.]+) ms \| ([\d.]+) GB/s \|$", out, flags=re.M)

@@ -91,8 +91,12 @@ def test_fixed_seed_repeats_and_other_seeds_differ():
     assert not all(torch.equal(draw(5), draw(s)) for s in range(6, 10))
 
 
-def test_cached_and_uncached_greedy_generation_agree():
+@pytest.mark.parametrize("packed", [False, True], ids=["nn.Linear layout", "decode layout"])
+def test_cached_and_uncached_greedy_generation_agree(packed):
+    """In either weight layout: generate leaves the layout to its caller, and the callers pack."""
     model = _tiny_model()
+    if packed:
+        model.pack_for_decode()
     prompt = [3, 14, 15, 9, 26, 5]
     # 40 new tokens run past block_size (16): both paths must handle positions beyond it alike
     cached = list(generate(model, prompt, 40, temperature=0.0, use_cache=True))

@@ -81,6 +81,7 @@ def test_greedy_generation_matches_transformers(tmp_path):
     export_hf(model, tmp_path / "hf")
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
     prompt = [5, 17, 3, 60]
+    model.pack_for_decode()  # as `nanollm generate` decodes
     ours = list(generate(model, prompt, 12, temperature=0.0))
     ids = torch.tensor([prompt])
     theirs = hf.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)

@@ -163,7 +163,7 @@ def test_all_options_in_the_decode_layout_and_generation():
     idx = torch.randint(0, VOCAB, (2, 12))
     with torch.no_grad():
         plain = model(idx)
-        model.decode_layout()  # no grad: the packed q/k/v matmul
+        model.pack_for_decode()  # no grad: the packed q/k/v matmul
         torch.testing.assert_close(model(idx), plain, atol=1e-5, rtol=1e-5)
     prompt = [5, 17, 3, 60]
     cached = list(generate(model, prompt, 12, temperature=0.0))

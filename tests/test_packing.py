@@ -21,7 +21,7 @@ def tiny(**overrides) -> Transformer:
 
 def packed(**overrides) -> Transformer:
     model = tiny(**overrides)
-    model.decode_layout()
+    model.pack_for_decode()
     return model
 
 
@@ -31,7 +31,7 @@ def test_layout_keeps_every_value_shape_and_logit(overrides):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         logits = model(idx)
-        model.decode_layout()
+        model.pack_for_decode()
         after = model(idx)  # no grad: the fused q/k/v and w1/w3 matmuls
     state = model.state_dict()
     assert state.keys() == before.keys()
@@ -54,13 +54,32 @@ def test_weights_become_column_major_views_of_one_buffer():
 def test_layout_is_idempotent():
     model = packed()
     pointers = [p.data_ptr() for p in model.parameters()]
-    model.decode_layout()
+    model.pack_for_decode()
     assert [p.data_ptr() for p in model.parameters()] == pointers
 
 
+def test_the_layout_is_a_step_the_caller_asks_for_never_a_side_effect():
+    model = tiny()
+    strides = [p.stride() for p in model.parameters()]
+    model.setup_cache(1, 8)
+    assert list(generate(model, [1, 2, 3], 4, temperature=0.0))
+    assert [p.stride() for p in model.parameters()] == strides, "allocating a cache or decoding moved the weights"
+    assert model.layers[0].attention.packed_qkv is None and model.layers[0].feed_forward.packed_in is None
+
+
+def test_off_the_cpu_the_weights_stay_as_they_are():
+    """The layout was measured on CPU BLAS only; on another device pack_for_decode leaves nn.Linear's."""
+    model = tiny().to("meta")
+    model.pack_for_decode()
+    assert model.layers[0].attention.packed_qkv is None
+    assert model.layers[0].attention.wo.weight.is_contiguous()
+
+
 def test_packed_model_still_trains_and_the_fused_path_follows_the_update():
-    """After generate() (which packs inside inference mode) the parameters train as before."""
+    """Packed inside inference mode, then used by generate(), the parameters train as before."""
     model, idx = tiny(), torch.randint(0, VOCAB, (2, 12))
+    with torch.inference_mode():
+        model.pack_for_decode()
     list(generate(model, [1, 2, 3], 4, temperature=0.0))
     model.train()
     loss = torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
@@ -85,7 +104,7 @@ def test_moving_the_model_makes_the_pack_stale_not_wrong():
     with torch.no_grad():
         assert not attn.packed_qkv.usable()
         stale_safe = model(idx)
-        model.decode_layout()  # re-packs in the new dtype
+        model.pack_for_decode()  # re-packs in the new dtype
         assert attn.packed_qkv.usable()
         repacked = model(idx)
     torch.testing.assert_close(repacked, stale_safe)

@@ -47,6 +47,7 @@ def test_greedy_output_is_the_prompt_plus_the_decoded_continuation(project):
     root, tok, model = project
     result = _run("--prompt", "def ", "--max-new-tokens", "20", "--temperature", "0", "--threads", "1")
     assert result.exit_code == 0, result.output
+    model.pack_for_decode()  # the layout the command decodes in
     ids = list(generate(model, [tok.eot_id, *tok.encode("def ")], 20, temperature=0.0, stop_id=tok.eot_id))
     assert result.stdout == "def " + tok.decode(ids) + "\n"
 

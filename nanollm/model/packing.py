@@ -2,7 +2,8 @@
 
 Owns how weights are laid out in memory for batch-1 decoding on the CPU; the modules that
 own the layers (attention.py, transformer.py) decide which layers share a pack and when to
-use it. Nothing here changes a value, a shape, a parameter name or a state_dict.
+use it, and the caller decides when to pack (Transformer.pack_for_decode). Nothing here
+changes a value, a shape, a parameter name or a state_dict.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class PackedLinears:
         self.linears = linears
         self.sizes = [layer.out_features for layer in linears]
         # A fresh tensor, made outside inference mode so that the parameters built on it
-        # can still be trained even if the packing happened inside generate().
+        # can still be trained even when the caller packs inside inference mode.
         with torch.no_grad(), torch.inference_mode(False):
             buf = torch.cat([layer.weight.t() for layer in linears], dim=1).contiguous()  # (in, sum outs)
             start = 0

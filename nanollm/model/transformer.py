@@ -1,7 +1,8 @@
 """The Llama-style decoder-only Transformer: embedding, blocks, final norm, LM head.
 
-This module owns the architecture, its initialisation, the KV-cache lifecycle and the
-FLOP estimate. Attention internals (with the qk_norm and value_residual options) live in
+This module owns the architecture, its initialisation, the KV-cache lifecycle, the decode
+weight layout it offers (packing.py lays the weights out; callers ask for it) and the FLOP
+estimate. Attention internals (with the qk_norm and value_residual options) live in
 attention.py, RoPE in rope.py, RMSNorm in norm.py; training, sampling and checkpoint files
 are other modules' business. The options of modded-nanogpt's record runs owned here are the
 relu2 MLP, zero_init_proj and logit_softcap; with every option off the model is Llama's.
@@ -100,6 +101,8 @@ class Transformer(nn.Module):
     forward(idx) is the plain causal pass used in training. forward(idx, start_pos=t) is the
     cached pass: it writes K/V for positions [t, t+T) into the cache made by setup_cache()
     and attends to [0, t+T); prefill is forward(prompt, 0), decode is forward(tok, t).
+    pack_for_decode() moves the weights to the layout batch-1 decoding reads fastest; it is
+    a step the caller takes (nanollm.inference's callers do), never a side effect.
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
@@ -178,8 +181,8 @@ class Transformer(nn.Module):
         """Preallocate K/V buffers for batch_size sequences of up to max_seq_len positions.
 
         Lives on the model's device in the model's dtype; replaces any previous cache.
-        max_seq_len may exceed cfg.block_size (RoPE tables grow to match). On the CPU the
-        linear weights are also moved to the decode layout (see decode_layout).
+        max_seq_len may exceed cfg.block_size (RoPE tables grow to match). The weights stay
+        as they are: their decode layout is pack_for_decode's, for the caller to ask for.
         """
         weight = self.tok_embeddings.weight
         for layer in self.layers:
@@ -187,18 +190,20 @@ class Transformer(nn.Module):
                 batch_size, self.cfg.kv_heads, max_seq_len, self.cfg.head_dim, dtype=weight.dtype, device=weight.device
             )
         self.rope(0, max_seq_len)  # grow the tables now rather than inside the decode loop
-        if weight.device.type == "cpu":
-            self.decode_layout()
 
-    def decode_layout(self) -> None:
-        """Move every linear weight to the decode layout of packing.py; values and shapes stay.
+    def pack_for_decode(self) -> None:
+        """On the CPU, move every linear weight to the decode layout of packing.py; values and shapes stay.
 
         Batch-1 decoding reads every weight once per token, so its speed is the speed at
         which the weights stream from memory. Column-major weights, with q/k/v and SwiGLU's
         w1/w3 packed side by side, stream ~1.6x faster on the CPU than nn.Linear's row-major
         ones (benchmarks/decode_vs_transformers.py). Larger matmuls (prefill, training) run
-        at the same speed in either layout. Idempotent.
+        at the same speed in either layout, and the parameters still train (packing.py). On
+        another device the weights stay as they are: the layout was measured on CPU BLAS only.
+        Idempotent; after model.to(...) call it again, as the packs then go stale (and unused).
         """
+        if self.tok_embeddings.weight.device.type != "cpu":
+            return
         for layer in self.layers:
             layer.attention.pack_for_decode()
             layer.feed_forward.pack_for_decode()

@@ -127,7 +127,9 @@ def bench_kvcache(
     is prefill plus the first token. Every run's tokens must equal those of the other mode
     up to a near-tie (see equality.check_same), else KVCacheMismatchError names the point.
     cache_mb is the cache preallocated for prompt + new tokens, in MB (1e6 bytes).
-    `device` defaults to the model's; it must be where the model lives.
+    `device` defaults to the model's; it must be where the model lives. The model's weights
+    are first moved to their decode layout (Transformer.pack_for_decode), as the stages do
+    before decoding, so the cached and the uncached path both read that layout.
 
     `transformers` ({cache setting: greedy function}, nanollm.inference.peers.transformers_settings)
     adds each setting to every round, on the same prompt, clocked the same way:
@@ -144,6 +146,7 @@ def bench_kvcache(
     if transformers is not None and not set(transformers) <= set(PEER_CACHES):
         raise ValueError(f"transformers settings must be among {PEER_CACHES}, got {sorted(transformers)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.pack_for_decode()  # decode in the layout every decoding stage uses; both paths read it
     gen = torch.Generator().manual_seed(seed)
     longest = torch.randint(0, model.vocab_size, (max(prompt_lengths),), generator=gen)
     points = [(p, n) for p in prompt_lengths for n in new_tokens]
