@@ -96,7 +96,8 @@ def render_readme(data: dict[str, Any]) -> str:
         lengths = "/".join(str(n) for n in p["bench"]["prompt_lengths"])
         rows.append(
             (
-                "batch-1 cached decoding vs transformers' generate at its best (dynamic or static cache), same weights",
+                "batch-1 cached decoding vs transformers' generate at its best (dynamic or static cache), same weights"
+                + (" (the model's Llama counterpart)" if bench.get("peer_on_llama_counterpart") == 1.0 else ""),
                 f"x{min(ratios):.2f}-x{max(ratios):.2f} at prompts {lengths} + {new} ([report](docs/kv_cache.md))",
             )
         )

@@ -129,6 +129,19 @@ def llama_incompatibility(cfg: ModelConfig) -> str | None:
     return None
 
 
+def llama_counterpart(cfg: ModelConfig) -> ModelConfig | None:
+    """The same shape as plain Llama (qk_norm, logit_softcap, value_residual off), or None if the MLP differs.
+
+    What transformers' LlamaForCausalLM can run in place of an architecture it cannot express:
+    the bench compares the two engines on it (the options cost a few elementwise ops per layer,
+    so the engines' ratio is the same within noise). A relu2 or gelu MLP has other matrices, so
+    it has no counterpart.
+    """
+    if cfg.mlp != "swiglu":
+        return None
+    return dataclasses.replace(cfg, qk_norm=False, logit_softcap=None, value_residual=False, zero_init_proj=False)
+
+
 def to_hf_config(
     cfg: ModelConfig, vocab_size: int, *, dtype: torch.dtype = torch.float32, eos_token_id: int | None = None
 ) -> dict[str, Any]:

@@ -37,43 +37,42 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
     the same rounds with its dynamic and its static cache, and our cached tokens/s is
     reported as a multiple of the faster one's.
     """
-    import logging
-
     import torch
 
     from nanollm.atomic import write_json
     from nanollm.checkpoint import RUN_FILE, architecture_differences, architecture_model, read_run_id
     from nanollm.hardware import describe_machine, pick_device
-    from nanollm.hf import llama_incompatibility
     from nanollm.inference.bench.bandwidth import bandwidth, memory_bandwidth, weight_bytes_per_token
     from nanollm.inference.bench.chart import plot
     from nanollm.inference.bench.results import summarize, write_table
-    from nanollm.inference.bench.timing import bench_kvcache
+    from nanollm.inference.bench.timing import COUNTERPART_COLUMN, PEER_COLUMNS, bench_kvcache
     from nanollm.tracking import make_tracker, sectioned
 
     cfg = ctx.config.bench
     device = pick_device(cfg.device, key="bench.device")
     model = architecture_model(architecture, seed=ctx.config.seed, device=device)  # the trained shape, seeded weights
     architecture_differences(model, ctx.config.model, architecture)
-    peer = None
-    unportable = llama_incompatibility(model.cfg) if cfg.compare_transformers else None
-    if unportable:  # the peer is transformers' Llama: an architecture it cannot compute has no peer
-        logging.getLogger(__name__).warning("no comparison with transformers: %s", unportable)
-    if cfg.compare_transformers and not unportable:
+    peer, peer_model = None, _peer_model(model, ctx.config.seed, device) if cfg.compare_transformers else None
+    if peer_model is not None:
         from nanollm.inference.peers import transformers_settings
 
-        peer = transformers_settings(model)
-    rows = bench_kvcache(
-        model,
+        peer = transformers_settings(peer_model)
+    timing = dict(
         prompt_lengths=cfg.prompt_lengths,
         new_tokens=cfg.new_tokens,
         repeats=cfg.repeats,
         warmup=cfg.warmup,
         seed=ctx.config.seed,
         device=device,
-        transformers=peer,
     )
+    rows = bench_kvcache(model, transformers=peer if peer_model is model else None, **timing)
+    if peer is not None and peer_model is not model:  # the engines, compared on the counterpart alone
+        for row, theirs in zip(
+            rows, bench_kvcache(peer_model, transformers=peer, uncached=False, **timing), strict=True
+        ):
+            row.update({c: theirs[c] for c in PEER_COLUMNS}, **{COUNTERPART_COLUMN: theirs["cached_tok_s"]})
     summary = summarize(rows)
+    summary["peer_on_llama_counterpart"] = float(peer is not None and peer_model is not model)
     summary.update(bandwidth(rows, weight_bytes_per_token(model), memory_bandwidth(device=device)))
     summary["threads"] = torch.get_num_threads()
     summary["device"] = str(device)
@@ -100,3 +99,33 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
         tracker.set_tags({"bench.device": summary["device"], "bench.machine": summary["machine"]})
         tracker.log_artifact(table, "bench_kvcache")
         tracker.log_artifact(chart, "bench_kvcache")
+
+
+def _peer_model(model, seed: int, device):
+    """The model transformers' Llama is compared on: this one, or its Llama counterpart (same seed), or None.
+
+    An architecture Llama cannot express (qk_norm, value_residual, logit_softcap) is compared
+    through its counterpart of the same shape without them: the comparison is of the two
+    engines on the same weights, and those options add only elementwise work per layer.
+    """
+    import logging
+
+    import torch
+
+    from nanollm.hf import llama_counterpart, llama_incompatibility
+    from nanollm.model import Transformer
+
+    unportable = llama_incompatibility(model.cfg)
+    if unportable is None:
+        return model
+    counterpart = llama_counterpart(model.cfg)
+    log = logging.getLogger(__name__)
+    if counterpart is None:
+        log.warning("no comparison with transformers: %s", unportable)
+        return None
+    log.info(
+        "transformers cannot run this architecture (%s): the engines are compared on its Llama counterpart",
+        unportable.split(" has no")[0],
+    )
+    torch.manual_seed(seed)
+    return Transformer(counterpart, model.vocab_size).to(device).eval()

@@ -27,6 +27,7 @@ from nanollm.hf import (
     export_hf,
     from_hf_config,
     hf_key,
+    llama_counterpart,
     llama_incompatibility,
     load_hf,
     our_key,
@@ -135,6 +136,19 @@ def test_only_the_first_obstacle_is_named_and_zero_init_is_none():
     assert llama_incompatibility(ModelConfig(qk_norm=True, value_residual=True)).startswith("model.qk_norm")
     assert llama_incompatibility(ModelConfig()) is None
     assert llama_incompatibility(ModelConfig(zero_init_proj=True)) is None  # only where training starts
+
+
+def test_the_llama_counterpart_keeps_the_shape_and_drops_what_llama_cannot_express():
+    cfg = ModelConfig(n_layer=3, n_embd=64, n_head=4, qk_norm=True, value_residual=True, logit_softcap=15.0)
+    counterpart = llama_counterpart(cfg)
+    assert llama_incompatibility(counterpart) is None
+    assert (counterpart.n_layer, counterpart.n_embd, counterpart.head_dim, counterpart.hidden_dim) == (
+        cfg.n_layer,
+        cfg.n_embd,
+        cfg.head_dim,
+        cfg.hidden_dim,
+    )
+    assert llama_counterpart(ModelConfig(mlp="relu2")) is None  # other matrices: no counterpart
 
 
 def test_a_model_trained_from_zero_projections_exports_with_equal_logits(tmp_path):

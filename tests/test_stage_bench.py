@@ -71,8 +71,9 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
     expected = {f"p{p}_n{n}_{k}" for p, n in points for k in per_point}
     which = {f"p{p}_n{n}_transformers_static_is_peer" for p, n in points}
     bandwidth = {"weight_mb", "weight_read_gb_s", "memory_copy_gb_s", "bandwidth_utilisation"}
-    extremes = {"max_speedup", "cache_mb_max", "min_vs_transformers", "threads"}
+    extremes = {"max_speedup", "cache_mb_max", "min_vs_transformers", "threads", "peer_on_llama_counterpart"}
     assert set(summary) == expected | which | bandwidth | extremes
+    assert summary.pop("peer_on_llama_counterpart") == 0.0  # a Llama architecture meets the peer itself
     assert all(isinstance(v, (int, float)) and v > 0 for k, v in summary.items() if k not in which)
     for p, n in points:
         theirs = max(summary[f"p{p}_n{n}_transformers_{cache}_tok_s"] for cache in ("dynamic", "static"))
@@ -185,14 +186,34 @@ def test_bench_says_in_one_line_when_transformers_is_missing(project, monkeypatc
     assert not any((project / out).exists() for out in OUTPUTS)
 
 
-def test_an_architecture_llama_cannot_express_is_benched_without_the_peer(project, caplog):
+def _with_architecture(project, **options) -> dict:
     arch = project / "models" / "checkpoint" / "architecture.json"
     info = json.loads(arch.read_text())
-    info["model"]["qk_norm"] = True
+    info["model"].update(options)
     arch.write_text(json.dumps(info))
+    return info["model"]
+
+
+def test_an_architecture_llama_cannot_express_meets_the_peer_on_its_llama_counterpart(project, caplog):
+    model = _with_architecture(project, qk_norm=True, value_residual=True)
+    with caplog.at_level(logging.INFO):
+        result = _run(project, {**UNTRACKED, "model": model})
+    assert result.exit_code == 0, result.output
+    summary = json.loads((project / OUTPUTS[0]).read_text())
+    assert summary["peer_on_llama_counterpart"] == 1.0 and summary["min_vs_transformers"] > 0
+    for point in ("p4_n3", "p16_n5"):  # the model's own cached/uncached figures, and ours on the counterpart
+        assert summary[f"{point}_speedup"] > 0 and summary[f"{point}_counterpart_cached_tok_s"] > 0
+        ratio = summary[f"{point}_counterpart_cached_tok_s"] / summary[f"{point}_transformers_tok_s"]
+        assert summary[f"{point}_vs_transformers"] == pytest.approx(ratio, rel=1e-3)
+    assert any("compared on its Llama counterpart" in r.getMessage() for r in caplog.records)
+
+
+def test_an_architecture_with_no_llama_counterpart_is_benched_without_the_peer(project, caplog):
+    model = _with_architecture(project, mlp="relu2", qk_norm=True)
     with caplog.at_level(logging.WARNING):
-        result = _run(project, {**UNTRACKED, "model": info["model"]})
+        result = _run(project, {**UNTRACKED, "model": model})
     assert result.exit_code == 0, result.output
     summary = json.loads((project / OUTPUTS[0]).read_text())
     assert summary["max_speedup"] > 0 and not [k for k in summary if "transformers" in k]
-    assert any("no comparison with transformers: model.qk_norm: true" in r.getMessage() for r in caplog.records)
+    assert summary["peer_on_llama_counterpart"] == 0.0
+    assert any("no comparison with transformers: model.mlp is 'relu2'" in r.getMessage() for r in caplog.records)

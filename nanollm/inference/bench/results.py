@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nanollm.atomic import atomic_path
 from nanollm.errors import NanollmError
-from nanollm.inference.bench.timing import COLUMNS, PEER_COLUMNS, TEXT_COLUMNS, Row
+from nanollm.inference.bench.timing import COLUMNS, COUNTERPART_COLUMN, PEER_COLUMNS, TEXT_COLUMNS, Row
 
 __all__ = ["read_table", "summarize", "write_table"]
 
@@ -24,10 +24,12 @@ def summarize(rows: Sequence[Row]) -> dict[str, float]:
     (p{L}_n{N}_transformers_{dynamic,static}_tok_s), the peer's (transformers_tok_s, the
     faster of them), vs_transformers, and transformers_static_is_peer (1.0 where the static
     cache was the faster, 0.0 where the dynamic one was: MLflow metrics are numbers); and
-    min_vs_transformers (the least favourable point: the figure to hold a target to).
+    min_vs_transformers (the least favourable point: the figure to hold a target to). Where the
+    peer ran on the Llama counterpart of the architecture, p{L}_n{N}_counterpart_cached_tok_s
+    is ours on that counterpart, the figure vs_transformers divides.
     """
     out: dict[str, float] = {}
-    per_point = ("speedup", "cached_tok_s", "uncached_tok_s", *PEER_COLUMNS)
+    per_point = ("speedup", "cached_tok_s", "uncached_tok_s", *PEER_COLUMNS, COUNTERPART_COLUMN)
     for r in rows:
         key = f"p{r['prompt_len']}_n{r['new_tokens']}"
         for name in (n for n in per_point if n in r and n not in TEXT_COLUMNS):
@@ -43,7 +45,7 @@ def summarize(rows: Sequence[Row]) -> dict[str, float]:
 
 def write_table(rows: Sequence[Row], path: str | Path) -> None:
     """Write the rows as CSV (one line per point; the COLUMNS the rows have, in that order), atomically."""
-    columns = [c for c in COLUMNS if all(c in r for r in rows)]
+    columns = [c for c in (*COLUMNS, COUNTERPART_COLUMN) if all(c in r for r in rows)]
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

@@ -23,7 +23,17 @@ from nanollm.inference.bench.equality import check_same, first_difference
 from nanollm.inference.generate import generate
 from nanollm.inference.peers import PEER_CACHES
 
-__all__ = ["COLUMNS", "PEER_COLUMNS", "TEXT_COLUMNS", "Peer", "Row", "bench_kvcache", "speedup", "sync"]
+__all__ = [
+    "COLUMNS",
+    "COUNTERPART_COLUMN",
+    "PEER_COLUMNS",
+    "TEXT_COLUMNS",
+    "Peer",
+    "Row",
+    "bench_kvcache",
+    "speedup",
+    "sync",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +49,9 @@ PEER_COLUMNS = (
     "vs_transformers",
 )
 TEXT_COLUMNS = ("transformers_peer",)
+# Added by the bench stage where the peer ran on the model's Llama counterpart (an architecture
+# transformers cannot express): our cached tokens/s on that counterpart, which vs_transformers divides.
+COUNTERPART_COLUMN = "counterpart_cached_tok_s"
 COLUMNS = (
     "prompt_len",
     "new_tokens",
@@ -116,6 +129,7 @@ def bench_kvcache(
     seed: int,
     device: str | torch.device | None = None,
     transformers: Mapping[str, Peer] | None = None,
+    uncached: bool = True,
 ) -> list[Row]:
     """Time greedy decoding with and without the KV cache for every (prompt_len, new_tokens) pair.
 
@@ -142,6 +156,9 @@ def bench_kvcache(
     medians. The peer's tokens are compared with ours and a difference is logged (float
     rounding can flip a near-tie on a trained model), not raised: the peer is measured,
     not trusted.
+
+    uncached=False times only the cached path (and the peer): the rows lack the uncached and
+    speedup columns. The bench stage uses it for the engines' comparison alone.
     """
     if transformers is not None and not set(transformers) <= set(PEER_CACHES):
         raise ValueError(f"transformers settings must be among {PEER_CACHES}, got {sorted(transformers)}")
@@ -152,14 +169,14 @@ def bench_kvcache(
     points = [(p, n) for p in prompt_lengths for n in new_tokens]
     rows = []
     for prompt_len, n_new in tqdm(points, desc="bench_kvcache", unit="point", disable=None):
-        row = _measure_point(model, longest[:prompt_len].to(device), n_new, repeats, warmup, device, transformers or {})
+        prompt = longest[:prompt_len].to(device)
+        row = _measure_point(model, prompt, n_new, repeats, warmup, device, transformers or {}, uncached)
         log.info(
-            "prompt %d + %d new: %.1f tok/s cached, %.1f uncached (x%.2f)%s",
+            "prompt %d + %d new: %.1f tok/s cached%s%s",
             prompt_len,
             n_new,
             row["cached_tok_s"],
-            row["uncached_tok_s"],
-            row["speedup"],
+            f", {row['uncached_tok_s']:.1f} uncached (x{row['speedup']:.2f})" if uncached else "",
             "; transformers "
             + ", ".join(f"{c} cache {row[f'transformers_{c}_tok_s']:.1f}" for c in PEER_CACHES if c in transformers)
             + f" tok/s (ours x{row['vs_transformers']:.2f} the faster, {row['transformers_peer']})"
@@ -178,13 +195,15 @@ def _measure_point(
     warmup: int,
     device: torch.device,
     peers: Mapping[str, Peer],
+    uncached: bool = True,
 ) -> Row:
     """One row of bench_kvcache: warmup + repeats rounds at one (prompt, new tokens) point, order alternating."""
     prompt_len = prompt.numel()
     runs: dict[str, Callable[[], tuple[list[int], float, float]]] = {
         "cached": functools.partial(_timed_greedy, model, prompt, n_new, use_cache=True, device=device),
-        "uncached": functools.partial(_timed_greedy, model, prompt, n_new, use_cache=False, device=device),
     }
+    if uncached:
+        runs["uncached"] = functools.partial(_timed_greedy, model, prompt, n_new, use_cache=False, device=device)
     for cache, peer in peers.items():
         runs[f"transformers_{cache}"] = functools.partial(_timed_peer, peer, prompt, n_new, device)
     order = list(runs)
@@ -196,7 +215,7 @@ def _measure_point(
             outs[name], ttft, seconds = runs[name]()
             if round_ >= warmup:
                 samples[name].append((ttft, n_new / seconds))
-        note = check_same(model, prompt, outs["cached"], outs["uncached"])
+        note = check_same(model, prompt, outs["cached"], outs["uncached"]) if uncached else None
         if note is not None and "ours" not in logged:
             logged.add("ours")
             log.warning("%s", note)
@@ -216,16 +235,13 @@ def _measure_point(
         return statistics.median(sample[column] for sample in samples[name])
 
     cached = median("cached", 1)
-    row: Row = {
-        "prompt_len": prompt_len,
-        "new_tokens": n_new,
-        "cached_tok_s": cached,
-        "uncached_tok_s": median("uncached", 1),
-        "speedup": speedup(cached, median("uncached", 1)),
-        "cached_ttft_ms": 1e3 * median("cached", 0),
-        "uncached_ttft_ms": 1e3 * median("uncached", 0),
-        "cache_mb": _cache_bytes(model, prompt_len + n_new) / 1e6,
-    }
+    row: Row = {"prompt_len": prompt_len, "new_tokens": n_new, "cached_tok_s": cached}
+    if uncached:
+        row.update(uncached_tok_s=median("uncached", 1), speedup=speedup(cached, median("uncached", 1)))
+    row["cached_ttft_ms"] = 1e3 * median("cached", 0)
+    if uncached:
+        row["uncached_ttft_ms"] = 1e3 * median("uncached", 0)
+    row["cache_mb"] = _cache_bytes(model, prompt_len + n_new) / 1e6
     if peers:
         rates = {cache: median(f"transformers_{cache}", 1) for cache in peers}
         best = max(rates, key=rates.__getitem__)
