@@ -241,4 +241,3 @@ def test_architecture_file_holds_the_shape_alone(tmp_path, model):
     before = (ckpt / "architecture.json").read_bytes()
     _save(ckpt, model)  # other weights (an optimizer step), another step, another fingerprint
     assert (ckpt / "architecture.json").read_bytes() == before
-

@@ -15,8 +15,9 @@ On the stdlib at the defaults (J >= 0.5, 5-word shingles, 128 slots) there are 1
 (lib2to3's fix_intern/fix_reload, the sre_* shims). Over 21 seeds the val split held 93 documents
 with an exact J >= 0.5 near-copy in train under the plain id-hash split and 2 with these families
 (the misses are pairs whose estimate fell just under the threshold); grouping at J >= 0.6 or 0.7
-left 36 and 59 (`python benchmarks/split_leaks.py --thresholds 0.5,0.6,0.7`). Single linkage is what a leak-free split needs (a chain a~b~c must not straddle it),
-at a price: families can grow large. The stdlib's largest by size is 12 DOS code pages (0.41 MB,
+left 36 and 59 (`python benchmarks/split_leaks.py --thresholds 0.5,0.6,0.7`). Single linkage
+is what a leak-free split needs (a chain a~b~c must not straddle it), at a price: families can
+grow large. The stdlib's largest by size is 12 DOS code pages (0.41 MB,
 3.6% of the corpus), so a seed that draws it into val makes val about 40% code pages.
 
 Families are known only at the end of the stream (a later document can merge two), which is why
