@@ -309,7 +309,13 @@ def test_compile_trains_like_eager(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"mlp": "gelu", "tie_embeddings": False}, {"n_kv_head": 1, "n_layer": 3}],
+    [
+        {},
+        {"mlp": "gelu", "tie_embeddings": False},
+        {"n_kv_head": 1, "n_layer": 3},
+        {"qk_norm": True, "value_residual": True, "n_layer": 3},
+        {"qk_norm": True, "n_kv_head": 1},
+    ],
 )
 def test_activation_estimate_matches_what_autograd_saves(dtype, overrides):
     """The estimate against a count of the tensors autograd keeps for backward (parameters excluded)."""

@@ -66,7 +66,8 @@ def estimate_memory(
     checked against a saved-tensor count in tests/test_train.py, within 15%):
     10 C (norm outputs and their inputs, q/k/v before and after RoPE, the attention output and
     wo's input) + 4 H for SwiGLU (w1 and w3 outputs, silu, their product) or 2 H for GELU,
-    in fp32: 4 bytes each. Under 16-bit autocast the matmul outputs take 2 bytes while the
+    in fp32: 4 bytes each. qk_norm adds its norms' saved tensors (~5 C + 2 n_head in fp32) and
+    value_residual each later layer's values (C). Under 16-bit autocast the matmul outputs take 2 bytes while the
     norms and residual stream stay fp32 (~34 C + 2 k H bytes), and autocast keeps a 16-bit
     copy of every weight. The LM head saves log-softmax's fp32 (B, T, V), and the backward
     pass briefly holds two more (B, T, V) tensors: at vocab 50k and T = 1024 that is ~0.6 GB
@@ -88,10 +89,14 @@ def activation_bytes(
     C, H, k = cfg.n_embd, cfg.hidden_dim, 4 if cfg.mlp == "swiglu" else 2
     low = dtype != torch.float32
     per_layer = (34 * C + 2 * k * H) if low else 4 * (10 * C + k * H + cfg.n_head + 2)  # bytes per token
+    kv = cfg.kv_heads * cfg.head_dim
+    if cfg.qk_norm:  # fp32 norms of q and k: their inputs, normed outputs, gained outputs (~2.5 each), RMS per head
+        per_layer += 4 * (5 * (C + kv) // 2 + cfg.n_head + cfg.kv_heads)
+    mixes = 4 * kv * (cfg.n_layer - 1) if cfg.value_residual else 0  # each later layer's own v, for the mix's grads
     if activation_checkpointing:
         blocks = tokens * (4 * C * cfg.n_layer + per_layer)  # the blocks' inputs, and one block recomputed
     else:
-        blocks = tokens * per_layer * cfg.n_layer
+        blocks = tokens * (per_layer * cfg.n_layer + mixes)
     head = tokens * (4 * vocab_size + 4 * 3 * C)  # fp32 log-softmax; the final norm's input, normed, output
     embedding, layers, norm, untied_head = _param_shapes(cfg, vocab_size)
     matrices = layers - cfg.n_layer * 2 * C + (untied_head or embedding)  # what matmuls read
