@@ -290,8 +290,13 @@ def architecture_model(path: str | Path, *, seed: int, device: str | torch.devic
     would leave every block an identity, so checks on this model would see none of them.
     """
     cfg, vocab_size = load_architecture(path)
+    return seeded_model(dataclasses.replace(cfg, zero_init_proj=False), vocab_size, seed=seed, device=device)
+
+
+def seeded_model(cfg: ModelConfig, vocab_size: int, *, seed: int, device: str | torch.device = "cpu") -> Transformer:
+    """A Transformer of this shape with the weights `seed` draws, in eval mode: the same seed, the same weights."""
     torch.manual_seed(seed)
-    return Transformer(dataclasses.replace(cfg, zero_init_proj=False), vocab_size).to(device).eval()
+    return Transformer(cfg, vocab_size).to(device).eval()
 
 
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:

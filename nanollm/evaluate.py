@@ -7,10 +7,12 @@ the data, and deciding which bytes to compare against, is the caller's job.
 from __future__ import annotations
 
 import bz2
+import collections
 import gzip
 import logging
 import lzma
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -118,6 +120,22 @@ def compressor_bits_per_byte(data: bytes) -> dict[str, float]:
 # xz -9e's dictionary (64 MiB): it cannot refer further back than this, so context beyond it is
 # work that changes nothing.
 LZMA_WINDOW = 64 * 2**20
+
+
+def text_tail(texts: Iterable[str], n: int = LZMA_WINDOW) -> bytes:
+    """The last `n` bytes of the texts' UTF-8 concatenation, holding no more than ~n bytes at a time.
+
+    The same bytes as "".join(texts).encode()[-n:], for a corpus of any size: a 38 GB
+    OpenWebText train split gives xz its 64 MiB window without being read into memory.
+    """
+    chunks: collections.deque[bytes] = collections.deque()
+    held = 0
+    for text in texts:
+        chunks.append(text.encode("utf-8"))
+        held += len(chunks[-1])
+        while chunks and held - len(chunks[0]) >= n:  # the oldest chunk lies wholly before the tail
+            held -= len(chunks.popleft())
+    return b"".join(chunks)[-n:] if n else b""
 
 
 def lzma_with_context_bits_per_byte(data: bytes, context: bytes) -> float:

@@ -3,10 +3,11 @@
 Two kinds of neighbour are known without asking the user: the other ranks of a torchrun job on
 this node (LOCAL_WORLD_SIZE) and the other experiments of `dvc queue start -j N`, each of which
 runs under a `dvc exp queue-worker` process of its own. Oversubscribing the cores is not a
-small loss on a CPU: with two queued experiments each running torch's default of one thread
-per core on 2 cores, OpenMP's barriers stalled so often that cached decoding fell from 384 to
-33 tokens/s (docs/experiments.md measures -j 1 against -j 2). This module imports no torch, so
-the CLI can decide before any stage loads it; the caller applies the answer (`apply_threads`).
+small loss on a CPU: two queued experiments, each running torch's default of one thread per
+core on 2 cores, were reported with cached decoding fallen from 384 to 33 tokens/s as OpenMP's
+barriers stalled (docs/experiments.md measures -j 1 against -j 2 with the threads divided).
+This module imports no torch, so the CLI can decide before any stage loads it; the caller
+applies the answer (`apply_threads`).
 """
 
 from __future__ import annotations

@@ -110,10 +110,8 @@ def _peer_model(model, seed: int, device):
     """
     import logging
 
-    import torch
-
+    from nanollm.checkpoint import seeded_model
     from nanollm.hf import llama_counterpart, llama_incompatibility
-    from nanollm.model import Transformer
 
     unportable = llama_incompatibility(model.cfg)
     if unportable is None:
@@ -124,8 +122,7 @@ def _peer_model(model, seed: int, device):
         log.warning("no comparison with transformers: %s", unportable)
         return None
     log.info(
-        "transformers cannot run this architecture (%s): the engines are compared on its Llama counterpart",
-        unportable.split(" has no")[0],
+        "transformers cannot run this architecture, so the engines are compared on its Llama counterpart: %s",
+        unportable,
     )
-    torch.manual_seed(seed)
-    return Transformer(counterpart, model.vocab_size).to(device).eval()
+    return seeded_model(counterpart, model.vocab_size, seed=seed, device=device)

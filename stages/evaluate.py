@@ -37,7 +37,7 @@ def command(
     from nanollm.data.corpus import iter_documents, read_manifest
     from nanollm.data.tokens import check_compatible, open_split, read_meta
     from nanollm.errors import NanollmError
-    from nanollm.evaluate import compressor_bits_per_byte, evaluate_lm, lzma_with_context_bits_per_byte
+    from nanollm.evaluate import compressor_bits_per_byte, evaluate_lm, lzma_with_context_bits_per_byte, text_tail
     from nanollm.hardware import pick_device
     from nanollm.tokenizer import load_tokenizer
     from nanollm.tracking import make_tracker, sectioned
@@ -71,7 +71,7 @@ def command(
         text = text[: result["bytes"]]  # the same amount of text the model was scored on
     baselines = compressor_bits_per_byte(text)
     # xz given the train split first: the compressor that has seen what the model has seen
-    context = "".join(iter_documents(corpus, "train")).encode("utf-8")
+    context = text_tail(iter_documents(corpus, "train"))  # all xz -9e can refer back to
     baselines["lzma_train_context"] = lzma_with_context_bits_per_byte(text, context)
     out = {
         "val_loss": round(result["loss"], 6),

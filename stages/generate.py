@@ -66,6 +66,7 @@ def command(
     from nanollm.errors import NanollmError
     from nanollm.hardware import pick_device
     from nanollm.inference.generate import generate
+    from nanollm.threads import apply_threads
     from nanollm.tokenizer import load_tokenizer
 
     cfg = ctx.config.eval
@@ -82,7 +83,7 @@ def command(
             f"is {tok.sha256[:12]}; pass the matching --tokenizer"
         )
     if threads:
-        torch.set_num_threads(threads)
+        apply_threads(threads)
     device = pick_device(cfg.device if device is None else device, key="eval.device" if device is None else "--device")
     model = load_model(checkpoint, device=device)
     model.pack_for_decode()  # batch-1 decoding streams every weight per token: the layout that streams fastest

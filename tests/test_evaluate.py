@@ -10,7 +10,13 @@ from torch import nn
 
 from nanollm import evaluate
 from nanollm.config import ModelConfig
-from nanollm.evaluate import compressor_bits_per_byte, evaluate_lm, lzma_with_context_bits_per_byte, windows
+from nanollm.evaluate import (
+    compressor_bits_per_byte,
+    evaluate_lm,
+    lzma_with_context_bits_per_byte,
+    text_tail,
+    windows,
+)
 from nanollm.model import Transformer
 
 V = 10
@@ -159,3 +165,10 @@ def test_xz_context_is_cut_to_the_window_it_can_see(monkeypatch):
     assert lzma_with_context_bits_per_byte(val, val + bytes(40_000)) > 7.9
     with pytest.raises(ValueError, match="empty"):
         lzma_with_context_bits_per_byte(b"", b"abc")
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 17, 40, 1000])
+def test_text_tail_is_the_tail_of_the_whole_utf8_text(n):
+    texts = ["déjà vu ", "", "x" * 9, "日本語のテキスト", "tail"]  # multi-byte characters may be cut mid-way, as bytes
+    whole = "".join(texts).encode("utf-8")
+    assert text_tail(iter(texts), n) == (whole[-n:] if n else b"")

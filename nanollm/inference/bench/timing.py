@@ -235,13 +235,16 @@ def _measure_point(
         return statistics.median(sample[column] for sample in samples[name])
 
     cached = median("cached", 1)
-    row: Row = {"prompt_len": prompt_len, "new_tokens": n_new, "cached_tok_s": cached}
+    row: Row = {
+        "prompt_len": prompt_len,
+        "new_tokens": n_new,
+        "cached_tok_s": cached,
+        "cached_ttft_ms": 1e3 * median("cached", 0),
+        "cache_mb": _cache_bytes(model, prompt_len + n_new) / 1e6,
+    }  # the table's column order is COLUMNS', not this dict's
     if uncached:
-        row.update(uncached_tok_s=median("uncached", 1), speedup=speedup(cached, median("uncached", 1)))
-    row["cached_ttft_ms"] = 1e3 * median("cached", 0)
-    if uncached:
-        row["uncached_ttft_ms"] = 1e3 * median("uncached", 0)
-    row["cache_mb"] = _cache_bytes(model, prompt_len + n_new) / 1e6
+        rate = median("uncached", 1)
+        row.update(uncached_tok_s=rate, speedup=speedup(cached, rate), uncached_ttft_ms=1e3 * median("uncached", 0))
     if peers:
         rates = {cache: median(f"transformers_{cache}", 1) for cache in peers}
         best = max(rates, key=rates.__getitem__)
