@@ -333,7 +333,11 @@ class TrackingConfig:
     experiment: str = _spec("nanollm", doc="MLflow experiment name")
     system_metrics: bool = _spec(True, doc="sample CPU/memory/GPU into system/* metrics during pretrain")
     system_metrics_interval: float = _spec(10.0, doc="seconds between system-metric samples", gt=0.0)
-    log_model: bool = _spec(False, doc="also log the tokenizer and the final checkpoint as run artifacts")
+    log_model: bool = _spec(
+        False,
+        doc="evaluate logs the checkpoint and tokenizer as the run's MLflow model `model` (a pyfunc that "
+        "mlflow models serve and `nanollm register` take)",
+    )
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,10 @@ A `Tracker` wraps one MLflow run (created or re-opened by id); a `NullTracker` h
 same methods and does nothing, so call sites never branch on whether tracking is on.
 This module also owns how the runs look in MLflow's UI: the metric names (`sectioned`),
 the two experiments (models, tokenizers) with the runs-table view each opens with, and the
-`mlflow server` command line behind `nanollm ui`. mlflow is imported lazily: constructing a
+`mlflow server` command line behind `nanollm ui`. And the model's life in MLflow: logging a
+checkpoint as a pyfunc model (`Tracker.log_model`; nanollm.inference.pyfunc, which imports no
+mlflow, is what loads it), registering a run's model under an alias (`register_run`, `best_run`)
+and downloading one by URI for a server (`fetch_model`). mlflow is imported lazily: constructing a
 tracker is the first moment it is needed.
 """
 
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nanollm.config import TrackingConfig
+from nanollm.config import EvalConfig, TrackingConfig
 from nanollm.errors import NanollmError
 
 log = logging.getLogger(__name__)
@@ -170,6 +173,9 @@ class NullTracker:
     def log_dataset(self, name: str, digest: str, source: str, context: str = "train") -> None:
         pass
 
+    def log_model(self, checkpoint_dir: Path, tokenizer_file: Path, *, sampling: EvalConfig, seed: int) -> None:
+        pass
+
     @contextlib.contextmanager
     def system_metrics(self, interval_s: float = 10.0) -> Iterator[None]:
         yield
@@ -184,6 +190,11 @@ class NullTracker:
         self.end("FAILED" if exc_type else "FINISHED")
 
 
+def _first_line(err: Exception) -> str:
+    """An error's message for a one-line report: its first line, or its type when it has none."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
 def _best_effort(method: Any) -> Any:
     """Once a run exists, losing the store must not lose the training: warn once, then log nothing."""
 
@@ -195,7 +206,7 @@ def _best_effort(method: Any) -> Any:
             return method(self, *args, **kwargs)
         except Exception as err:
             self.lost = True
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            reason = _first_line(err)[:200]
             log.warning(
                 "MLflow store %s failed (%s); continuing without tracking, the metrics files are still written",
                 self.uri,
@@ -242,9 +253,9 @@ def open_experiment(client: Any, name: str, view: RunsView, artifact_root: Path 
 def _unusable_store(uri: str, err: Exception) -> NanollmError:
     if isinstance(err, NanollmError):
         return err
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return NanollmError(
-        f"MLflow store {uri} is unusable ({first}); fix MLFLOW_TRACKING_URI/tracking.uri or set tracking.enabled: false"
+        f"MLflow store {uri} is unusable ({_first_line(err)}); "
+        "fix MLFLOW_TRACKING_URI/tracking.uri or set tracking.enabled: false"
     )
 
 
@@ -327,6 +338,18 @@ class Tracker(NullTracker):
 
         dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}))
         self.client.log_inputs(self.run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+    @_best_effort
+    def log_model(self, checkpoint_dir: Path, tokenizer_file: Path, *, sampling: EvalConfig, seed: int) -> None:
+        """Log the checkpoint (weights and architecture) and its tokenizer.json as the run's MLflow model `model`.
+
+        A pyfunc that nanollm.inference.pyfunc loads: `mlflow.pyfunc.load_model("runs:/<run id>/model")`
+        and `mlflow models serve` complete a `prompt` column; its params (max_tokens, temperature,
+        top_k, top_p, seed) default to `sampling` and `seed`, the settings that wrote the eval samples.
+        `nanollm register` then adds it to the Model Registry.
+        """
+        defaults = serving_defaults(sampling, seed)
+        _log_pyfunc(self.run_id, self.uri, Path(checkpoint_dir), Path(tokenizer_file), defaults)
 
     @contextlib.contextmanager
     def system_metrics(self, interval_s: float = 10.0) -> Iterator[None]:
@@ -440,3 +463,273 @@ def ui_command(cfg: TrackingConfig, root: Path, *, host: str = "127.0.0.1", port
 def ui_environment() -> dict[str, str]:
     """The environment for `ui_command`: telemetry and the server's background job runner off."""
     return {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+# ---------------------------------------------------------------------------- the model in MLflow
+
+MODEL_NAME = "model"  # the LoggedModel's name under its run: runs:/<run id>/model
+REGISTERED_NAME = "nanollm"  # the Model Registry entry `nanollm register` adds versions to
+# The module MLflow imports to load a logged model (it calls its _load_pyfunc(data folder)). Named, not
+# imported: what it loads (model, tokenizer, sampling) is no code of the stages that import this module.
+# The folder it reads: checkpoint/, tokenizer/ and sampling.json, the names it gives them.
+_LOADER_MODULE = "nanollm.inference.pyfunc"
+# The checkpoint files a served model needs: the architecture and the weights. train_state.pt (the
+# optimizer's moments, twice the weights again) and run.json (this store's bookkeeping) stay behind.
+_SERVED_CHECKPOINT_FILES = ("config.json", "architecture.json", "model.pt")
+_NO_MODEL_FIX = "set tracking.log_model: true in params.yaml and re-run evaluate (dvc repro -f evaluate)"
+
+
+def serving_defaults(sampling: EvalConfig, seed: int) -> dict[str, Any]:
+    """The served model's default params: the eval section's sampling, which wrote reports/samples.txt."""
+    return {
+        "max_tokens": sampling.sample_tokens,
+        "temperature": float(sampling.temperature),
+        "top_k": sampling.top_k or 0,
+        "top_p": float(sampling.top_p or 1.0),
+        "seed": seed,
+    }
+
+
+def _signature(defaults: Mapping[str, Any]) -> Any:
+    """A `prompt` string column in, one completion string per row out; the sampling knobs as params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    kinds = {"max_tokens": DataType.long, "temperature": DataType.double, "top_k": DataType.long}
+    kinds |= {"top_p": DataType.double, "seed": DataType.long}
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, "prompt")]),
+        outputs=Schema([ColSpec(DataType.string)]),
+        params=ParamSchema([ParamSpec(name, kinds[name], value) for name, value in defaults.items()]),
+    )
+
+
+def _pip_requirements() -> list[str]:
+    """What a fresh environment would install to serve the model; given, so mlflow infers nothing (no network).
+
+    nanollm itself is not on PyPI: an environment built from these needs it installed from the
+    repository first (`mlflow models serve --env-manager local` uses the current one as is).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("nanollm", "torch", "tiktoken", "mlflow", "pandas"):
+        try:
+            pins.append(f"{package}=={version(package).split('+')[0]}")  # torch 2.x+cpu is torch 2.x on PyPI
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+@contextlib.contextmanager
+def _fluent_store(uri: str) -> Iterator[None]:
+    """Point MLflow's module-level API (log_model, register_model) at `uri` meanwhile.
+
+    Those functions take no store argument. nanollm never sets the global otherwise, so it is
+    reset afterwards to resolving from the environment, which `set_tracking_uri` also edits.
+    """
+    import mlflow
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def _log_pyfunc(run_id: str, uri: str, checkpoint_dir: Path, tokenizer_file: Path, defaults: Mapping[str, Any]) -> str:
+    """Log the checkpoint and tokenizer as the pyfunc model `model` of run `run_id`; returns its model id."""
+    import tempfile
+
+    import mlflow
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory(prefix="nanollm-model-") as staging:
+        folder = Path(staging) / MODEL_NAME  # becomes the model's data/model
+        (folder / "checkpoint").mkdir(parents=True)
+        (folder / "tokenizer").mkdir()
+        for name in _SERVED_CHECKPOINT_FILES:
+            _link_or_copy(checkpoint_dir / name, folder / "checkpoint" / name)
+        _link_or_copy(tokenizer_file, folder / "tokenizer" / tokenizer_file.name)
+        (folder / "sampling.json").write_text(json.dumps(dict(defaults), indent=2) + "\n", encoding="utf-8")
+        # logging runs the example once through the loaded model: a check that costs a model load and 8 tokens
+        example = (pd.DataFrame({"prompt": ["def "]}), {"max_tokens": 8})
+        with _fluent_store(uri), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                loader_module=_LOADER_MODULE,
+                data_path=str(folder),
+                signature=_signature(defaults),
+                input_example=example,
+                pip_requirements=_pip_requirements(),
+            )
+    log.info("logged model %s (%s) under run %s", info.model_id, info.model_uri, run_id)
+    return info.model_id
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows one (the weights are the bulk), else a copy."""
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+# ---------------------------------------------------------------------------- the Model Registry
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A model version `nanollm register` made: which run's model, under which name, version and alias."""
+
+    name: str
+    version: str
+    alias: str
+    run_id: str
+    model_id: str
+
+    @property
+    def uri(self) -> str:
+        """What `mlflow models serve -m` and `fetch_model` take: models:/nanollm@champion."""
+        return f"models:/{self.name}@{self.alias}"
+
+
+def _store_client(uri: str) -> Any:
+    """An MlflowClient on `uri` (tracking store and Model Registry), failing fast on an unreachable server."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if uri.startswith(("http://", "https://")):
+        _probe_server(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _run_models(client: Any, experiment_id: str, run_id: str | None = None) -> dict[str, Any]:
+    """run id -> the newest complete LoggedModel named `model` it logged, for the runs of an experiment (or one)."""
+    from mlflow.entities import LoggedModelStatus
+
+    query = f"name = '{MODEL_NAME}'" + (f" AND source_run_id = '{run_id}'" if run_id else "")
+    found: dict[str, Any] = {}
+    token = None
+    while True:
+        page = client.search_logged_models([experiment_id], filter_string=query, page_token=token)
+        for model in page:
+            run_id, newest = model.source_run_id, found.get(model.source_run_id)
+            if run_id and model.status == LoggedModelStatus.READY:
+                if newest is None or model.creation_timestamp > newest.creation_timestamp:
+                    found[run_id] = model
+        token = page.token
+        if not token:
+            return found
+
+
+def best_run(uri: str, experiment: str, metric: str, *, maximize: bool = False) -> str:
+    """The id of the run of `experiment` with a logged model and the lowest (maximize: highest) `metric`."""
+    import difflib
+
+    client = _store_client(uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise NanollmError(f"MLflow experiment {experiment!r} is not in {uri}; check tracking.experiment")
+        with_model = _run_models(client, found.experiment_id)
+        if not with_model:
+            raise NanollmError(f"no run in MLflow experiment {experiment!r} has a logged model; {_NO_MODEL_FIX}")
+        runs = [client.get_run(run_id) for run_id in with_model]
+    except Exception as err:
+        raise _unusable_store(uri, err) from None
+    values = [(run.data.metrics.get(metric, math.nan), run.info.start_time, run.info.run_id) for run in runs]
+    scored = [item for item in values if math.isfinite(item[0])]
+    if not scored:
+        names = sorted({name for run in runs for name in run.data.metrics})
+        close = difflib.get_close_matches(metric, names, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"they have {', '.join(names[:8]) or 'no metrics'}"
+        raise NanollmError(
+            f"--best {metric}: none of the {len(runs)} run(s) with a model in experiment {experiment!r} "
+            f"has that metric; {hint}"
+        )
+    # the best value; among equals, the newest run
+    value, _, run_id = max(scored, key=lambda s: (s[0] if maximize else -s[0], s[1]))
+    log.info("best run by %s (%s): %s with %s", metric, "highest" if maximize else "lowest", run_id, value)
+    return run_id
+
+
+def register_run(uri: str, run_id: str, *, name: str = REGISTERED_NAME, alias: str = "champion") -> Registered:
+    """Register run `run_id`'s model as a new version of `name` in the Model Registry and point `alias` at it.
+
+    Refused, with the fix, for a run that logged no model (tracking.log_model was false when
+    evaluate ran). Registering the same model again makes another version of it.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = _store_client(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise NanollmError(
+            f"MLflow run {run_id} is not in {uri}; check the id (nanollm ui lists the runs) "
+            "or point MLFLOW_TRACKING_URI at its store"
+        ) from None
+    except Exception as err:
+        raise _unusable_store(uri, err) from None
+    model = _run_models(client, run.info.experiment_id, run_id).get(run_id)
+    if model is None:
+        raise NanollmError(f"MLflow run {run_id} has no logged model; {_NO_MODEL_FIX}")
+    try:
+        with _fluent_store(uri):
+            version = mlflow.register_model(f"models:/{model.model_id}", name).version
+    except MlflowException as err:  # an invalid name, a registry that refuses
+        raise NanollmError(f"registering run {run_id} as {name} failed: {_first_line(err)}") from None
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except MlflowException as err:  # an invalid alias (MLflow reserves `latest` and v<number>)
+        client.delete_model_version(name, version)  # no version that nothing points at
+        reason = _first_line(err)
+        raise NanollmError(f"alias {alias!r} for {name} was refused ({reason}); pick another --alias") from None
+    return Registered(name, str(version), alias, run_id, model.model_id)
+
+
+def fetch_model(model_uri: str, tracking_uri: str, dst: Path) -> tuple[Path, Path]:
+    """Download a model `evaluate` logged into `dst`; returns its (checkpoint folder, tokenizer folder).
+
+    model_uri is any MLflow model URI: models:/nanollm@champion, models:/nanollm/3,
+    runs:/<run id>/model or models:/<model id>. dst becomes the MLflow model folder (MLmodel,
+    data/model/{checkpoint,tokenizer,sampling.json}), replaced whole once the download is complete;
+    sampling.json holds the default params (max_tokens, temperature, top_k, top_p, seed). A URI
+    that names nothing, or a model that is not a nanollm one, is a one-line NanollmError.
+    """
+    import shutil
+
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from nanollm.atomic import atomic_path
+
+    _store_client(tracking_uri)  # the same fast failure on an unreachable server as every other call
+    try:
+        with atomic_path(dst, directory=True) as tmp:
+            download = tmp / ".download"  # runs:/ URIs land in a subfolder, models:/ ones do not: dst is the model
+            local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(download), tracking_uri=tracking_uri)
+            for item in Path(local).iterdir():
+                os.replace(item, tmp / item.name)
+            shutil.rmtree(download)
+            flavor = Model.load(tmp).flavors.get("python_function", {})
+            if flavor.get("loader_module") != _LOADER_MODULE or "data" not in flavor:
+                raise NanollmError(
+                    f"{model_uri} is not a nanollm model (its pyfunc loader is not {_LOADER_MODULE}); "
+                    "log one with tracking.log_model: true"
+                )
+            data = Path(dst) / flavor["data"]
+    except MlflowException as err:
+        raise NanollmError(
+            f"{model_uri} cannot be fetched from {tracking_uri} ({_first_line(err)}); check the name and alias "
+            f"(register one with `nanollm register --run-id ID --alias champion`)"
+        ) from None
+    return data / "checkpoint", data / "tokenizer"

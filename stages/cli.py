@@ -38,6 +38,7 @@ COMMANDS = {
     "generate": "stages.generate",
     "export-hf": "stages.export_hf",
     "import-hf": "stages.import_hf",
+    "register": "stages.register",
 }
 
 # either spelling of a command name (hyphens read as underscores) -> its name in COMMANDS

@@ -103,11 +103,8 @@ def command(
         tracker.set_tags({"eval.device": out["device"]})
         tracker.log_artifact(samples, "evaluate")
         tracker.log_artifact(ctx.params_path, "evaluate")
-        if ctx.config.tracking.log_model:  # the model's files beside its metrics: ~17 MB at the defaults
-            tracker.log_artifact(tok.path, "model/tokenizer")
-            for file in sorted(Path(checkpoint).iterdir()):
-                if file.is_file():
-                    tracker.log_artifact(file, "model/checkpoint")
+        if ctx.config.tracking.log_model:  # an MLflow model to register and serve: ~17 MB at the defaults
+            tracker.log_model(checkpoint, tok.path, sampling=cfg, seed=ctx.config.seed)
 
 
 def _samples(model: Transformer, tok: Tokenizer, seed: int, cfg: EvalConfig, info: dict[str, Any]) -> str:

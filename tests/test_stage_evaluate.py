@@ -41,7 +41,12 @@ def project(tmp_path, monkeypatch):
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     torch.set_num_threads(1)
+    return tmp_path, make_project(tmp_path)
 
+
+def make_project(tmp_path):
+    """What evaluate reads, under tmp_path: corpus, tokenizer (320 tokens), memmaps and an untrained
+    1-layer checkpoint (run.json without a run); returns the corpus manifest. Also used by test_register."""
     corpus = tmp_path / "data" / "corpus"
     docs = [Document(id=f"doc{i}", text=t) for i, t in enumerate(_texts(80))]
     manifest = write_corpus(docs, corpus, seed=0, val_fraction=0.25, shard_bytes=1 << 20, source_description={})
@@ -69,7 +74,7 @@ def project(tmp_path, monkeypatch):
         info={"tokenizer_sha256": tok.sha256, "corpus_sha256": manifest["sha256"]},
         run={"run_id": None, "tracking_uri": None},  # tracking off in pretrain; see _pretrain_run
     )
-    return tmp_path, manifest
+    return manifest
 
 
 def _pretrain_run(root):
@@ -155,7 +160,8 @@ def test_evaluate_with_max_tokens_scores_a_prefix(project):
     assert metrics["val_tokens"] == 49
 
 
-def test_log_model_adds_the_tokenizer_and_checkpoint_to_the_run(project):
+def test_log_model_logs_an_mlflow_model_under_the_run(project):
+    """tests/test_register.py loads, registers, fetches and serves it; here: it is there, and is the only model."""
     from mlflow.tracking import MlflowClient
 
     root, _ = project
@@ -164,6 +170,9 @@ def test_log_model_adds_the_tokenizer_and_checkpoint_to_the_run(project):
     result = _run(root, params)
     assert result.exit_code == 0, result.output
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    checkpoint = {a.path for a in client.list_artifacts(run_id, "model/checkpoint")}
-    assert {"model/checkpoint/model.pt", "model/checkpoint/config.json"} <= checkpoint
-    assert [a.path for a in client.list_artifacts(run_id, "model/tokenizer")] == ["model/tokenizer/tokenizer.json"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    (output,) = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert (model.name, model.source_run_id, str(model.status)) == ("model", run_id, "READY")
+    assert [a.path for a in client.list_artifacts(run_id)] == ["evaluate"]  # no loose model/ folder beside it
