@@ -9,6 +9,7 @@ loop that drives prefill/decode lives in nanollm/inference/generate.py. docs/kv_
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,54 @@ class KVCache(nn.Module):
         k_buf[:, :, start_pos:end] = k
         v_buf[:, :, start_pos:end] = v
         return k_buf[:, :, :end], v_buf[:, :, :end]  # (B, nkv, S, hs), S = start_pos + T
+
+    def update_ragged(self, step: RaggedStep, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one token per row, k, v (B, nkv, 1, hs), row b at position step.positions[b]; return rows [0, B).
+
+        The returned views span the longest row, (B, nkv, step.span, hs); a shorter row's
+        tail holds stale or zero entries that step.mask hides from attention.
+        """
+        B = k.size(0)
+        if step.span > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions, asked to write up to {step.span}")
+        rows = torch.arange(B, device=k.device)  # (B,)
+        self.k[rows, :, step.positions] = k[:, :, 0]  # (B, nkv, hs) scattered to (row b, position p_b)
+        self.v[rows, :, step.positions] = v[:, :, 0]
+        return self.k[:B, :, : step.span], self.v[:B, :, : step.span]  # (B, nkv, S, hs)
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows [start, stop) of this one, sharing its memory: what one row's prefill writes into."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[start:stop], persistent=False)
+        view.register_buffer("v", self.v[start:stop], persistent=False)
+        return view
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy row src's first `length` positions into row dst (the engine compacts its rows when one leaves)."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
+
+
+class RaggedStep(NamedTuple):
+    """A batched decode step where row b's single token sits at its own position, positions[b].
+
+    positions (B,) int64; span = max(positions) + 1, the keys the longest row reads; mask
+    (B, 1, 1, span), True where row b may attend key j, i.e. j <= positions[b]. Built once
+    per step by Transformer.forward and shared by every layer.
+    """
+
+    positions: torch.Tensor
+    span: int
+    mask: torch.Tensor
+
+    @classmethod
+    def at(cls, positions: list[int], device: torch.device) -> RaggedStep:
+        """The step for rows at these positions (host ints, so span needs no device sync)."""
+        span = max(positions) + 1
+        pos = torch.tensor(positions, dtype=torch.long, device=device)  # (B,)
+        mask = torch.arange(span, device=device)[None, :] <= pos[:, None]  # (B, S)
+        return cls(pos, span, mask[:, None, None, :])  # mask (B, 1, 1, S)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -188,12 +237,13 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        start_pos: int | None = None,
+        start_pos: int | RaggedStep | None = None,
         v_first: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> (output (B, T, C), the values this layer attended with at these positions (B, nkv, T, hs)).
 
-        start_pos None: no cache; an int: read and write the cache. v_first (B, nkv, T, hs), the
+        start_pos None: no cache; an int: read and write the cache; a RaggedStep (T = 1): read
+        and write the cache with every row at its own position. v_first (B, nkv, T, hs), the
         first layer's values at these positions, is required when this layer mixes values and
         ignored otherwise.
         """
@@ -211,6 +261,14 @@ class Attention(nn.Module):
                 raise ValueError("this layer mixes in the first layer's values (value_residual): pass v_first")
             v = self.value_mix[0] * v + self.value_mix[1] * v_first  # (B, nkv, T, hs); 0-dim factors keep v's dtype
         values = v
+        if isinstance(start_pos, RaggedStep):
+            if self.cache is None:
+                raise RuntimeError("a ragged decode step needs setup_cache() first")
+            k, v = self.cache.update_ragged(start_pos, k, v)  # (B, nkv, S, hs)
+            # Whatever the backend: the fused kernel with a per-row mask is the one that takes ragged rows.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=start_pos.mask, enable_gqa=q.size(1) != k.size(1))
+            y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, 1, nh * hs)
+            return self.wo(y), values
         if start_pos is None:
             start_pos = 0
         else:

@@ -78,3 +78,14 @@ class RotaryEmbedding(nn.Module):
         if end > self.cos.size(0):
             self._build(1 << (end - 1).bit_length())  # next power of two >= end
         return self.cos[start_pos:end], self.sin[start_pos:end]
+
+    def at(self, positions: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin for one position per batch row: positions (B,) int64 -> (B, 1, 1, hs) each.
+
+        The batched decode step of nanollm.inference.engine, where every sequence sits at its
+        own position; the (B, 1, 1, hs) tables broadcast over the heads of q, k (B, nh, 1, hs).
+        `end` is max(positions) + 1, which the caller knows without reading the tensor back.
+        """
+        if end > self.cos.size(0):
+            self._build(1 << (end - 1).bit_length())
+        return self.cos[positions][:, None, None], self.sin[positions][:, None, None]  # (B, 1, 1, hs) each

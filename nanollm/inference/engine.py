@@ -1,0 +1,402 @@
+"""Continuous batching: many sequences decoded together, one batched forward per step.
+
+Owns the scheduler (a queue of waiting requests, a fixed pool of cache rows, one step that
+prefills newcomers and decodes everyone else) and the hand-off of tokens to whoever waits
+for them, in a thread or on an asyncio loop. It works on token ids only: the HTTP layer
+(server.py) turns text into requests and tokens back into text. The model owns the cache
+and its ragged decode step (Transformer.cache_rows, RaggedStep).
+
+Why it pays: decoding one token reads every weight once, whatever the batch, so at batch 1
+a step is bound by memory bandwidth and the matrix units idle. B sequences in one step read
+the weights once for B tokens; until the step turns compute-bound, throughput grows almost
+linearly with B. A request that joins mid-flight does not wait for the others to finish
+(static batching's flaw): it is prefilled between two steps and decodes with the rest from
+the next one, and a finished sequence frees its row at once.
+
+The rows of the cache stay compact: the active sequences are rows [0, n), so a step reads
+the cache as one slice. A sequence that leaves is replaced by the last row (its K/V copied
+over, a few KB per layer), never by a gather each step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from nanollm.inference.generate import sample_next
+from nanollm.model.attention import RaggedStep
+
+__all__ = ["Engine", "Request", "SamplingParams", "generate_batch"]
+
+log = logging.getLogger(__name__)
+
+_DONE = object()  # end-of-stream marker in a request's queue
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. temperature 0 is greedy; seed None takes one from the engine's stream."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class Request:
+    """One sequence in the engine: its prompt, its parameters and the tokens it has drawn so far.
+
+    Tokens arrive through a queue, read by iterating (a blocking thread) or by `async for`
+    (when submitted with an asyncio loop; the engine thread then hands each token to that
+    loop). finish_reason is "stop" (the engine's stop id was drawn; it is not yielded),
+    "length" (max_tokens drawn), "cancelled" or "error"; None while running.
+    """
+
+    def __init__(self, rid: int, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None):
+        self.id, self.prompt_ids, self.params = rid, prompt_ids, params
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.tokens: list[int] = []  # drawn so far (the engine thread appends)
+        self._cancelled = threading.Event()
+        self._loop = loop
+        self._queue: queue.SimpleQueue[Any] | asyncio.Queue[Any] = asyncio.Queue() if loop else queue.SimpleQueue()
+        self.generator: torch.Generator | None = None  # set by the engine on admission
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; thread-safe. Its row is freed before the next decode step."""
+        self._cancelled.set()
+
+    # -- engine side (the engine thread only)
+
+    def _put(self, item: Any) -> None:
+        if self._loop is None:
+            self._queue.put(item)  # type: ignore[union-attr]
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)  # type: ignore[union-attr]
+
+    def _emit(self, token: int) -> None:
+        self.tokens.append(token)
+        self._put(token)
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        self.finish_reason, self.error = reason, error
+        self._put(_DONE)
+
+    # -- consumer side
+
+    def _check(self) -> None:
+        if self.finish_reason == "error":
+            raise RuntimeError(f"request {self.id} failed in the engine: {self.error}")
+
+    def __iter__(self) -> Iterator[int]:
+        if self._loop is not None:
+            raise TypeError("this request was submitted with an event loop: read it with `async for`")
+        while (item := self._queue.get()) is not _DONE:  # type: ignore[union-attr]
+            yield item
+        self._check()
+
+    async def _aiter(self) -> AsyncIterator[int]:
+        while (item := await self._queue.get()) is not _DONE:  # type: ignore[misc]
+            yield item
+        self._check()
+
+    def __aiter__(self) -> AsyncIterator[int]:
+        if self._loop is None:
+            raise TypeError("submit with loop=asyncio.get_running_loop() to read a request with `async for`")
+        return self._aiter()
+
+
+@dataclass
+class _Slot:
+    """An admitted request: its row is its index in Engine._slots; pos is where its next token goes."""
+
+    request: Request
+    pos: int
+    last: int  # the token to feed at pos
+    drawn: int = field(default=1)  # tokens drawn so far, the prefill's included
+
+
+class Engine:
+    """Continuous batching over a model's KV cache: up to max_batch sequences, up to max_seq_len positions each.
+
+    submit() is thread-safe; start() runs the steps in a background thread (close() stops it
+    and cancels what is left), or a caller drives them with step() (generate_batch does).
+    Every sequence's greedy output equals its batch-1 output up to floating-point rounding:
+    a batched matmul may round differently from a single-row one, which can flip the argmax
+    only where the top two logits nearly tie (tests/test_engine.py checks exactly that).
+    Memory: the cache holds max_batch * max_seq_len positions (Transformer.cache_bytes).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        max_batch: int = 16,
+        max_seq_len: int | None = None,
+        stop_id: int | None = None,
+        seed: int = 0,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.max_batch, self.stop_id = model, max_batch, stop_id
+        self.max_seq_len = max_seq_len or model.cfg.block_size
+        self.device = next(model.parameters()).device
+        self._waiting: deque[Request] = deque()
+        self._slots: list[_Slot] = []
+        self._ids = itertools.count()
+        self._seeds = torch.Generator().manual_seed(seed)  # seeds for requests that bring none
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0  # decode steps taken (a prefill is not one)
+        self.finished = 0
+        self.cancelled = 0
+        with torch.inference_mode():
+            model.setup_cache(max_batch, self.max_seq_len)
+
+    # ------------------------------------------------------------------ public
+
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams, *, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Request:
+        """Queue a request; it joins the batch between two steps. Raises ValueError when it cannot fit."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt needs at least one token")
+        if len(prompt) + params.max_tokens > self.max_seq_len:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the context of "
+                f"{self.max_seq_len} tokens"
+            )
+        request = Request(next(self._ids), prompt, params, loop)
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the engine is closed")
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def stats(self) -> dict[str, int]:
+        """Counts for a health route: running, waiting, free rows, steps taken, requests finished/cancelled."""
+        return {
+            "running": len(self._slots),
+            "waiting": len(self._waiting),
+            "free_slots": self.max_batch - len(self._slots),
+            "max_batch": self.max_batch,
+            "steps": self.steps,
+            "finished": self.finished,
+            "cancelled": self.cancelled,
+        }
+
+    def idle(self) -> bool:
+        return not self._slots and not self._waiting
+
+    def start(self) -> Engine:
+        """Run the steps in a daemon thread until close()."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="nanollm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the thread, cancel every request still queued or running, free the cache."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for request in [*self._waiting, *(slot.request for slot in self._slots)]:
+            if not request.done:
+                request._finish("cancelled")
+        self._waiting.clear()
+        self._slots.clear()
+        self.model.clear_cache()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One scheduling round: drop cancelled sequences, prefill newcomers into free rows, decode every row once."""
+        self._drop_cancelled()
+        self._admit()
+        if not self._slots:
+            return
+        tokens = torch.tensor([[slot.last] for slot in self._slots], dtype=torch.long, device=self.device)  # (B, 1)
+        positions = [slot.pos for slot in self._slots]
+        logits = self.model(tokens, RaggedStep.at(positions, self.device))[:, -1, :]  # (B, V)
+        drawn = self._draw(logits, [slot.request for slot in self._slots])
+        self.steps += 1
+        for slot, token in zip(self._slots, drawn, strict=True):
+            slot.pos += 1
+            slot.drawn += 1
+            self._deliver(slot, token)
+        self._release_finished()
+
+    def _drop_cancelled(self) -> None:
+        for slot in self._slots:
+            if slot.request.cancelled and not slot.request.done:
+                self.cancelled += 1
+                slot.request._finish("cancelled")
+        self._release_finished()
+
+    def _admit(self) -> None:
+        """Prefill waiting requests, one at a time, into the rows after the last active one."""
+        while len(self._slots) < self.max_batch:
+            with self._wake:
+                if not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            if request.cancelled:
+                self.cancelled += 1
+                request._finish("cancelled")
+                continue
+            seed = request.params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+            request.generator = torch.Generator().manual_seed(seed)
+            row = len(self._slots)
+            prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
+            try:
+                with self.model.cache_rows(row, row + 1):
+                    logits = self.model(prompt, 0, last_only=True)[:, -1, :]  # (1, V)
+                token = self._draw(logits, [request])[0]
+            except Exception as err:  # e.g. an id outside the vocabulary: this request fails, the others go on
+                log.exception("prefill of request %d failed", request.id)
+                request._finish("error", f"{type(err).__name__}: {err}")
+                continue
+            slot = _Slot(request, pos=len(request.prompt_ids), last=token)
+            self._slots.append(slot)
+            self._deliver(slot, token)
+            if request.done:
+                self._release_finished()
+
+    def _draw(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        """One token per row: greedy rows share one argmax; sampled rows each draw from their own generator."""
+        greedy = logits.argmax(dim=-1).tolist()  # (B,) as ints: the one host sync of the step
+        out = []
+        for i, request in enumerate(requests):
+            p = request.params
+            if p.temperature == 0:
+                out.append(greedy[i])
+            else:
+                token = sample_next(
+                    logits[i : i + 1],
+                    temperature=p.temperature,
+                    top_k=p.top_k,
+                    top_p=p.top_p,
+                    generator=request.generator,
+                )
+                out.append(int(token))
+        return out
+
+    def _deliver(self, slot: _Slot, token: int) -> None:
+        request = slot.request
+        if token == self.stop_id:
+            request._finish("stop")
+            return
+        request._emit(token)
+        slot.last = token
+        if slot.drawn >= request.params.max_tokens:
+            request._finish("length")
+
+    def _release_finished(self) -> None:
+        """Free the rows of finished sequences, moving the last active row into each hole."""
+        row = 0
+        while row < len(self._slots):
+            if not self._slots[row].request.done:
+                row += 1
+                continue
+            if self._slots[row].request.finish_reason != "cancelled":
+                self.finished += 1
+            last = len(self._slots) - 1
+            if row != last:
+                moved = self._slots[last]
+                self.model.move_cache_row(last, row, moved.pos)  # positions [0, pos) hold its K/V
+                self._slots[row] = moved
+            self._slots.pop()
+
+    # ------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and self.idle():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as err:  # a bug or an out-of-memory: fail the requests in flight, keep serving
+                log.exception("engine step failed")
+                for slot in self._slots:
+                    if not slot.request.done:
+                        slot.request._finish("error", f"{type(err).__name__}: {err}")
+                self._slots.clear()
+
+
+def generate_batch(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams],
+    *,
+    max_batch: int | None = None,
+    max_seq_len: int | None = None,
+    stop_id: int | None = None,
+) -> list[list[int]]:
+    """Decode several prompts together in the caller's thread; returns each one's new token ids, in order.
+
+    params is one SamplingParams for all or one per prompt. The cache is sized for the
+    longest prompt plus its max_tokens unless max_seq_len says otherwise; max_batch defaults
+    to all the prompts at once.
+    """
+    per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(per_prompt) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} SamplingParams")
+    if not prompts:
+        return []
+    need = max(len(p) + sp.max_tokens for p, sp in zip(prompts, per_prompt, strict=True))
+    engine = Engine(model, max_batch=max_batch or len(prompts), max_seq_len=max_seq_len or need, stop_id=stop_id)
+    try:
+        requests = [engine.submit(p, sp) for p, sp in zip(prompts, per_prompt, strict=True)]
+        while not engine.idle():
+            engine.step()
+    finally:
+        engine.close()
+    for request in requests:
+        request._check()
+    return [request.tokens for request in requests]
