@@ -1,8 +1,9 @@
-"""`nanollm generate`: continue a prompt with the trained model, streaming text to stdout as tokens arrive.
+"""`nanollm generate`: continue one prompt, streaming text as tokens arrive, or several, decoded as one batch.
 
-Thin: loads checkpoint and tokenizer, samples ids with nanollm.inference.generate (which knows no
-text) and decodes each token's bytes incrementally, so a character split across tokens
-is printed whole once its last byte arrives. Not a pipeline stage.
+Thin: loads checkpoint and tokenizer (nanollm.inference.loading), samples ids with
+nanollm.inference.generate or, for several prompts, the batching engine (both know no text),
+and decodes bytes incrementally, so a character split across tokens is printed whole once
+its last byte arrives. Not a pipeline stage.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from stages.cli import StageContext, pass_context, path_option
 @click.command("generate")
 @path_option("--checkpoint", "models/checkpoint", "Trained model.", folder=None)
 @path_option("--tokenizer", "data/tokenizer", "Tokenizer folder.", folder=None)
-@click.option("--prompt", default="", help="Text to continue; empty starts a fresh document.")
+@click.option(
+    "--prompt",
+    "prompts",
+    multiple=True,
+    help="Text to continue; empty starts a fresh document. Repeat it to decode several prompts as one batch "
+    "(prompt i sampled with seed + i), printed in order once all are done.",
+)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option(
     "--temperature", type=click.FloatRange(min=0.0), default=None, help="0 is greedy. [default: eval.temperature]"
@@ -41,12 +48,19 @@ from stages.cli import StageContext, pass_context, path_option
     "1 thread can be 10x faster than 2. [default: threads in params.yaml, else the CPUs shared among this "
     "node's nanollm processes]",
 )
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "int8"]),
+    default="none",
+    show_default=True,
+    help="int8: per-channel int8 weights, about half the bytes per decoded token (docs/serving.md).",
+)
 @pass_context
 def command(
     ctx: StageContext,
     checkpoint: Path,
     tokenizer: Path,
-    prompt: str,
+    prompts: tuple[str, ...],
     max_new_tokens: int,
     temperature: float | None,
     top_k: int | None,
@@ -54,49 +68,54 @@ def command(
     seed: int | None,
     device: str | None,
     threads: int | None,
+    quantize: str,
 ) -> None:
-    """Sample up to --max-new-tokens tokens after --prompt; stops early at <|endoftext|>."""
+    """Sample up to --max-new-tokens tokens after each --prompt; each stops early at <|endoftext|>."""
     import codecs
     import logging
     import time
 
     import torch
 
-    from nanollm.checkpoint import load_model, read_checkpoint_info
-    from nanollm.errors import NanollmError
     from nanollm.hardware import pick_device
     from nanollm.inference.generate import generate
+    from nanollm.inference.loading import document_prompt, load_for_decoding
     from nanollm.threads import apply_threads
-    from nanollm.tokenizer import load_tokenizer
 
     cfg = ctx.config.eval
     temperature = cfg.temperature if temperature is None else temperature
     top_k = cfg.top_k if top_k is None else (top_k or None)
     top_p = cfg.top_p if top_p is None else top_p
     seed = ctx.config.seed if seed is None else seed
+    prompts = prompts or ("",)
 
-    tok = load_tokenizer(tokenizer)
-    info = read_checkpoint_info(checkpoint)
-    if info.get("tokenizer_sha256") not in (None, tok.sha256):
-        raise NanollmError(
-            f"{checkpoint} was trained with tokenizer sha256 {str(info['tokenizer_sha256'])[:12]}, but {tokenizer} "
-            f"is {tok.sha256[:12]}; pass the matching --tokenizer"
-        )
     if threads:
         apply_threads(threads)
     device = pick_device(cfg.device if device is None else device, key="eval.device" if device is None else "--device")
-    model = load_model(checkpoint, device=device)
-    model.pack_for_decode()  # batch-1 decoding streams every weight per token: the layout that streams fastest
-    if tok.vocab_size > model.vocab_size:
-        raise NanollmError(
-            f"{tokenizer} has {tok.vocab_size} tokens but {checkpoint} only {model.vocab_size}; pass the matching "
-            "--tokenizer"
-        )
+    tok, model = load_for_decoding(checkpoint, tokenizer, device=device, quantize=quantize)
+    log = logging.getLogger(__name__)
+    start = time.perf_counter()
+    if len(prompts) > 1:
+        from nanollm.inference.engine import SamplingParams, generate_batch
 
-    ids = [tok.eot_id, *tok.encode(prompt)]  # after <|endoftext|>: the model starts a fresh document
+        params = [
+            SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + i)
+            for i in range(len(prompts))
+        ]
+        outputs = generate_batch(model, [document_prompt(tok, p) for p in prompts], params, stop_id=tok.eot_id)
+        for i, (prompt, new) in enumerate(zip(prompts, outputs, strict=True)):
+            if i:
+                click.echo()
+            click.echo(f"--- prompt {i + 1} of {len(prompts)} ---")
+            click.echo(prompt + tok.decode(new))
+        seconds, n = time.perf_counter() - start, sum(map(len, outputs))
+        log.info("%d prompts, %d tokens in %.2f s (%.0f tokens/s) on %s", len(prompts), n, seconds, n / seconds, device)
+        return
+
+    [prompt] = prompts
     stream = generate(
         model,
-        ids,
+        document_prompt(tok, prompt),
         max_new_tokens,
         temperature=temperature,
         top_k=top_k,
@@ -106,7 +125,7 @@ def command(
     )
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     click.echo(prompt, nl=False)
-    start, n = time.perf_counter(), 0
+    n = 0
     for token in stream:
         n += 1
         text = decoder.decode(tok.decode_bytes([token]))
@@ -114,7 +133,7 @@ def command(
             click.echo(text, nl=False)  # click.echo flushes: the text appears as it is sampled
     click.echo(decoder.decode(b"", final=True))
     seconds = time.perf_counter() - start
-    logging.getLogger(__name__).info(
+    log.info(
         "%d tokens in %.2f s (%.0f tokens/s) on %s, %s",
         n,
         seconds,

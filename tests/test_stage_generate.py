@@ -1,5 +1,7 @@
 """`nanollm generate` on a tiny real checkpoint and tokenizer: streamed text, sampling options, seeds, stops."""
 
+import re
+
 import click
 import pytest
 import torch
@@ -8,6 +10,7 @@ from click.testing import CliRunner
 
 from nanollm.checkpoint import save_checkpoint
 from nanollm.config import ModelConfig, TokenizerConfig
+from nanollm.inference.engine import SamplingParams, generate_batch
 from nanollm.inference.generate import generate
 from nanollm.model import Transformer
 from nanollm.tokenizer import create_tokenizer
@@ -97,10 +100,30 @@ def test_a_tokenizer_from_another_run_is_refused_in_one_line(project):
     result = _run("--tokenizer", "other")
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "pass the matching --tokenizer" in lines[0]
+    assert len(lines) == 1 and "pass the matching tokenizer" in lines[0]
 
 
 def test_bad_option_values_are_usage_errors(project):
     assert _run("--temperature", "-1").exit_code == 2
     assert _run("--top-p", "0").exit_code == 2
     assert _run("--max-new-tokens", "0").exit_code == 2
+
+
+def test_several_prompts_decode_as_one_batch_each_as_it_would_alone(project):
+    _, tok, model = project
+    prompts = ["def ", "class Point:", "x"]
+    args = [a for p in prompts for a in ("--prompt", p)]
+    result = _run(*args, "--max-new-tokens", "8", "--temperature", "0.9", "--top-k", "0", "--seed", "5")
+    assert result.exit_code == 0, result.output
+    texts = re.split(r"(?:^|\n\n)--- prompt \d of 3 ---\n", result.stdout)[1:]  # the text may hold blank lines
+    assert len(texts) == 3
+    for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+        ids = [tok.eot_id, *tok.encode(prompt)]
+        alone = generate(
+            model, ids, 8, temperature=0.9, generator=torch.Generator().manual_seed(5 + i), stop_id=tok.eot_id
+        )
+        assert text.removesuffix("\n") == prompt + tok.decode(list(alone))
+    # and the batch is the engine's: the same ids as generate_batch gives
+    params = [SamplingParams(max_tokens=8, temperature=0.9, seed=5 + i) for i in range(3)]
+    batched = generate_batch(model, [[tok.eot_id, *tok.encode(p)] for p in prompts], params, stop_id=tok.eot_id)
+    assert [t.removesuffix("\n") for t in texts] == [p + tok.decode(n) for p, n in zip(prompts, batched, strict=True)]

@@ -16,12 +16,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from nanollm.checkpoint import load_model
 from nanollm.hardware import pick_device
-from nanollm.inference.generate import generate
-from nanollm.tokenizer import load_tokenizer
+from nanollm.inference.engine import SamplingParams, generate_batch
+from nanollm.inference.loading import document_prompt, load_for_decoding
 
 CHECKPOINT, TOKENIZER, SAMPLING_FILE = "checkpoint", "tokenizer", "sampling.json"
 # The params `predict` takes, in the order the signature lists them.
@@ -31,18 +28,17 @@ PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "seed")
 class PromptCompleter:
     """Completes prompts with one checkpoint and its tokenizer.
 
-    Each prompt is completed on its own after <|endoftext|> (a fresh document, as `nanollm
-    generate` does) with a sampler seeded by `seed`, so a row's text never depends on the rows
-    beside it. Rows are decoded one after another under a lock: the model holds one KV cache, and
-    a server may call `predict` from several threads.
+    Each prompt is completed after <|endoftext|> (a fresh document, as `nanollm generate` does)
+    with its own sampler seeded by `seed`, and the rows of one call decode together as one batch
+    (nanollm.inference.engine), so a row's text never depends on the rows beside it (greedy:
+    up to a near-tie of the top two logits). Calls run one at a time under a lock: the model
+    holds one KV cache, and a server may call `predict` from several threads.
     """
 
     def __init__(
         self, checkpoint: str | Path, tokenizer: str | Path, defaults: Mapping[str, Any], device: str = "auto"
     ):
-        self.tokenizer = load_tokenizer(tokenizer)
-        self.model = load_model(checkpoint, device=pick_device(device))
-        self.model.pack_for_decode()  # batch-1 decoding streams every weight per token: the fastest layout for it
+        self.tokenizer, self.model = load_for_decoding(checkpoint, tokenizer, device=pick_device(device))
         self.defaults = {name: defaults[name] for name in PARAMS}
         self._lock = threading.Lock()
 
@@ -54,29 +50,17 @@ class PromptCompleter:
         """
         sampling = sampling_arguments({**self.defaults, **(params or {})})
         prompts: Iterable[Any] = model_input["prompt"] if hasattr(model_input, "columns") else model_input
-        with self._lock:
-            return [self.complete("" if prompt is None else str(prompt), **sampling) for prompt in prompts]
-
-    def complete(
-        self, prompt: str, *, max_tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int
-    ) -> str:
-        """The text the model writes after `prompt`, up to <|endoftext|> or max_tokens tokens."""
         tok = self.tokenizer
-        new = generate(
-            self.model,
-            [tok.eot_id, *tok.encode(prompt)],  # after <|endoftext|>: the model starts a fresh document
-            max_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=torch.Generator().manual_seed(seed),
-            stop_id=tok.eot_id,
-        )
-        return tok.decode(list(new))  # the prompt ends on a whole character, so the new bytes start on one
+        ids = [document_prompt(tok, "" if prompt is None else str(prompt)) for prompt in prompts]
+        with self._lock:
+            new = generate_batch(self.model, ids, SamplingParams(**sampling), stop_id=tok.eot_id)
+        return [
+            tok.decode(tokens) for tokens in new
+        ]  # a prompt ends on a whole character, so its new bytes start on one
 
 
 def sampling_arguments(params: Mapping[str, Any]) -> dict[str, Any]:
-    """PARAMS as `PromptCompleter.complete` takes them (top_k 0 and top_p 1 are off); ValueError if out of range."""
+    """PARAMS as SamplingParams takes them (top_k 0 and top_p 1 are off); ValueError if out of range."""
     max_tokens, temperature = int(params["max_tokens"]), float(params["temperature"])
     top_k, top_p, seed = int(params["top_k"]), float(params["top_p"]), int(params["seed"])
     if max_tokens < 1:
