@@ -39,6 +39,7 @@ COMMANDS = {
     "export-hf": "stages.export_hf",
     "import-hf": "stages.import_hf",
     "register": "stages.register",
+    "serve": "stages.serve",
 }
 
 # either spelling of a command name (hyphens read as underscores) -> its name in COMMANDS

@@ -263,6 +263,30 @@ def test_split_leaks_scores_both_splits_against_exact_near_copies():
     assert re.search(r"corpus: stdlib, 120 documents; \d+ pairs with exact Jaccard >= 0.5", out), out
 
 
+@smoke("serve_throughput.py")
+def test_serve_throughput_races_batch_1_against_concurrent_clients_of_nanollm_serve(tmp_path):
+    from nanollm.checkpoint import save_checkpoint, seeded_model
+    from nanollm.config import ModelConfig, TokenizerConfig
+    from nanollm.tokenizer import create_tokenizer
+
+    tok = create_tokenizer(TokenizerConfig(vocab_size=300), ["def f(x):\n    return x\n"] * 4, tmp_path / "tok",
+                           progress=False)  # fmt: skip
+    model = seeded_model(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64), tok.vocab_size, seed=0)
+    save_checkpoint(tmp_path / "ckpt", model, train_state={"step": 1, "tokens_seen": 0},
+                    info={"tokenizer_sha256": tok.sha256}, run={"run_id": None, "tracking_uri": None})  # fmt: skip
+    out = _run("serve_throughput.py", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", str(tmp_path / "tok"),
+               "--max-tokens", "4", "--sequential", "2", "--requests", "4", "--concurrency", "2", "--rounds", "1",
+               "--threads", "1")  # fmt: skip
+    assert re.search(r"^machine: .+; load average before: [\d. ]+$", out, flags=re.M), out
+    header, rows = _table(out, "mode")
+    assert header[1:] == ["clients", "requests", "tokens/request", "tokens/s", "vs batch 1", "first text, median"]
+    assert [r[:3] for r in rows] == [["batch 1 (one at a time)", "1", "2"], ["concurrent, whole", "2", "4"],
+                                     ["concurrent, streamed", "2", "4"]]  # fmt: skip
+    assert all(0 < _number(r[3]) <= 4 and _number(r[4]) > 0 and _number(r[5]) > 0 for r in rows)
+    assert rows[0][5] == "1.00x" and rows[0][6] == "-" and _number(rows[2][6]) > 0
+    assert re.search(r"^2 concurrent clients: [\d.]+x the tokens/s of batch 1", out, flags=re.M), out
+
+
 def test_every_benchmark_script_has_a_smoke_test():
     scripts = {p.name for p in BENCHMARKS.glob("*.py")}
     assert scripts - SMOKE_TESTED == set(), "benchmarks without a smoke test here; add one marked @smoke(...)"

@@ -1,0 +1,148 @@
+"""`nanollm serve`: the trained model behind an OpenAI-compatible HTTP API, many clients decoded as one batch.
+
+Thin: loads the checkpoint and tokenizer (from folders, or a registered model downloaded from the
+tracking store), hands the model to the continuous-batching engine (nanollm.inference.engine),
+and runs the protocol's app (nanollm.inference.server) under uvicorn until Ctrl+C or SIGTERM,
+which let the requests in flight finish (up to _GRACE_S) before the engine closes. Not a pipeline stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stages.cli import StageContext, pass_context, path_option
+
+# seconds uvicorn lets the streams in flight finish at shutdown; a 256-token completion takes ~1 s
+_GRACE_S = 10
+
+
+@click.command("serve")
+@path_option("--checkpoint", "models/checkpoint", "Trained model to serve.", folder=None)
+@path_option("--tokenizer", "data/tokenizer", "Its tokenizer folder.", folder=None)
+@click.option(
+    "--model-uri",
+    default=None,
+    help="Serve a registered model instead of --checkpoint/--tokenizer, e.g. models:/nanollm@champion; "
+    "downloaded from the tracking store (tracking.uri, MLFLOW_TRACKING_URI) into a temporary folder.",
+)
+@click.option("--model-name", default="nanollm", show_default=True, help="The name clients pass as `model`.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to bind. 0.0.0.0 exposes the server to the whole network, without authentication.",
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Requests decoded together; more wait in the engine's queue.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "int8"]),
+    default="none",
+    show_default=True,
+    help="int8: per-channel int8 weights, about half the bytes per decoded token (docs/serving.md).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for torch. [default: threads in params.yaml, else the CPUs shared among this node's "
+    "nanollm processes]",
+)
+@click.option(
+    "--device", default=None, help="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N. [default: eval.device]"
+)
+@pass_context
+def command(
+    ctx: StageContext,
+    checkpoint: Path,
+    tokenizer: Path,
+    model_uri: str | None,
+    model_name: str,
+    host: str,
+    port: int,
+    max_batch: int,
+    quantize: str,
+    threads: int | None,
+    device: str | None,
+) -> None:
+    """Serve the model over HTTP: POST /v1/completions (OpenAI's API), GET /v1/models, GET /health."""
+    import contextlib
+    import logging
+    import tempfile
+
+    from nanollm.hardware import pick_device
+    from nanollm.inference.loading import load_for_decoding
+    from nanollm.threads import apply_threads
+
+    click_ctx = click.get_current_context()
+    if model_uri is not None:
+        given = [f"--{name}" for name in ("checkpoint", "tokenizer") if _explicit(click_ctx, name)]
+        if given:
+            raise click.UsageError(f"--model-uri names the model already; drop {' and '.join(given)}")
+    if threads:
+        apply_threads(threads)
+    cfg = ctx.config.eval
+    device = pick_device(cfg.device if device is None else device, key="eval.device" if device is None else "--device")
+
+    sock = _listen(host, port)  # first: a taken port fails before the model loads
+    try:
+        with contextlib.ExitStack() as downloads:
+            if model_uri is not None:
+                from nanollm.tracking import fetch_model, tracking_uri
+
+                folder = Path(downloads.enter_context(tempfile.TemporaryDirectory(prefix="nanollm-serve-"))) / "model"
+                checkpoint, tokenizer = fetch_model(model_uri, tracking_uri(ctx.config.tracking, ctx.root), folder)
+            # in memory from here on: a downloaded copy can go
+            tok, model = load_for_decoding(checkpoint, tokenizer, device=device, quantize=quantize)
+    except BaseException:
+        sock.close()
+        raise
+
+    import uvicorn
+
+    from nanollm.inference.engine import Engine
+    from nanollm.inference.server import create_app
+
+    engine = Engine(model, max_batch=max_batch, stop_id=tok.eot_id)
+    app = create_app(engine, tok, model_name=model_name)
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}/v1"
+    logging.getLogger(__name__).info(
+        "serving %s at %s on %s: batches of up to %d, context %d tokens (Ctrl+C stops)",
+        model_name,
+        url,
+        device,
+        max_batch,
+        engine.max_seq_len,
+    )
+    config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=_GRACE_S, lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])  # Ctrl+C: uvicorn stops, then re-raises KeyboardInterrupt
+
+
+def _explicit(click_ctx: click.Context, name: str) -> bool:
+    return click_ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def _listen(host: str, port: int) -> Any:
+    """A listening socket on host:port, bound here so a taken port is a one-line error and port 0 a known one."""
+    import os
+    import socket
+
+    from nanollm.errors import NanollmError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as err:
+        raise NanollmError(
+            f"cannot listen on {host}:{port} ({os.strerror(err.errno) if err.errno else err}); pick another --port or "
+            "--host"
+        ) from None

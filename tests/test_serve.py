@@ -1,0 +1,490 @@
+"""`nanollm serve` and its app, spoken to by the official openai client over real HTTP on 127.0.0.1.
+
+One server (uvicorn in a thread, the real engine) serves a tiny random model for most tests; one
+test runs the CLI in a subprocess. Greedy outputs are checked against batch-1
+nanollm.inference.generate on a second copy of the same weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import http.client
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import tool_env
+
+from nanollm.checkpoint import load_model, save_checkpoint
+from nanollm.config import ModelConfig, TokenizerConfig
+from nanollm.inference.generate import generate
+from nanollm.model import Transformer
+from nanollm.tokenizer import Tokenizer, create_tokenizer
+from stages.cli import cli
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "class Point:\n    def __init__(self, x):\n        self.x = x\n"] * 3
+PROMPTS = ["def ", "class A", "x = ", "import os", "return", "for i in", "self.", "(a, b)", "print(", "if x:",
+           "while", "a + b", "é", "Point", "    ", ""]  # fmt: skip
+NEAR_TIE = 1e-4  # the engine's equality contract: batched greedy may differ from batch-1 only past a closer top-2
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> tuple[Path, Path, Tokenizer]:
+    """A tokenizer and a random checkpoint (init_std 0.3: outputs that vary with the prompt and the seed)."""
+    root = tmp_path_factory.mktemp("serve")
+    tok = create_tokenizer(TokenizerConfig(vocab_size=300), TEXTS, root / "tokenizer", progress=False)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=256, init_std=0.3), tok.vocab_size)
+    save_checkpoint(
+        root / "checkpoint",
+        model,
+        train_state={"step": 1, "tokens_seen": 0},
+        info={"tokenizer_sha256": tok.sha256, "corpus_sha256": "c" * 64},
+        run={"run_id": None, "tracking_uri": None},
+    )
+    return root / "checkpoint", root / "tokenizer", tok
+
+
+@dataclass
+class Served:
+    url: str  # http://127.0.0.1:PORT
+    tok: Tokenizer
+    reference: torch.nn.Module  # the same weights, never touched by the engine
+    engine: object
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0)
+
+    def greedy(self, prompt: str, max_tokens: int) -> tuple[str, str, float]:
+        """Batch-1 greedy (text, finish_reason, smallest top-2 logit gap along the way) for `prompt`."""
+        prompt_ids = [self.tok.eot_id, *self.tok.encode(prompt)]
+        ids = list(generate(self.reference, prompt_ids, max_tokens, temperature=0.0, stop_id=self.tok.eot_id))
+        with torch.inference_mode():
+            logits = self.reference(torch.tensor([prompt_ids + ids]))[0, len(prompt_ids) - 1 :]  # (n + 1, V)
+        top2 = logits.topk(2, dim=-1).values
+        gap = float((top2[:, 0] - top2[:, 1]).min())
+        return self.tok.decode(ids), "length" if len(ids) == max_tokens else "stop", gap
+
+    def health(self) -> dict:
+        with contextlib.closing(_connect(self.url)) as conn:
+            conn.request("GET", "/health")
+            return json.loads(conn.getresponse().read())
+
+    def wait_idle(self, cancelled_at_least: int) -> dict:
+        """/health once the engine runs nothing and has cancelled at least that many requests (else fail)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            health = self.health()
+            if health["active"] == 0 and health["engine"]["cancelled"] >= cancelled_at_least:
+                return health
+            time.sleep(0.02)
+        raise AssertionError(f"the engine did not free the slot: {health}")
+
+
+def _connect(url: str) -> http.client.HTTPConnection:
+    host, port = url.removeprefix("http://").split(":")
+    return http.client.HTTPConnection(host, int(port), timeout=30)
+
+
+@contextlib.contextmanager
+def _uvicorn(app) -> Iterator[str]:
+    """Serve `app` on a free port of 127.0.0.1 from a thread; yields its base URL, stops it on exit."""
+    import uvicorn
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def served(files) -> Iterator[Served]:
+    from nanollm.inference.engine import Engine
+    from nanollm.inference.server import create_app
+
+    checkpoint, _, tok = files
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two CPUs shared with the client threads
+    model, reference = load_model(checkpoint), load_model(checkpoint)
+    for m in (model, reference):
+        m.pack_for_decode()  # the layout `nanollm serve` decodes in
+    engine = Engine(model, max_batch=16, stop_id=tok.eot_id)
+    try:
+        with _uvicorn(create_app(engine, tok, model_name=MODEL, max_body_bytes=4096)) as url:
+            yield Served(url, tok, reference, engine)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------- completions
+
+
+def test_greedy_completion_is_the_batch_1_output_whole_and_streamed(served):
+    want, reason, gap = served.greedy("def ", 40)
+    assert gap > NEAR_TIE  # no near-tie on this path: the engine must match exactly
+    client = served.client()
+    whole = client.completions.create(model=MODEL, prompt="def ", max_tokens=40, temperature=0)
+    assert (whole.object, whole.model, whole.id[:5]) == ("text_completion", MODEL, "cmpl-")
+    assert [(c.text, c.index, c.finish_reason, c.logprobs) for c in whole.choices] == [(want, 0, reason, None)]
+    prompt_tokens = 1 + len(served.tok.encode("def "))  # <|endoftext|> opens the document
+    assert whole.usage.prompt_tokens == prompt_tokens and whole.usage.completion_tokens == 40
+    assert whole.usage.total_tokens == prompt_tokens + 40
+
+    stream = client.completions.create(model=MODEL, prompt=["def "], max_tokens=40, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == want and len(texts) > 5  # token by token, not one lump
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 40
+
+
+def test_sixteen_concurrent_streams_each_equal_their_batch_1_output(served):
+    wanted = [served.greedy(p, 32) for p in PROMPTS]
+    assert min(gap for _, _, gap in wanted) > NEAR_TIE  # so batched greedy must equal batch-1 exactly
+
+    async def one(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, str]:
+        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0, stream=True)
+        text, reason = "", None
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            reason = chunk.choices[0].finish_reason or reason
+        return text, reason
+
+    async def all_at_once() -> list[tuple[str, str]]:
+        async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="x", max_retries=0) as client:
+            return await asyncio.gather(*(one(client, p) for p in PROMPTS))
+
+    steps = served.engine.stats()["steps"]
+    got = asyncio.run(all_at_once())
+    assert got == [(text, reason) for text, reason, _ in wanted]
+    # batched: 16 requests of up to 32 tokens took far fewer than the 16 * 31 steps of one at a time
+    assert served.engine.stats()["steps"] - steps < 8 * 31
+
+
+def test_stop_strings_cut_the_text_and_free_the_slot(served):
+    want, _, _ = served.greedy("class A", 60)
+    stop = want[20:23]
+    cut = want[: want.index(stop)]
+    client = served.client()
+    cancelled = served.health()["engine"]["cancelled"]
+    whole = client.completions.create(model=MODEL, prompt="class A", max_tokens=60, temperature=0, stop=[stop, "\0"])
+    assert (whole.choices[0].text, whole.choices[0].finish_reason) == (cut, "stop")
+    assert whole.usage.completion_tokens < 60
+    stream = client.completions.create(model=MODEL, prompt="class A", max_tokens=60, temperature=0, stop=stop,
+                                       stream=True)  # fmt: skip
+    chunks = [c.choices[0] for c in stream]
+    assert "".join(c.text for c in chunks) == cut and chunks[-1].finish_reason == "stop"
+    assert served.wait_idle(cancelled + 2)["active"] == 0  # both were cancelled at the stop string
+
+    # a stop string whose start keeps appearing but which never completes: held back, then all sent
+    never = stop + "\0"
+    stream = client.completions.create(model=MODEL, prompt="class A", max_tokens=60, temperature=0, stop=never,
+                                       stream=True)  # fmt: skip
+    assert "".join(c.choices[0].text for c in stream) == want
+
+
+def test_a_seed_repeats_a_sampled_completion_and_other_seeds_differ(served):
+    client = served.client()
+
+    def sample(seed: int) -> str:
+        kwargs = {"max_tokens": 30, "temperature": 1.0, "top_p": 0.95}
+        return client.completions.create(model=MODEL, prompt="x = ", seed=seed, **kwargs).choices[0].text
+
+    first = sample(3)
+    assert sample(3) == first
+    assert any(sample(s) != first for s in (4, 5, 6))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # batched with others, a seed still repeats
+        assert list(pool.map(sample, [3, 4, 3, 4])) == [first, sample(4), first, sample(4)]
+
+
+def test_models_and_health(served):
+    client = served.client()
+    assert [(m.id, m.object, m.owned_by) for m in client.models.list()] == [(MODEL, "model", "nanollm")]
+    assert client.models.retrieve(MODEL).id == MODEL
+    health = served.health()
+    assert health["status"] == "ok" and health["model"] == MODEL
+    assert (health["max_batch"], health["max_seq_len"]) == (16, 256)
+
+
+# ---------------------------------------------------------------------------- bad requests
+
+GOOD = {"model": MODEL, "prompt": "def ", "max_tokens": 4}
+BAD_REQUESTS = [  # (body, status, param, words of the message)
+    (b"{", 400, None, "not valid JSON"),
+    (b'{"model": "tiny", "prompt": "\xff"}', 400, None, "not UTF-8"),
+    (b"[1, 2]", 400, None, "must be a JSON object"),
+    (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', 400, None, "NaN is not JSON"),
+    (b'{"model": "tiny", "prompt": "' + b"x" * 5000 + b'"}', 413, None, "exceeds 4096 bytes"),
+    ({**GOOD, "model": "gpt-4"}, 404, "model", "'gpt-4' does not exist"),
+    ({"prompt": "x"}, 400, "model", "model is required"),
+    ({**GOOD, "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
+    ({**GOOD, "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    ({**GOOD, "max_tokens": True}, 400, "max_tokens", "valid integer"),
+    ({**GOOD, "temperature": -0.5}, 400, "temperature", "greater than or equal to 0"),
+    ({**GOOD, "temperature": 2.5}, 400, "temperature", "less than or equal to 2"),
+    ({**GOOD, "top_p": 0}, 400, "top_p", "greater than 0"),
+    ({**GOOD, "top_p": 1.5}, 400, "top_p", "less than or equal to 1"),
+    ({**GOOD, "stream": "yes"}, 400, "stream", "valid boolean"),
+    ({**GOOD, "seed": 2**64}, 400, "seed", "less than"),
+    ({**GOOD, "max_tokens": 255, "prompt": "x"}, 400, "max_tokens", "context is 256 tokens, but 2 prompt tokens"),
+    ({**GOOD, "prompt": ["a", "b"]}, 400, "prompt", "one prompt per request"),
+    ({**GOOD, "prompt": [1, 2, 3]}, 400, "prompt", "token-id prompts are unsupported"),
+    ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ({**GOOD, "stop": ""}, 400, "stop", "must not be empty"),
+    ({**GOOD, "stop": [1]}, 400, "stop", "list of strings"),
+    ({**GOOD, "n": 2}, 400, "n", "n=2 is unsupported"),
+    ({**GOOD, "best_of": 3}, 400, "best_of", "unsupported"),
+    ({**GOOD, "logprobs": 2}, 400, "logprobs", "unsupported"),
+    ({**GOOD, "echo": True}, 400, "echo", "unsupported"),
+    ({**GOOD, "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported"),
+    ({**GOOD, "frobnicate": 1}, 400, "frobnicate", "Unrecognized request argument supplied: frobnicate"),
+]
+
+
+def _post(url: str, body: bytes | dict, path: str = "/v1/completions") -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with contextlib.closing(_connect(url)) as conn:
+        conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+
+
+@pytest.mark.parametrize(("body", "status", "param", "words"), BAD_REQUESTS, ids=lambda v: str(v)[:40])
+def test_a_bad_request_gets_an_openai_shaped_error(served, body, status, param, words):
+    code, answer = _post(served.url, body)
+    assert code == status, answer
+    assert set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}
+    assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["param"] == param
+    assert words in answer["error"]["message"] and "\n" not in answer["error"]["message"]
+
+
+def test_bad_requests_disturb_no_stream_in_flight(served):
+    want, _, _ = served.greedy("for i in", 200)
+    with served.client().completions.create(model=MODEL, prompt="for i in", max_tokens=200, temperature=0,
+                                            stream=True) as stream:  # fmt: skip
+        chunks = iter(stream)
+        text = next(chunks).choices[0].text
+        for body, status, _, _ in BAD_REQUESTS:
+            assert _post(served.url, body)[0] == status
+        text += "".join(c.choices[0].text for c in chunks)
+    assert text == want
+    assert served.client().completions.create(**GOOD).choices[0].finish_reason in ("length", "stop")
+    code, answer = _post(served.url, {}, path="/v1/nope")
+    assert code == 404 and answer["error"]["type"] == "invalid_request_error"
+
+
+def test_the_openai_client_raises_its_own_error_types(served):
+    client = served.client()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="davinci-002", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=-1)
+    with pytest.raises(openai.BadRequestError, match="Unrecognized request argument supplied: top_kk"):
+        client.completions.create(model=MODEL, prompt="x", extra_body={"top_kk": 5})
+    top_k = client.completions.create(model=MODEL, prompt="x", temperature=0.5, extra_body={"top_k": 1})
+    assert top_k.choices[0].text == client.completions.create(model=MODEL, prompt="x", temperature=0).choices[0].text
+
+
+# ---------------------------------------------------------------------------- clients that leave
+
+
+def _long_greedy_prompt(served: Served) -> str:
+    """A prompt whose greedy completion runs 240 tokens (no <|endoftext|>): long enough to leave in the middle."""
+    for prompt in PROMPTS:
+        if served.greedy(prompt, 240)[1] == "length":
+            return prompt
+    raise AssertionError("every prompt stops early; pick others")
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(served):
+    prompt = _long_greedy_prompt(served)
+    cancelled = served.health()["engine"]["cancelled"]
+    conn = _connect(served.url)
+    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 240, "temperature": 0, "stream": True})
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    first = response.readline()
+    assert first.startswith(b"data: {") and json.loads(first[6:])["choices"][0]["finish_reason"] is None
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    health = served.wait_idle(cancelled + 1)
+    assert health["finished"]["cancelled"] >= 1
+
+
+def test_a_client_that_leaves_before_a_whole_completion_frees_its_slot(served):
+    prompt = _long_greedy_prompt(served)
+    cancelled = served.health()["engine"]["cancelled"]
+    host, port = served.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 240, "temperature": 0}).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 10
+        while served.health()["active"] == 0:  # until it is submitted
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    served.wait_idle(cancelled + 1)
+
+
+# ---------------------------------------------------------------------------- the text stream
+
+
+def test_text_stream_sends_split_characters_whole_and_holds_back_possible_stops(files):
+    from nanollm.inference.server import TextStream
+
+    _, _, tok = files
+    ids = [i for ch in "héllo wörld" for i in tok.encode_bytes(ch.encode())]  # é and ö split into two bytes
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) + stream.finish() == "héllo wörld" and "é" in pieces and "" in pieces
+
+    def encoded(text: str) -> list[int]:
+        return [i for ch in text for i in tok.encode_bytes(ch.encode())]
+
+    stream = TextStream(tok, stop=["wörm", "lo!"])
+    assert "".join(stream.push(i) for i in encoded("héllo")) == "hél"  # "lo" could still become "lo!"
+    assert "".join(stream.push(i) for i in encoded(" wör")) == "lo "  # "wör" could still become "wörm"
+    assert "".join(stream.push(i) for i in encoded("l")) == "wör"  # "l" could begin "lo!"
+    assert stream.finish() == "l" and not stream.stopped and stream.text == "héllo wörl"
+    stream = TextStream(tok, stop=["wörm", "lo!"])
+    assert "".join(stream.push(i) for i in encoded("héllo wö")) + stream.finish() == "héllo wö"  # the end flushes
+
+    stream = TextStream(tok, stop=["xyz", "o w"])
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == "héll" and stream.stopped and stream.finish() == ""
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def _params(root: Path) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump({"tracking": {"enabled": False}}))
+
+
+@contextlib.contextmanager
+def _nanollm_serve(*args: str, cwd: Path, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`nanollm serve --port 0 ARGS` in a subprocess; yields (the process, its base URL) once it listens."""
+    command = ["nanollm", "serve", "--port", "0", "--model-name", MODEL, "--threads", "1", "--max-batch", "4", *args]
+    server = subprocess.Popen(command, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in server.stderr:
+            lines.append(line)
+            if match := re.search(r"serving tiny at (http://127\.0\.0\.1:\d+)/v1 on cpu: batches of up to 4", line):
+                yield server, match.group(1)
+                return
+        raise AssertionError("nanollm serve exited:\n" + "".join(lines))
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _served_text(url: str, prompt: str, max_tokens: int) -> str:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    return client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0).choices[0].text
+
+
+def _greedy_text(checkpoint: Path, tok: Tokenizer, prompt: str, max_tokens: int, quantize: str = "none") -> str:
+    model = load_model(checkpoint)
+    if quantize == "int8":
+        from nanollm.model.quantize import quantize_int8
+
+        model = quantize_int8(model)
+    model.pack_for_decode()  # as `nanollm serve` lays it out (a no-op for int8)
+    ids = generate(model, [tok.eot_id, *tok.encode(prompt)], max_tokens, temperature=0.0, stop_id=tok.eot_id)
+    return tok.decode(list(ids))
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_nanollm_serve_answers_the_openai_client_and_stops_on_ctrl_c(files, tmp_path, quantize):
+    checkpoint, tokenizer, tok = files
+    _params(tmp_path)
+    args = ["--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer), "--quantize", quantize]
+    with _nanollm_serve(*args, cwd=tmp_path, env=tool_env()) as (server, url):
+        assert _served_text(url, "def ", 12) == _greedy_text(checkpoint, tok, "def ", 12, quantize)
+        server.send_signal(signal.SIGINT)
+        assert server.wait(30) == 130
+        rest = server.stderr.read()
+        assert "Application shutdown complete" in rest and rest.rstrip().endswith("Interrupted.")
+
+
+def test_nanollm_serve_a_registered_model(files, tmp_path, empty_store):
+    from nanollm.config import EvalConfig, TrackingConfig
+    from nanollm.tracking import make_tracker, register_run
+
+    checkpoint, tokenizer, tok = files
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = make_tracker(TrackingConfig(uri=uri, experiment="serve-test"), tmp_path)
+    tracker.start(run_name="served")
+    tracker.log_model(checkpoint, tokenizer / "tokenizer.json", sampling=EvalConfig(), seed=0)
+    tracker.end()
+    register_run(uri, tracker.run_id)
+    _params(tmp_path)
+    (tmp_path / "tmp").mkdir()
+    env = tool_env(MLFLOW_TRACKING_URI=uri, TMPDIR=str(tmp_path / "tmp"))
+    with _nanollm_serve("--model-uri", "models:/nanollm@champion", cwd=tmp_path, env=env) as (_, url):
+        assert _served_text(url, "class A", 12) == _greedy_text(checkpoint, tok, "class A", 12)
+        assert list((tmp_path / "tmp").iterdir()) == []  # the download went once the model was in memory
+
+
+def _serve(*args: str):
+    return CliRunner().invoke(cli, ["serve", *args])
+
+
+def test_model_uri_with_checkpoint_is_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _params(tmp_path)
+    result = _serve("--model-uri", "models:/nanollm@champion", "--checkpoint", "x")
+    assert result.exit_code == 2 and "--model-uri names the model already; drop --checkpoint" in result.stderr
+
+
+def test_a_taken_port_is_one_line(files, tmp_path, monkeypatch):
+    checkpoint, tokenizer, _ = files
+    monkeypatch.chdir(tmp_path)
+    _params(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        result = _serve("--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer), "--port", port)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"Error: cannot listen on 127.0.0.1:{port} (Address already in use); pick another --port or --host"
+    )
+
+
+def test_a_tokenizer_from_another_run_is_refused_in_one_line(files, tmp_path, monkeypatch):
+    checkpoint, _, _ = files
+    monkeypatch.chdir(tmp_path)
+    _params(tmp_path)
+    create_tokenizer(TokenizerConfig(vocab_size=280), ["other text"] * 5, tmp_path / "other", progress=False)
+    result = _serve("--checkpoint", str(checkpoint), "--tokenizer", "other", "--port", "0")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pass the matching tokenizer" in lines[0]
