@@ -183,3 +183,13 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving():
         assert bad.finish_reason == "error"
         good = engine.submit(prompt, SamplingParams(max_tokens=3, temperature=0))
         assert len(list(good)) == 3
+
+
+def test_rows_at_one_position_take_the_plain_cached_step_and_still_match():
+    """Equal prompt lengths and budgets: every step has the rows side by side, decoded without a mask."""
+    model = model_for("default")
+    prompts = random_prompts([6, 6, 6, 6], seed=3)
+    batched = generate_batch(model, prompts, SamplingParams(max_tokens=12, temperature=0))
+    for prompt, out in zip(prompts, batched, strict=True):
+        alone, gaps = greedy_alone(model, prompt, 12)
+        assert_same_unless_near_tie(out, alone, gaps)

@@ -72,7 +72,14 @@ class Request:
     "length" (max_tokens drawn), "cancelled" or "error"; None while running.
     """
 
-    def __init__(self, rid: int, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None):
+    def __init__(
+        self,
+        rid: int,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop | None,
+        outbox: list[Request] | None = None,
+    ):
         self.id, self.prompt_ids, self.params = rid, prompt_ids, params
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -80,6 +87,10 @@ class Request:
         self._cancelled = threading.Event()
         self._loop = loop
         self._queue: queue.SimpleQueue[Any] | asyncio.Queue[Any] = asyncio.Queue() if loop else queue.SimpleQueue()
+        # Loop-bound requests park their items here until the engine's end of step hands every
+        # request of a loop its items in one call: one wake-up of the loop per step, not per token.
+        self._pending: list[Any] = []
+        self._outbox = outbox
         self.generator: torch.Generator | None = None  # set by the engine on admission
 
     @property
@@ -99,8 +110,12 @@ class Request:
     def _put(self, item: Any) -> None:
         if self._loop is None:
             self._queue.put(item)  # type: ignore[union-attr]
-        elif not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)  # type: ignore[union-attr]
+            return
+        if not self._pending and self._outbox is not None:
+            self._outbox.append(self)
+        self._pending.append(item)
+        if self._outbox is None:
+            _hand_over({self._loop: [self]})
 
     def _emit(self, token: int) -> None:
         self.tokens.append(token)
@@ -132,6 +147,23 @@ class Request:
         if self._loop is None:
             raise TypeError("submit with loop=asyncio.get_running_loop() to read a request with `async for`")
         return self._aiter()
+
+
+def _hand_over(by_loop: dict[asyncio.AbstractEventLoop, list[Request]]) -> None:
+    """Move each request's pending items into its asyncio queue, with one call into each loop."""
+    for loop, requests in by_loop.items():
+        batch = []
+        for request in requests:
+            batch.append((request._queue, request._pending))
+            request._pending = []
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue[Any], list[Any]]]) -> None:
+    for q, items in batch:
+        for item in items:
+            q.put_nowait(item)
 
 
 @dataclass
@@ -173,6 +205,7 @@ class Engine:
         self._slots: list[_Slot] = []
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(seed)  # seeds for requests that bring none
+        self._outbox: list[Request] = []  # loop-bound requests with items to hand over at the end of the step
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -196,7 +229,7 @@ class Engine:
                 f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the context of "
                 f"{self.max_seq_len} tokens"
             )
-        request = Request(next(self._ids), prompt, params, loop)
+        request = Request(next(self._ids), prompt, params, loop, self._outbox)
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the engine is closed")
@@ -239,6 +272,7 @@ class Engine:
                 request._finish("cancelled")
         self._waiting.clear()
         self._slots.clear()
+        self._flush()
         self.model.clear_cache()
 
     def __enter__(self) -> Engine:
@@ -249,16 +283,26 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
 
-    @torch.inference_mode()
     def step(self) -> None:
         """One scheduling round: drop cancelled sequences, prefill newcomers into free rows, decode every row once."""
+        try:
+            self._step()
+        finally:
+            self._flush()
+
+    @torch.inference_mode()
+    def _step(self) -> None:
         self._drop_cancelled()
         self._admit()
         if not self._slots:
             return
         tokens = torch.tensor([[slot.last] for slot in self._slots], dtype=torch.long, device=self.device)  # (B, 1)
         positions = [slot.pos for slot in self._slots]
-        logits = self.model(tokens, RaggedStep.at(positions, self.device))[:, -1, :]  # (B, V)
+        if len(set(positions)) == 1:
+            # every row at one position (always so at batch 1): the plain cached step, no mask to build or apply
+            logits = self.model(tokens, positions[0])[:, -1, :]  # (B, V)
+        else:
+            logits = self.model(tokens, RaggedStep.at(positions, self.device))[:, -1, :]  # (B, V)
         drawn = self._draw(logits, [slot.request for slot in self._slots])
         self.steps += 1
         for slot, token in zip(self._slots, drawn, strict=True):
@@ -266,6 +310,16 @@ class Engine:
             slot.drawn += 1
             self._deliver(slot, token)
         self._release_finished()
+
+    def _flush(self) -> None:
+        """Hand the step's tokens to the asyncio loops waiting for them: one call into each loop."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[Request]] = {}
+        for request in self._outbox:
+            by_loop.setdefault(request._loop, []).append(request)  # type: ignore[arg-type]
+        self._outbox.clear()
+        _hand_over(by_loop)
 
     def _drop_cancelled(self) -> None:
         for slot in self._slots:
@@ -367,6 +421,7 @@ class Engine:
                     if not slot.request.done:
                         slot.request._finish("error", f"{type(err).__name__}: {err}")
                 self._slots.clear()
+                self._flush()
 
 
 def generate_batch(
