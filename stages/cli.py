@@ -134,6 +134,16 @@ def path_option(flag: str, default: str, help: str, *, folder: bool | None = Tru
     return click.option(flag, type=kind, default=Path(default), show_default=True, help=help)
 
 
+# nanollm generate and nanollm serve: the weights decoding reads (nanollm.inference.loading)
+quantize_option = click.option(
+    "--quantize",
+    type=click.Choice(["none", "int8"]),
+    default="none",
+    show_default=True,
+    help="int8: per-channel int8 weights, about half the bytes per decoded token (docs/serving.md).",
+)
+
+
 class _Group(click.Group):
     """Imports stage modules on demand and turns user errors into one-line messages."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from stages.cli import StageContext, pass_context, path_option
+from stages.cli import StageContext, pass_context, path_option, quantize_option
 
 
 @click.command("generate")
@@ -48,13 +48,7 @@ from stages.cli import StageContext, pass_context, path_option
     "1 thread can be 10x faster than 2. [default: threads in params.yaml, else the CPUs shared among this "
     "node's nanollm processes]",
 )
-@click.option(
-    "--quantize",
-    type=click.Choice(["none", "int8"]),
-    default="none",
-    show_default=True,
-    help="int8: per-channel int8 weights, about half the bytes per decoded token (docs/serving.md).",
-)
+@quantize_option
 @pass_context
 def command(
     ctx: StageContext,

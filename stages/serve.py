@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from stages.cli import StageContext, pass_context, path_option
+from stages.cli import StageContext, pass_context, path_option, quantize_option
 
 # seconds uvicorn lets the streams in flight finish at shutdown; a 256-token completion takes ~1 s
 _GRACE_S = 10
@@ -43,13 +43,7 @@ _GRACE_S = 10
     show_default=True,
     help="Requests decoded together; more wait in the engine's queue.",
 )
-@click.option(
-    "--quantize",
-    type=click.Choice(["none", "int8"]),
-    default="none",
-    show_default=True,
-    help="int8: per-channel int8 weights, about half the bytes per decoded token (docs/serving.md).",
-)
+@quantize_option
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
