@@ -287,6 +287,25 @@ def test_serve_throughput_races_batch_1_against_concurrent_clients_of_nanollm_se
     assert re.search(r"^2 concurrent clients: [\d.]+x the tokens/s of batch 1", out, flags=re.M), out
 
 
+@smoke("int8_decode.py")
+def test_int8_decode_races_int8_against_fp32_and_transformers_at_each_thread_count():
+    out = _run("int8_decode.py", "--shapes", "tiny", "--tiny", "1x32x300", "--prompt", "4", "--new", "3",
+               "--threads", "1,2", "--repeats", "2", "--warmup", "0", "--peer-dtypes", "float32")  # fmt: skip
+    assert re.search(r"^machine: .+; load average before [\d. ]+$", out, flags=re.M) and "batch 1, greedy" in out
+    header, rows = _table(out, "model | threads")
+    assert header[2:] == ["nanollm fp32", "nanollm int8", "transformers dynamic float32", "transformers static float32",
+                          "peer", "int8 / fp32", "int8 / peer"]  # fmt: skip
+    assert [r[:2] for r in rows] == [["tiny 1L/32d/300v", "1"], ["tiny 1L/32d/300v", "2"]]
+    for r in rows:
+        fp32, int8, dynamic, static = (_number(c) for c in r[2:6])
+        assert min(fp32, int8, dynamic, static) > 0 and r[6] in ("dynamic float32", "static float32")
+        assert _number(r[7]) == pytest.approx(int8 / fp32, rel=0.05, abs=0.01)
+    header, best = _table(out, "model | nanollm fp32")
+    assert header[3:6] == ["transformers, best setting", "int8 / fp32", "int8 / transformers"]
+    assert len(best) == 1 and re.fullmatch(r"[\d.]+ \([12]\)", best[0][1]) and _number(best[0][4]) > 0
+    assert re.fullmatch(r"[\d.]+ \((dynamic|static) float32, [12]\)", best[0][3])
+
+
 def test_every_benchmark_script_has_a_smoke_test():
     scripts = {p.name for p in BENCHMARKS.glob("*.py")}
     assert scripts - SMOKE_TESTED == set(), "benchmarks without a smoke test here; add one marked @smoke(...)"
