@@ -1,7 +1,7 @@
 """Batch-1 greedy decoding in int8: nanollm int8 vs nanollm fp32 vs transformers' generate, same weights.
 
 For each model shape, from one seeded fp32 model: (a) nanollm fp32 in its best layout
-(pack_for_decode), (b) nanollm int8 (nanollm.model.quantize.quantize_int8 of a copy), and
+(pack_for_decode), (b) nanollm int8 (nanollm.inference.quantize.quantize_int8 of a copy), and
 (c) transformers' LlamaForCausalLM over the same weights (nanollm.inference.peers: exported
 with export_hf, loaded with from_pretrained) with its dynamic and its static cache, in fp32
 and in bf16, the fastest of the four being the peer. bf16 counts although this CPU has no
@@ -40,8 +40,8 @@ from nanollm.hardware import describe_machine
 from nanollm.hf import llama_counterpart, llama_incompatibility
 from nanollm.inference.generate import generate
 from nanollm.inference.peers import PEER_CACHES, transformers_greedy
+from nanollm.inference.quantize import Int8Linear, quantize_int8
 from nanollm.model import Transformer
-from nanollm.model.quantize import Int8Linear, quantize_int8
 
 Decoder = Callable[[torch.Tensor, int], list[int]]
 

@@ -111,16 +111,34 @@ def render_readme(data: dict[str, Any]) -> str:
                 f"x{min(ratios):.2f}-x{max(ratios):.2f} at prompts {lengths} + {new} ([report](docs/kv_cache.md))",
             )
         )
+    if "int8_vs_fp32" in bench:
+        rows.append(
+            (
+                f"int8 weights, batch-1 decoding, prompt {p['bench']['batch_prompt_len']} + {new}",
+                f"{bench['decode_int8_tok_s']:.0f} vs {bench['decode_fp32_tok_s']:.0f} tokens/s in fp32: "
+                f"x{bench['int8_vs_fp32']:.2f} ([serving](docs/serving.md))",
+            )
+        )
+    if "max_batch_vs_batch1" in bench:
+        most = max(p["bench"]["batch_sizes"])
+        rows.append(
+            (
+                f"continuous batching, {most} sequences at once",
+                f"{bench[f'batch{most}_fp32_tok_s']:.0f} tokens/s, x{bench['max_batch_vs_batch1']:.1f} batch 1",
+            )
+        )
     lines = ["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)]
     return "\n".join(lines) + "\n"
 
 
 def render_kv_report(root: Path) -> str:
     from nanollm.inference.bench.report import render_report
-    from nanollm.inference.bench.results import read_table
+    from nanollm.inference.bench.results import read_batch_table, read_table
 
     summary = json.loads((root / "metrics" / "bench_kvcache.json").read_text(encoding="utf-8"))
-    return render_report(summary, read_table(root / "reports" / "bench_kvcache.csv"))
+    batching = root / "reports" / "bench_kvcache_batching.csv"
+    batch_rows = read_batch_table(batching) if batching.exists() else []
+    return render_report(summary, read_table(root / "reports" / "bench_kvcache.csv"), batch_rows)
 
 
 def _sections(root: Path) -> list[tuple[Path, str, str, str]]:

@@ -297,6 +297,7 @@ class EvalConfig:
     temperature: float = _spec(0.8, doc="sampling temperature (0: greedy)", min=0.0)
     top_k: int | None = _spec(50, doc="sample among the k most likely tokens (null: all)", min=1)
     top_p: float | None = _spec(None, doc="nucleus sampling threshold (null: off)", gt=0.0, max=1.0)
+    int8: bool = _spec(True, doc="also score an int8-weight copy of the model on the same val tokens (docs/serving.md)")
     device: str = _spec("auto", doc=_DEVICE_DOC + " (also nanollm generate's default)")
 
     def __post_init__(self) -> None:
@@ -313,6 +314,17 @@ class BenchConfig:
     warmup: int = _spec(1, doc="untimed repetitions before timing", min=0)
     compare_transformers: bool = _spec(
         True, doc="also time transformers' generate on the same weights (LlamaForCausalLM) in every round"
+    )
+    int8: bool = _spec(
+        True, doc="also time decoding with int8 weights (nanollm.inference.quantize), at batch 1 and batched"
+    )
+    batch_sizes: tuple[int, ...] = _spec(
+        factory=lambda: (1, 4, 16),
+        doc="sequences the batching engine decodes at once, one measurement each ([]: none)",
+        min=1,
+    )
+    batch_prompt_len: int = _spec(
+        128, doc="prompt tokens of each sequence in the batched and the int8 measurements", min=1
     )
 
     device: str = _spec("auto", doc=_DEVICE_DOC)

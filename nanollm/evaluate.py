@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import bz2
 import collections
-import copy
 import gzip
 import logging
 import lzma
 import math
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["evaluate_lm", "compressor_bits_per_byte", "int8_bits_per_byte", "windows"]
+__all__ = ["evaluate_lm", "compressor_bits_per_byte", "windows"]
 
 log = logging.getLogger(__name__)
 
@@ -97,26 +95,6 @@ def evaluate_lm(
         "tokens": count,
         "bytes": text_bytes,
     }
-
-
-def int8_bits_per_byte(model: nn.Module, tokens: np.ndarray, **evaluate_args: Any) -> dict[str, dict[str, float]]:
-    """evaluate_lm of `model` and of an int8 copy (nanollm.model.quantize) on the same tokens: what int8 costs.
-
-    `evaluate_args` are evaluate_lm's (block_size, batch_size and token_bytes at least). Returns
-    {"fp32": ..., "int8": ..., "int8_kernel": ...}, each evaluate_lm's dict. "int8" runs as
-    evaluation's batches do, through dequantize-then-matmul (int8 weights, fp32 activations);
-    "int8_kernel" forces every matmul through the int8 kernel that decoding uses, which rounds
-    the activations and its outputs to bf16. `model` itself is left as it is (the copy is
-    quantized), and is expected in fp32 on the CPU, in eval mode.
-    """
-    from nanollm.model.quantize import int8_kernel_rows, quantize_int8
-
-    results = {"fp32": evaluate_lm(model, tokens, **evaluate_args)}
-    int8 = quantize_int8(copy.deepcopy(model))
-    results["int8"] = evaluate_lm(int8, tokens, **evaluate_args)
-    with int8_kernel_rows(int8, max_rows=evaluate_args["batch_size"] * evaluate_args["block_size"]):
-        results["int8_kernel"] = evaluate_lm(int8, tokens, **evaluate_args)
-    return results
 
 
 def compressor_bits_per_byte(data: bytes) -> dict[str, float]:

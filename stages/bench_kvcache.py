@@ -1,8 +1,9 @@
 """`nanollm bench_kvcache`: greedy decoding speed of the model's architecture with and without the KV cache.
 
-Thin: builds the network that the checkpoint's architecture.json describes, runs nanollm.inference.bench,
-writes the metrics (with the achieved weight-read bandwidth), table and chart, and adds them to
-the pretrain run. Decoding speed depends on the architecture, not on the values of the weights,
+Thin: builds the network that the checkpoint's architecture.json describes, runs nanollm.inference.bench
+(the cache's table; then int8 weights against the model's at batch 1, and the batching engine's
+throughput), writes the metrics (with the achieved weight-read bandwidth), tables and chart, and
+adds them to the pretrain run. Decoding speed depends on the architecture, not on the values of the weights,
 so the stage measures seeded random weights of that shape and depends on architecture.json
 alone: a sweep over train.* re-trains and re-evaluates, but does not re-run this stage.
 docs/kv_cache.md is rendered from these outputs by `python docs/results.py`.
@@ -27,15 +28,20 @@ from stages.cli import StageContext, pass_context, path_option
 @path_option("--metrics", "metrics/bench_kvcache.json", "Summary JSON.", folder=None)
 @path_option("--table", "reports/bench_kvcache.csv", "One CSV row per point.", folder=None)
 @path_option("--chart", "reports/bench_kvcache.png", "PNG chart.", folder=None)
+@path_option(
+    "--batch-table", "reports/bench_kvcache_batching.csv", "One CSV row per (weights, batch size).", folder=None
+)
 @pass_context
-def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, chart: Path) -> None:
+def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, chart: Path, batch_table: Path) -> None:
     """Time cached vs uncached greedy decoding at every bench.prompt_lengths x bench.new_tokens point.
 
     The weights are random (seeded), as the speed is the architecture's; greedy decoding
     with and without the cache must still agree. With bench.compare_transformers,
     transformers' generate on the same weights is timed in
     the same rounds with its dynamic and its static cache, and our cached tokens/s is
-    reported as a multiple of the faster one's.
+    reported as a multiple of the faster one's. Then, at bench.batch_prompt_len + max(new_tokens):
+    batch-1 decoding with int8 weights against the model's (bench.int8), and the batching
+    engine's tokens/s at each of bench.batch_sizes.
     """
     import torch
 
@@ -44,7 +50,7 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
     from nanollm.hardware import describe_machine, pick_device
     from nanollm.inference.bench.bandwidth import bandwidth, memory_bandwidth, weight_bytes_per_token
     from nanollm.inference.bench.chart import plot
-    from nanollm.inference.bench.results import summarize, write_table
+    from nanollm.inference.bench.results import summarize, summarize_serving, write_batch_table, write_table
     from nanollm.inference.bench.timing import COUNTERPART_COLUMN, PEER_COLUMNS, bench_kvcache
     from nanollm.tracking import make_tracker, sectioned
 
@@ -71,7 +77,9 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
             rows, bench_kvcache(peer_model, transformers=peer, uncached=False, **timing), strict=True
         ):
             row.update({c: theirs[c] for c in PEER_COLUMNS}, **{COUNTERPART_COLUMN: theirs["cached_tok_s"]})
+    weights, batch_rows = _serving(model, architecture, ctx, device)
     summary = summarize(rows)
+    summary.update(summarize_serving(weights, batch_rows))
     summary["peer_on_llama_counterpart"] = float(peer is not None and peer_model is not model)
     summary.update(bandwidth(rows, weight_bytes_per_token(model), memory_bandwidth(device=device)))
     summary["threads"] = torch.get_num_threads()
@@ -79,15 +87,19 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
     summary["machine"] = describe_machine(device)  # decoding speed is the machine's as much as the model's
     write_json(metrics, summary)
     write_table(rows, table)
+    write_batch_table(batch_rows, batch_table)
     arch = model.cfg
-    plot(rows, chart, title=f"{arch.n_layer}L/{arch.n_embd}d model, vocab {model.vocab_size}, on {device}")
+    title = f"{arch.n_layer}L/{arch.n_embd}d model, vocab {model.vocab_size}, on {device}"
+    plot(rows, chart, title=title, batch_rows=batch_rows)
     best = max(rows, key=lambda r: r["speedup"])
     click.echo(
         f"KV cache on {device}: up to x{best['speedup']:.1f} faster "
         f"(prompt {best['prompt_len']}, {best['new_tokens']} new tokens: "
         f"{best['cached_tok_s']:.0f} vs {best['uncached_tok_s']:.0f} tokens/s); weights read at "
         f"{summary['weight_read_gb_s']:.1f} GB/s of {summary['memory_copy_gb_s']:.1f} GB/s measured"
-        + (f"; cached decoding x{summary['min_vs_transformers']:.2f} or more transformers' best" if peer else ""),
+        + (f"; cached decoding x{summary['min_vs_transformers']:.2f} or more transformers' best" if peer else "")
+        + (f"; int8 x{summary['int8_vs_fp32']:.2f} fp32" if "int8_vs_fp32" in summary else "")
+        + (f"; batch {max(cfg.batch_sizes)} x{summary['max_batch_vs_batch1']:.1f} batch 1" if batch_rows else ""),
         err=True,
     )
 
@@ -99,6 +111,40 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
         tracker.set_tags({"bench.device": summary["device"], "bench.machine": summary["machine"]})
         tracker.log_artifact(table, "bench_kvcache")
         tracker.log_artifact(chart, "bench_kvcache")
+        tracker.log_artifact(batch_table, "bench_kvcache")
+
+
+def _serving(model, architecture: Path, ctx: StageContext, device) -> tuple[dict[str, float], list[dict]]:
+    """(batch-1 tokens/s per kind of weights, the batching rows): the model's own weights ("fp32" when they are)
+    and, with bench.int8, the same seeded weights quantized."""
+    import torch
+
+    from nanollm.checkpoint import architecture_model
+    from nanollm.inference.bench.serving import bench_batching, bench_weights
+
+    cfg = ctx.config.bench
+    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model.tok_embeddings.weight.dtype]
+    models = {dtype: model}
+    if cfg.int8:
+        from nanollm.inference.quantize import quantize_int8
+
+        models["int8"] = quantize_int8(architecture_model(architecture, seed=ctx.config.seed, device=device))
+    gen = torch.Generator().manual_seed(ctx.config.seed)
+    prompt = torch.randint(0, model.vocab_size, (cfg.batch_prompt_len,), generator=gen).to(device)
+    timing = dict(repeats=cfg.repeats, warmup=cfg.warmup, device=device)
+    new = max(cfg.new_tokens)
+    weights = bench_weights(models, prompt, new, **timing) if cfg.int8 else {}
+    batch_rows = []
+    if cfg.batch_sizes:
+        batch_rows = bench_batching(
+            models,
+            batch_sizes=cfg.batch_sizes,
+            prompt_len=cfg.batch_prompt_len,
+            new_tokens=new,
+            seed=ctx.config.seed,
+            **timing,
+        )
+    return weights, batch_rows
 
 
 def _peer_model(model, seed: int, device):

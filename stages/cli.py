@@ -140,7 +140,7 @@ quantize_option = click.option(
     type=click.Choice(["none", "int8"]),
     default="none",
     show_default=True,
-    help="int8: per-channel int8 weights, about half the bytes per decoded token (docs/serving.md).",
+    help="int8: per-channel int8 weights, a quarter of fp32 weights' bytes (docs/serving.md).",
 )
 
 

@@ -57,15 +57,25 @@ def command(
     device = pick_device(cfg.device, key="eval.device")
     model = load_model(checkpoint, device=device)
     architecture_differences(model, ctx.config.model, checkpoint)
-    result = evaluate_lm(
-        model,
-        open_split(tokens, "val", meta),
-        block_size=model.cfg.block_size,
-        batch_size=cfg.batch_size,
-        token_bytes=tok.token_byte_lengths(),
-        max_tokens=cfg.max_tokens,
-        device=device,
-    )
+    def score(scored: Transformer) -> dict[str, Any]:
+        return evaluate_lm(
+            scored,
+            open_split(tokens, "val", meta),
+            block_size=model.cfg.block_size,
+            batch_size=cfg.batch_size,
+            token_bytes=tok.token_byte_lengths(),
+            max_tokens=cfg.max_tokens,
+            device=device,
+        )
+
+    result = score(model)
+    int8 = None
+    if cfg.int8:  # what serving with --quantize int8 costs, on the same val tokens
+        import copy
+
+        from nanollm.inference.quantize import quantize_int8
+
+        int8 = score(quantize_int8(copy.deepcopy(model)))
     text = "".join(iter_documents(corpus, "val")).encode("utf-8")
     if cfg.max_tokens is not None:
         text = text[: result["bytes"]]  # the same amount of text the model was scored on
@@ -81,6 +91,14 @@ def command(
         "val_tokens": result["tokens"],
         "val_bytes": result["bytes"],
         **{f"{name}_bits_per_byte": round(bpb, 6) for name, bpb in baselines.items()},
+        **(
+            {
+                "int8_bits_per_byte": round(int8["bits_per_byte"], 6),
+                "int8_bits_per_byte_delta": round(int8["bits_per_byte"] - result["bits_per_byte"], 6),
+            }
+            if int8 is not None
+            else {}
+        ),
         "beats_lzma": int(result["bits_per_byte"] < baselines["lzma"]),
         "beats_lzma_train_context": int(result["bits_per_byte"] < baselines["lzma_train_context"]),
         "device": str(device),

@@ -48,8 +48,8 @@ _GRACE_S = 10
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="CPU threads for torch. [default: threads in params.yaml, else the CPUs shared among this node's "
-    "nanollm processes]",
+    help="CPU threads for torch. [default: threads in params.yaml, else one fewer than the CPUs shared among "
+    "this node's nanollm processes: the event loop (HTTP, JSON, detokenizing) keeps a core of its own]",
 )
 @click.option(
     "--device", default=None, help="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N. [default: eval.device]"
@@ -82,6 +82,10 @@ def command(
         given = [f"--{name}" for name in ("checkpoint", "tokenizer") if _explicit(click_ctx, name)]
         if given:
             raise click.UsageError(f"--model-uri names the model already; drop {' and '.join(given)}")
+    if threads is None and ctx.config.threads is None and ctx.threads > 1:
+        # The event loop works beside the engine on every token; sharing a core with torch's
+        # OpenMP workers stalls their barriers whenever it runs (nanollm.threads' docstring).
+        threads = ctx.threads - 1
     if threads:
         apply_threads(threads)
     cfg = ctx.config.eval

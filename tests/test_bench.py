@@ -12,12 +12,19 @@ import torch
 
 from nanollm.config import ModelConfig
 from nanollm.errors import NanollmError
-from nanollm.inference.bench import timing
+from nanollm.inference.bench import serving, timing
 from nanollm.inference.bench.bandwidth import bandwidth, memory_bandwidth, weight_bytes_per_token
 from nanollm.inference.bench.chart import plot
 from nanollm.inference.bench.equality import KVCacheMismatchError, rounding_tolerance
 from nanollm.inference.bench.report import REPORT_BEGIN, REPORT_END, main, render_report
-from nanollm.inference.bench.results import read_table, summarize, write_table
+from nanollm.inference.bench.results import (
+    read_batch_table,
+    read_table,
+    summarize,
+    summarize_serving,
+    write_batch_table,
+    write_table,
+)
 from nanollm.inference.bench.timing import COLUMNS, PEER_COLUMNS, bench_kvcache, speedup
 from nanollm.model import Transformer
 
@@ -138,13 +145,13 @@ def test_rounding_tolerance_scales_with_the_dtype_and_the_logits():
 
 def test_prompts_are_seeded(monkeypatch):
     seen = []
-    real = timing._timed_greedy
+    real = timing.timed_greedy
 
     def spy(model, prompt, *args, **kwargs):
         seen.append(prompt.tolist())
         return real(model, prompt, *args, **kwargs)
 
-    monkeypatch.setattr(timing, "_timed_greedy", spy)
+    monkeypatch.setattr(timing, "timed_greedy", spy)
     model = _model()
     for _ in range(2):
         bench_kvcache(model, prompt_lengths=[3, 7], new_tokens=[2], repeats=1, warmup=0, seed=5)
@@ -246,7 +253,7 @@ def test_both_transformers_caches_race_in_alternating_rounds_and_the_faster_is_t
     settings = transformers_settings(model)
     assert set(settings) == set(PEER_CACHES) == {"dynamic", "static"}
     calls = []
-    real = timing._timed_greedy
+    real = timing.timed_greedy
 
     def ours(model, prompt, n, *, use_cache, device):
         calls.append(("cached" if use_cache else "uncached", prompt.numel(), n))
@@ -259,7 +266,7 @@ def test_both_transformers_caches_race_in_alternating_rounds_and_the_faster_is_t
 
         return peer
 
-    monkeypatch.setattr(timing, "_timed_greedy", ours)
+    monkeypatch.setattr(timing, "timed_greedy", ours)
     points = {"prompt_lengths": [4, 9], "new_tokens": [5]}
     peers = {cache: counted(cache) for cache in PEER_CACHES}
     with caplog.at_level(logging.WARNING, logger="nanollm.inference.bench"):
@@ -334,3 +341,65 @@ def test_an_unknown_peer_setting_is_refused():
         bench_kvcache(
             _model(), prompt_lengths=[4], new_tokens=[3], repeats=1, warmup=0, seed=0, transformers={"paged": None}
         )
+
+
+def test_int8_weights_race_the_models_own_at_batch_one(caplog):
+    from nanollm.inference.quantize import quantize_int8
+
+    fp32, int8 = _model(), quantize_int8(_model())
+    prompt = torch.randint(0, 53, (6,), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = timing.timed_greedy
+
+    def spy(model, *args, **kwargs):
+        calls.append("int8" if model is int8 else "fp32")
+        return real(model, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(serving, "timed_greedy", spy)
+        rates = serving.bench_weights(
+            {"fp32": fp32, "int8": int8}, prompt, 5, repeats=2, warmup=1, device=torch.device("cpu")
+        )
+    assert set(rates) == {"fp32", "int8"} and all(r > 0 for r in rates.values())
+    assert calls == ["int8", "fp32", "fp32", "int8", "int8", "fp32"]  # the order flips every round
+
+
+def test_batching_rows_count_every_sequences_tokens(tmp_path):
+    model = _model()
+    rows = serving.bench_batching(
+        {"fp32": model},
+        batch_sizes=[1, 2, 4],
+        prompt_len=5,
+        new_tokens=4,
+        repeats=1,
+        warmup=0,
+        seed=0,
+        device=torch.device("cpu"),
+    )
+    assert [(r["weights"], r["batch"]) for r in rows] == [("fp32", 1), ("fp32", 2), ("fp32", 4)]
+    assert rows[0]["vs_batch1"] == 1.0
+    for r in rows:
+        assert r["per_sequence_tok_s"] == pytest.approx(r["tok_s"] / r["batch"])
+        assert r["vs_batch1"] == pytest.approx(r["tok_s"] / rows[0]["tok_s"])
+    summary = summarize_serving({"fp32": 100.0, "int8": 180.0}, rows)
+    assert summary["int8_vs_fp32"] == 1.8 and summary["max_batch_vs_batch1"] == round(rows[2]["vs_batch1"], 4)
+    assert summary["batch2_fp32_tok_s"] == round(rows[1]["tok_s"], 4)
+    write_batch_table(rows, tmp_path / "b.csv")
+    assert read_batch_table(tmp_path / "b.csv") == [
+        {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows
+    ]
+    plot(_rows(), tmp_path / "c.png", batch_rows=rows)
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_renders_int8_and_the_batching_table():
+    batch_rows = [
+        {"weights": w, "batch": b, "tok_s": rate, "per_sequence_tok_s": rate / b, "vs_batch1": rate / base}
+        for w, base in (("fp32", 300.0), ("int8", 450.0))
+        for b, rate in ((1, base), (16, base * 9))
+    ]
+    summary = {**summarize(_rows()), **summarize_serving({"fp32": 300.0, "int8": 450.0}, batch_rows)}
+    text = render_report(summary, _rows(), batch_rows)
+    assert "at 450 tokens/s against 300 with fp32 weights: x1.50" in text
+    assert "| sequences at once | fp32 tok/s | fp32 / batch 1 | int8 tok/s | int8 / batch 1 |" in text
+    assert "| 16 | 2700 | x9.0 | 4050 | x9.0 |" in text

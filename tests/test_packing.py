@@ -99,12 +99,12 @@ def test_packed_model_still_trains_and_the_fused_path_follows_the_update():
 
 def test_moving_the_model_makes_the_pack_stale_not_wrong():
     model, idx = packed(), torch.randint(0, VOCAB, (1, 8))
-    model.double()  # new storage for every parameter: the packs no longer hold the weights
+    model.double().float()  # new storage for every parameter: the packs no longer hold the weights
     attn = model.layers[0].attention
     with torch.no_grad():
         assert not attn.packed_qkv.usable()
         stale_safe = model(idx)
-        model.pack_for_decode()  # re-packs in the new dtype
+        model.pack_for_decode()  # re-packs the new storage
         assert attn.packed_qkv.usable()
         repacked = model(idx)
     torch.testing.assert_close(repacked, stale_safe)
@@ -124,3 +124,11 @@ def test_packed_model_exports_to_safetensors(tmp_path):
     loaded = load_hf(export_hf(model, tmp_path / "hf"))
     for (key, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), key
+
+
+def test_weights_in_another_dtype_keep_their_layout():
+    """The decode layout was measured on fp32 BLAS; a bf16 model in it decoded 20x slower, so it is not packed."""
+    model = Transformer(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=8), VOCAB).to(torch.bfloat16)
+    model.pack_for_decode()
+    assert model.layers[0].attention.packed_qkv is None
+    assert model.output.weight.is_contiguous()

@@ -1,4 +1,4 @@
-"""int8 weight-only quantization (nanollm.model.quantize): the format, both matmul paths, the converted model."""
+"""int8 weight-only quantization (nanollm.inference.quantize): the format, both matmul paths, the converted model."""
 
 import numpy as np
 import pytest
@@ -7,17 +7,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanollm.config import ModelConfig
-from nanollm.evaluate import evaluate_lm, int8_bits_per_byte
+from nanollm.evaluate import evaluate_lm
 from nanollm.inference.generate import generate
-from nanollm.model import Transformer
-from nanollm.model.attention import RaggedStep
-from nanollm.model.quantize import (
+from nanollm.inference.quantize import (
     Int8Linear,
     Int8Transformer,
+    int8_bits_per_byte,
     int8_kernel_rows,
     quantize_int8,
     quantize_rows,
 )
+from nanollm.model import Transformer
+from nanollm.model.attention import RaggedStep
 
 VOCAB = 300
 ALWAYS, NEVER = 10**9, 0  # int8_kernel_rows: the int8 kernel for every call / for none (dequantize, then matmul)

@@ -414,7 +414,7 @@ def _served_text(url: str, prompt: str, max_tokens: int) -> str:
 def _greedy_text(checkpoint: Path, tok: Tokenizer, prompt: str, max_tokens: int, quantize: str = "none") -> str:
     model = load_model(checkpoint)
     if quantize == "int8":
-        from nanollm.model.quantize import quantize_int8
+        from nanollm.inference.quantize import quantize_int8
 
         model = quantize_int8(model)
     model.pack_for_decode()  # as `nanollm serve` lays it out (a no-op for int8)

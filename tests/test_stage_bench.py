@@ -17,11 +17,23 @@ from stages.cli import cli
 
 PARAMS = {
     "seed": 11,
-    "bench": {"prompt_lengths": [4, 16], "new_tokens": [3, 5], "repeats": 1, "warmup": 1},
+    "bench": {
+        "prompt_lengths": [4, 16],
+        "new_tokens": [3, 5],
+        "repeats": 1,
+        "warmup": 1,
+        "batch_sizes": [1, 3],
+        "batch_prompt_len": 6,
+    },
     "tracking": {"experiment": "stage-test"},
 }
 UNTRACKED = {**PARAMS, "tracking": {"enabled": False}}
-OUTPUTS = ("metrics/bench_kvcache.json", "reports/bench_kvcache.csv", "reports/bench_kvcache.png")
+OUTPUTS = (
+    "metrics/bench_kvcache.json",
+    "reports/bench_kvcache.csv",
+    "reports/bench_kvcache.png",
+    "reports/bench_kvcache_batching.csv",
+)
 
 
 @pytest.fixture
@@ -72,7 +84,9 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
     which = {f"p{p}_n{n}_transformers_static_is_peer" for p, n in points}
     bandwidth = {"weight_mb", "weight_read_gb_s", "memory_copy_gb_s", "bandwidth_utilisation"}
     extremes = {"max_speedup", "cache_mb_max", "min_vs_transformers", "threads", "peer_on_llama_counterpart"}
-    assert set(summary) == expected | which | bandwidth | extremes
+    serving = {"decode_fp32_tok_s", "decode_int8_tok_s", "int8_vs_fp32", "max_batch_vs_batch1"}
+    serving |= {f"batch{b}_{w}_{k}" for b in (1, 3) for w in ("fp32", "int8") for k in ("tok_s", "vs_batch1")}
+    assert set(summary) == expected | which | bandwidth | extremes | serving
     assert summary.pop("peer_on_llama_counterpart") == 0.0  # a Llama architecture meets the peer itself
     assert all(isinstance(v, (int, float)) and v > 0 for k, v in summary.items() if k not in which)
     for p, n in points:
@@ -84,7 +98,9 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
     model = load_model(project / "models" / "checkpoint")
     assert summary["weight_mb"] == pytest.approx(4 * model.num_params() / 1e6, abs=1e-4)  # tied: all read
     fastest = max(summary[f"p{p}_n{n}_cached_tok_s"] for p, n in points)
-    assert summary["weight_read_gb_s"] == pytest.approx(summary["weight_mb"] * fastest / 1e3, rel=1e-3)
+    assert summary["weight_read_gb_s"] == pytest.approx(
+        summary["weight_mb"] * fastest / 1e3, rel=1e-3, abs=1e-4
+    )  # rounded to 4 places
     # 2 (K, V) x 2 layers x 2 heads x (16 + 5) positions x 16 dims x 4 bytes
     assert summary["cache_mb_max"] == pytest.approx(2 * 2 * 2 * 21 * 16 * 4 / 1e6, abs=1e-4)
 
@@ -98,6 +114,11 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
     ]  # fmt: skip
     assert {r["transformers_peer"] for r in rows} <= {"dynamic", "static"}
     assert (project / OUTPUTS[2]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(project / OUTPUTS[3], newline="") as f:
+        batching = list(csv.DictReader(f))
+    assert [(r["weights"], int(r["batch"])) for r in batching] == [("fp32", 1), ("fp32", 3), ("int8", 1), ("int8", 3)]
+    assert summary["int8_vs_fp32"] == pytest.approx(summary["decode_int8_tok_s"] / summary["decode_fp32_tok_s"], 1e-3)
+    assert summary["max_batch_vs_batch1"] == summary["batch3_fp32_vs_batch1"]
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     run = client.get_run(tracker.run_id)
@@ -114,7 +135,9 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
     assert run.data.tags["bench.device"] == described["device"] == "cpu"
     assert run.data.tags["bench.machine"] == described["machine"] and described["machine"]
     artifacts = {a.path for a in client.list_artifacts(tracker.run_id, "bench_kvcache")}
-    assert artifacts == {"bench_kvcache/bench_kvcache.csv", "bench_kvcache/bench_kvcache.png"}
+    assert artifacts == {f"bench_kvcache/{name}" for name in ("bench_kvcache.csv", "bench_kvcache.png")} | {
+        "bench_kvcache/bench_kvcache_batching.csv"
+    }
     assert len(client.search_runs([run.info.experiment_id])) == 1  # re-opened, not a new run
 
 

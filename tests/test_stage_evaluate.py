@@ -109,6 +109,12 @@ def test_evaluate_writes_metrics_samples_and_extends_the_pretrain_run(project):
     # the val documents are near-copies of train ones here: xz that has seen train does far better
     assert metrics["lzma_train_context_bits_per_byte"] < 0.5 * metrics["lzma_bits_per_byte"]
     assert metrics["device"] == "cpu"  # where it ran (the one text value: the rest are numbers to diff)
+    # eval.int8: an int8-weight copy scored on the same tokens; the model itself stays fp32
+    assert metrics["int8_bits_per_byte"] != metrics["bits_per_byte"]
+    assert metrics["int8_bits_per_byte_delta"] == pytest.approx(
+        metrics["int8_bits_per_byte"] - metrics["bits_per_byte"], abs=2e-6
+    )
+    assert abs(metrics["int8_bits_per_byte_delta"]) < 0.05
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items() if k != "device")
     vocab = json.loads((root / "models" / "checkpoint" / "config.json").read_text())["vocab_size"]
     assert abs(metrics["val_loss"] - math.log(vocab)) < 1.0  # an untrained model is close to uniform

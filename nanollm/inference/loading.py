@@ -27,7 +27,7 @@ def load_for_decoding(
     """(tokenizer, model in eval mode) from a checkpoint folder and a tokenizer file or folder.
 
     quantize "int8" converts every linear layer to int8 weights with per-channel scales
-    (nanollm.model.quantize: about half the bytes a decode step reads); "none" keeps the
+    (nanollm.inference.quantize: a quarter of the bytes fp32 weights take); "none" keeps the
     trained dtype and moves the weights to the layout batch-1 decoding streams fastest.
     """
     if quantize not in QUANTIZE_CHOICES:
@@ -46,7 +46,7 @@ def load_for_decoding(
             "tokenizer"
         )
     if quantize == "int8":
-        from nanollm.model.quantize import quantize_int8
+        from nanollm.inference.quantize import quantize_int8
 
         return tok, quantize_int8(model)
     model.pack_for_decode()

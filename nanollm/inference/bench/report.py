@@ -15,7 +15,7 @@ from typing import Any
 
 from nanollm.atomic import write_text
 from nanollm.errors import NanollmError
-from nanollm.inference.bench.results import read_table
+from nanollm.inference.bench.results import read_batch_table, read_table
 from nanollm.inference.bench.timing import PEER_COLUMNS, Row
 from nanollm.inference.peers import PEER_CACHES
 
@@ -27,11 +27,12 @@ REPORT_BEGIN = (
 REPORT_END = "<!-- end of bench_kvcache report -->"
 
 
-def render_report(summary: dict[str, Any], rows: Sequence[Row]) -> str:
+def render_report(summary: dict[str, Any], rows: Sequence[Row], batch_rows: Sequence[Row] = ()) -> str:
     """Markdown for the bench stage's outputs: the per-point table, the speedup range and the bandwidth line.
 
     With the transformers comparison the table adds its tokens/s with each cache, which
-    one was the faster (the peer) and ours over the peer.
+    one was the faster (the peer) and ours over the peer. With int8 and batching figures
+    (serving.py), a line for int8 at batch 1 and a table of the batching engine's tokens/s.
     """
     peer = all(c in r for r in rows for c in PEER_COLUMNS)
     caches = " | ".join(f"transformers {cache} cache tok/s" for cache in PEER_CACHES)
@@ -82,14 +83,47 @@ def render_report(summary: dict[str, Any], rows: Sequence[Row]) -> str:
             f"256 MB tensor copy reaches on the same machine"
             + (f" ({_threads(summary['threads'])})." if "threads" in summary else "."),
         ]
-    return "\n".join(out) + "\n"
+    return "\n".join(out + _serving(summary, batch_rows)) + "\n"
+
+
+def _serving(summary: dict[str, Any], batch_rows: Sequence[Row]) -> list[str]:
+    out = []
+    if "int8_vs_fp32" in summary:
+        out += [
+            "",
+            f"int8 weights (per-channel, docs/serving.md) decode at batch 1 at {summary['decode_int8_tok_s']:.0f} "
+            f"tokens/s against {summary['decode_fp32_tok_s']:.0f} with fp32 weights: x{summary['int8_vs_fp32']:.2f}.",
+        ]
+    if batch_rows:
+        kinds = list(dict.fromkeys(r["weights"] for r in batch_rows))
+        sizes = sorted({r["batch"] for r in batch_rows})
+        by = {(r["weights"], r["batch"]): r for r in batch_rows}
+        out += [
+            "",
+            "The batching engine (nanollm.inference.engine), every sequence decoding the same number of tokens "
+            "after its own prompt, prefills included; tokens/s of all the sequences together:",
+            "",
+            "| sequences at once | " + " | ".join(f"{k} tok/s | {k} / batch 1" for k in kinds) + " |",
+            "| ---: |" + " ---: | ---: |" * len(kinds),
+        ]
+        for b in sizes:
+            cells = [
+                f"{by[k, b]['tok_s']:.0f} | x{by[k, b]['vs_batch1']:.1f}"
+                if "vs_batch1" in by[k, b]
+                else f"{by[k, b]['tok_s']:.0f} | -"
+                for k in kinds
+            ]
+            out.append(f"| {b} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _threads(n: float) -> str:
     return "1 thread" if n == 1 else f"{n:.0f} threads"
 
 
-def update_report(doc: str | Path, metrics: str | Path, table: str | Path) -> None:
+def update_report(
+    doc: str | Path, metrics: str | Path, table: str | Path, batch_table: str | Path | None = None
+) -> None:
     """Replace the generated section of `doc` (between REPORT_BEGIN and REPORT_END) with render_report."""
     doc = Path(doc)
     try:
@@ -101,7 +135,8 @@ def update_report(doc: str | Path, metrics: str | Path, table: str | Path) -> No
     _, end, tail = rest.partition(REPORT_END)
     if not sep or not end:
         raise NanollmError(f"{doc} lacks the report markers {REPORT_BEGIN!r} ... {REPORT_END!r}; add them back")
-    body = render_report(summary, read_table(table))
+    batch_rows = read_batch_table(batch_table) if batch_table and Path(batch_table).exists() else []
+    body = render_report(summary, read_table(table), batch_rows)
     write_text(doc, f"{head}{REPORT_BEGIN}\n{body}{REPORT_END}{tail}")
 
 
@@ -113,9 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("doc", nargs="?", default="docs/kv_cache.md", help="markdown file with the report markers")
     parser.add_argument("--metrics", default="metrics/bench_kvcache.json", help="the bench stage's summary JSON")
     parser.add_argument("--table", default="reports/bench_kvcache.csv", help="the bench stage's CSV")
+    parser.add_argument(
+        "--batch-table", default="reports/bench_kvcache_batching.csv", help="the bench stage's batching CSV"
+    )
     args = parser.parse_args(argv)
     try:
-        update_report(args.doc, args.metrics, args.table)
+        update_report(args.doc, args.metrics, args.table, args.batch_table)
     except NanollmError as err:
         parser.exit(1, f"Error: {err}\n")
     return 0

@@ -7,14 +7,15 @@ columns are timing.py's, the chart chart.py's, the markdown report.py's.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nanollm.atomic import atomic_path
 from nanollm.errors import NanollmError
+from nanollm.inference.bench.serving import BATCH_COLUMNS
 from nanollm.inference.bench.timing import COLUMNS, COUNTERPART_COLUMN, PEER_COLUMNS, TEXT_COLUMNS, Row
 
-__all__ = ["read_table", "summarize", "write_table"]
+__all__ = ["read_batch_table", "read_table", "summarize", "summarize_serving", "write_batch_table", "write_table"]
 
 
 def summarize(rows: Sequence[Row]) -> dict[str, float]:
@@ -43,9 +44,46 @@ def summarize(rows: Sequence[Row]) -> dict[str, float]:
     return out
 
 
+def summarize_serving(weights: dict[str, float], batch_rows: Sequence[Row]) -> dict[str, float]:
+    """Flat metrics of serving.py's figures.
+
+    decode_{weights}_tok_s: batch-1 greedy tokens/s with each kind of weights (fp32, int8), and
+    int8_vs_fp32 their ratio; batch{B}_{weights}_tok_s and batch{B}_{weights}_vs_batch1: the
+    batching engine's tokens/s at batch B and its gain over batch 1; max_batch_vs_batch1: that
+    gain at the largest batch for the first kind of weights.
+    """
+    out = {f"decode_{name}_tok_s": round(rate, 4) for name, rate in weights.items()}
+    if "int8" in weights and "fp32" in weights:
+        out["int8_vs_fp32"] = round(weights["int8"] / weights["fp32"], 4)
+    for r in batch_rows:
+        out[f"batch{r['batch']}_{r['weights']}_tok_s"] = round(r["tok_s"], 4)
+        if "vs_batch1" in r:
+            out[f"batch{r['batch']}_{r['weights']}_vs_batch1"] = round(r["vs_batch1"], 4)
+    if batch_rows and "vs_batch1" in batch_rows[0]:
+        first = [r for r in batch_rows if r["weights"] == batch_rows[0]["weights"]]
+        out["max_batch_vs_batch1"] = round(max(first, key=lambda r: r["batch"])["vs_batch1"], 4)
+    return out
+
+
+def write_batch_table(rows: Sequence[Row], path: str | Path) -> None:
+    """Write serving.py's batching rows as CSV (BATCH_COLUMNS), atomically."""
+    _write_csv(rows, [c for c in BATCH_COLUMNS if all(c in r for r in rows)], path)
+
+
+def read_batch_table(path: str | Path) -> list[Row]:
+    """The rows written by write_batch_table (batch as int, weights as text, the rest float)."""
+    return _read_csv(
+        path,
+        lambda column, value: value if column == "weights" else (int(value) if column == "batch" else float(value)),
+    )
+
+
 def write_table(rows: Sequence[Row], path: str | Path) -> None:
     """Write the rows as CSV (one line per point; the COLUMNS the rows have, in that order), atomically."""
-    columns = [c for c in (*COLUMNS, COUNTERPART_COLUMN) if all(c in r for r in rows)]
+    _write_csv(rows, [c for c in (*COLUMNS, COUNTERPART_COLUMN) if all(c in r for r in rows)], path)
+
+
+def _write_csv(rows: Sequence[Row], columns: Sequence[str], path: str | Path) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -61,6 +99,10 @@ def read_table(path: str | Path) -> list[Row]:
             return value
         return int(value) if column in ("prompt_len", "new_tokens") else float(value)
 
+    return _read_csv(path, parse)
+
+
+def _read_csv(path: str | Path, parse: Callable[[str, str], int | float | str]) -> list[Row]:
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))

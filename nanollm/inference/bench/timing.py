@@ -33,6 +33,7 @@ __all__ = [
     "bench_kvcache",
     "speedup",
     "sync",
+    "timed_greedy",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_greedy(
+def timed_greedy(
     model: nn.Module, prompt: torch.Tensor, new_tokens: int, *, use_cache: bool, device: torch.device
 ) -> tuple[list[int], float, float]:
     """Greedy-decode once; returns (tokens, seconds to first token, seconds in total).
@@ -200,10 +201,10 @@ def _measure_point(
     """One row of bench_kvcache: warmup + repeats rounds at one (prompt, new tokens) point, order alternating."""
     prompt_len = prompt.numel()
     runs: dict[str, Callable[[], tuple[list[int], float, float]]] = {
-        "cached": functools.partial(_timed_greedy, model, prompt, n_new, use_cache=True, device=device),
+        "cached": functools.partial(timed_greedy, model, prompt, n_new, use_cache=True, device=device),
     }
     if uncached:
-        runs["uncached"] = functools.partial(_timed_greedy, model, prompt, n_new, use_cache=False, device=device)
+        runs["uncached"] = functools.partial(timed_greedy, model, prompt, n_new, use_cache=False, device=device)
     for cache, peer in peers.items():
         runs[f"transformers_{cache}"] = functools.partial(_timed_peer, peer, prompt, n_new, device)
     order = list(runs)

@@ -3,7 +3,7 @@
 Owns the int8 format (one symmetric scale per output channel), the matmul that reads it and
 the conversion of a model in place. What to quantize is decided here; the architecture stays
 transformer.py's and attention.py's, which see ordinary modules with the same call signature.
-Measuring the cost in bits per byte is nanollm.evaluate's (`int8_bits_per_byte`); the speed,
+`int8_bits_per_byte` measures the cost in bits per byte; the speed,
 benchmarks/int8_decode.py's.
 
 Why it pays: a batch-1 decode step reads every weight once, so its time is the time to
@@ -16,16 +16,20 @@ in the L3 cache, ~0.9x; val bits per byte of the trained default model rise by 0
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanollm.evaluate import evaluate_lm
 from nanollm.model.transformer import Transformer
 
-__all__ = ["Int8Linear", "Int8Transformer", "int8_kernel_rows", "quantize_int8", "quantize_rows"]
+__all__ = ["Int8Linear", "Int8Transformer", "int8_bits_per_byte", "int8_kernel_rows", "quantize_int8", "quantize_rows"]
 
 QMAX = 127  # symmetric range [-127, 127]: -128 is left out so that w and -w quantize alike
 
@@ -249,3 +253,21 @@ def int8_kernel_rows(model: nn.Module, max_rows: int) -> Iterator[None]:
     finally:
         for m, rows in zip(modules, before, strict=True):
             m.kernel_max_rows = rows
+
+
+def int8_bits_per_byte(model: nn.Module, tokens: np.ndarray, **evaluate_args: Any) -> dict[str, dict[str, float]]:
+    """evaluate_lm of `model` and of an int8 copy  on the same tokens: what int8 costs.
+
+    `evaluate_args` are evaluate_lm's (block_size, batch_size and token_bytes at least). Returns
+    {"fp32": ..., "int8": ..., "int8_kernel": ...}, each evaluate_lm's dict. "int8" runs as
+    evaluation's batches do, through dequantize-then-matmul (int8 weights, fp32 activations);
+    "int8_kernel" forces every matmul through the int8 kernel that decoding uses, which rounds
+    the activations and its outputs to bf16. `model` itself is left as it is (the copy is
+    quantized), and is expected in fp32 on the CPU, in eval mode.
+    """
+    results = {"fp32": evaluate_lm(model, tokens, **evaluate_args)}
+    int8 = quantize_int8(copy.deepcopy(model))
+    results["int8"] = evaluate_lm(int8, tokens, **evaluate_args)
+    with int8_kernel_rows(int8, max_rows=evaluate_args["batch_size"] * evaluate_args["block_size"]):
+        results["int8_kernel"] = evaluate_lm(int8, tokens, **evaluate_args)
+    return results

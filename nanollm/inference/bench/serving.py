@@ -1,0 +1,121 @@
+"""Decoding speed where serving needs it: int8 against the trained dtype at batch 1, and the batching engine.
+
+Owns two measurements the bench stage adds to the KV-cache table: batch-1 greedy decoding with
+the model's weights and with int8 weights (nanollm.inference.quantize), and the tokens/s of the
+continuous-batching engine (nanollm.inference.engine) at several batch sizes, for each kind of
+weights. Rounds alternate their order as timing.py's do; figures are medians. The rows go to
+results.py (CSV, metrics), chart.py and report.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from nanollm.inference.bench.equality import first_difference
+from nanollm.inference.bench.timing import Row, sync, timed_greedy
+from nanollm.inference.engine import SamplingParams, generate_batch
+
+__all__ = ["BATCH_COLUMNS", "bench_batching", "bench_weights"]
+
+log = logging.getLogger(__name__)
+
+# One row per (weights, batch): total new tokens/s, each sequence's share, and the gain over batch 1.
+BATCH_COLUMNS = ("weights", "batch", "tok_s", "per_sequence_tok_s", "vs_batch1")
+
+
+def _alternating(runs: Mapping[str, Callable[[], float]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median of each run's figure over `repeats` timed rounds after `warmup`; the order flips every round."""
+    order, samples = list(runs), {name: [] for name in runs}
+    for round_ in range(warmup + repeats):
+        for name in order if (round_ - warmup) % 2 == 0 else order[::-1]:
+            value = runs[name]()
+            if round_ >= warmup:
+                samples[name].append(value)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def bench_weights(
+    models: Mapping[str, nn.Module],
+    prompt: torch.Tensor,
+    new_tokens: int,
+    *,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Batch-1 greedy tokens/s of each model ({weights name: model}, e.g. fp32 and int8) on one prompt: {name: tok/s}.
+
+    Each model decodes in its own decode layout (the caller packs or quantizes). The first
+    model's tokens are the reference: where another's part from them (int8 rounding moves
+    logits by ~1e-2, enough to flip a near-tie) the point is logged, not raised.
+    """
+    first: dict[str, list[int]] = {}
+
+    def run(name: str, model: nn.Module) -> Callable[[], float]:
+        def once() -> float:
+            tokens, _, seconds = timed_greedy(model, prompt, new_tokens, use_cache=True, device=device)
+            first.setdefault(name, tokens)
+            return new_tokens / seconds
+
+        return once
+
+    rates = _alternating({name: run(name, model) for name, model in models.items()}, warmup, repeats)
+    reference = next(iter(models))
+    for name in models:
+        i = first_difference(first[reference], first[name])
+        if i is not None:
+            log.info("%s weights' greedy tokens part from %s's at token %d of %d", name, reference, i, new_tokens)
+    return rates
+
+
+def bench_batching(
+    models: Mapping[str, nn.Module],
+    *,
+    batch_sizes: Sequence[int],
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    warmup: int,
+    seed: int,
+    device: torch.device,
+) -> list[Row]:
+    """Tokens/s of the batching engine decoding `batch` sequences at once, for every model and batch size.
+
+    Each sequence has its own seeded random prompt of prompt_len tokens and decodes
+    new_tokens greedy tokens; the clock covers what a server does for them: the prefills
+    (one per sequence, as they join) and every batched decode step. tok_s counts every
+    sequence's tokens; vs_batch1 divides it by the same weights' rate at batch 1 (when 1
+    is among the batch sizes).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, 2**31 - 1, (max(batch_sizes), prompt_len), generator=gen)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0)
+    rows = []
+    for weights, model in models.items():
+        ids = (prompts % model.vocab_size).tolist()
+
+        def run(batch: int, model: nn.Module = model, ids: list[list[int]] = ids) -> Callable[[], float]:
+            def once() -> float:
+                sync(device)
+                t0 = time.perf_counter()
+                out = generate_batch(model, ids[:batch], params, max_batch=batch)
+                sync(device)
+                return sum(map(len, out)) / (time.perf_counter() - t0)
+
+            return once
+
+        rates = _alternating({str(b): run(b) for b in batch_sizes}, warmup, repeats)
+        for b in batch_sizes:
+            rate = rates[str(b)]
+            row: Row = {"weights": weights, "batch": b, "tok_s": rate, "per_sequence_tok_s": rate / b}
+            if "1" in rates:
+                row["vs_batch1"] = rate / rates["1"]
+            log.info("%s weights, batch %d: %.0f tok/s (%.0f per sequence)", weights, b, rate, rate / b)
+            rows.append(row)
+    return rows
