@@ -143,6 +143,28 @@ class Request:
             yield item
         self._check()
 
+    async def batches(self) -> AsyncIterator[list[int]]:
+        """As `async for`, but every token that has arrived by the time the reader looks, as one list.
+
+        A reader that keeps up gets one token per engine step; one that lags (a busy event loop
+        serving many streams) catches up in one wake-up instead of one per token.
+        """
+        if self._loop is None:
+            raise TypeError("submit with loop=asyncio.get_running_loop() to read a request with `async for`")
+        q: asyncio.Queue[Any] = self._queue  # type: ignore[assignment]
+        while True:
+            out, item = [], await q.get()
+            while item is not _DONE:
+                out.append(item)
+                if q.empty():
+                    break
+                item = q.get_nowait()
+            if out:
+                yield out
+            if item is _DONE:
+                self._check()
+                return
+
     def __aiter__(self) -> AsyncIterator[int]:
         if self._loop is None:
             raise TypeError("submit with loop=asyncio.get_running_loop() to read a request with `async for`")

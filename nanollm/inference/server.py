@@ -175,11 +175,15 @@ class _Job:
     async def pieces(self) -> AsyncIterator[str]:
         """The completion's text as it becomes safe to send; cancels the engine request at a stop string."""
         try:
-            async for token in self.request:
-                self.completion_tokens += 1
-                piece = self.text.push(token)
-                if piece:
-                    yield piece
+            async for tokens in self.request.batches():  # more than one when this loop lags behind the engine
+                pieces = []
+                for token in tokens:
+                    self.completion_tokens += 1
+                    pieces.append(self.text.push(token))
+                    if self.text.stopped:
+                        break
+                if text := "".join(pieces):
+                    yield text
                 if self.text.stopped:
                     self.request.cancel()  # frees the slot now rather than after max_tokens
                     return
