@@ -114,7 +114,8 @@ def render_readme(data: dict[str, Any]) -> str:
     if "int8_vs_fp32" in bench:
         rows.append(
             (
-                f"int8 weights, batch-1 decoding, prompt {p['bench']['batch_prompt_len']} + {new}",
+                "int8 weights, batch-1 decoding, prompt "
+                f"{p['bench']['batch_prompt_len']} + {p['bench']['batch_new_tokens']}",
                 f"{bench['decode_int8_tok_s']:.0f} vs {bench['decode_fp32_tok_s']:.0f} tokens/s in fp32: "
                 f"x{bench['int8_vs_fp32']:.2f} ([serving](docs/serving.md))",
             )

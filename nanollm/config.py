@@ -315,17 +315,14 @@ class BenchConfig:
     compare_transformers: bool = _spec(
         True, doc="also time transformers' generate on the same weights (LlamaForCausalLM) in every round"
     )
-    int8: bool = _spec(
-        True, doc="also time decoding with int8 weights (nanollm.inference.quantize), at batch 1 and batched"
-    )
+    int8: bool = _spec(True, doc="also time the batched measurements with int8 weights (nanollm.inference.quantize)")
     batch_sizes: tuple[int, ...] = _spec(
         factory=lambda: (1, 4, 16),
         doc="sequences the batching engine decodes at once, one measurement each ([]: none)",
         min=1,
     )
-    batch_prompt_len: int = _spec(
-        128, doc="prompt tokens of each sequence in the batched and the int8 measurements", min=1
-    )
+    batch_prompt_len: int = _spec(128, doc="prompt tokens of each sequence in the batched measurements", min=1)
+    batch_new_tokens: int = _spec(128, doc="tokens each sequence decodes in the batched measurements", min=1)
 
     device: str = _spec("auto", doc=_DEVICE_DOC)
 

@@ -39,9 +39,9 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
     with and without the cache must still agree. With bench.compare_transformers,
     transformers' generate on the same weights is timed in
     the same rounds with its dynamic and its static cache, and our cached tokens/s is
-    reported as a multiple of the faster one's. Then, at bench.batch_prompt_len + max(new_tokens):
-    batch-1 decoding with int8 weights against the model's (bench.int8), and the batching
-    engine's tokens/s at each of bench.batch_sizes.
+    reported as a multiple of the faster one's. Then, at bench.batch_prompt_len +
+    bench.batch_new_tokens, the batching engine's tokens/s at each of bench.batch_sizes, with
+    the model's weights and (bench.int8) with int8 weights.
     """
     import torch
 
@@ -77,9 +77,9 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
             rows, bench_kvcache(peer_model, transformers=peer, uncached=False, **timing), strict=True
         ):
             row.update({c: theirs[c] for c in PEER_COLUMNS}, **{COUNTERPART_COLUMN: theirs["cached_tok_s"]})
-    weights, batch_rows = _serving(model, architecture, ctx, device)
+    batch_rows = _serving(model, architecture, ctx, device)
     summary = summarize(rows)
-    summary.update(summarize_serving(weights, batch_rows))
+    summary.update(summarize_serving(batch_rows))
     summary["peer_on_llama_counterpart"] = float(peer is not None and peer_model is not model)
     summary.update(bandwidth(rows, weight_bytes_per_token(model), memory_bandwidth(device=device)))
     summary["threads"] = torch.get_num_threads()
@@ -114,37 +114,33 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
         tracker.log_artifact(batch_table, "bench_kvcache")
 
 
-def _serving(model, architecture: Path, ctx: StageContext, device) -> tuple[dict[str, float], list[dict]]:
-    """(batch-1 tokens/s per kind of weights, the batching rows): the model's own weights ("fp32" when they are)
-    and, with bench.int8, the same seeded weights quantized."""
+def _serving(model, architecture: Path, ctx: StageContext, device) -> list[dict]:
+    """The batching engine's rows: the model's own weights ("fp32" when they are) and, with bench.int8, the
+    same seeded weights quantized; batch 1 among them compares the two kinds at batch 1."""
     import torch
 
     from nanollm.checkpoint import architecture_model
-    from nanollm.inference.bench.serving import bench_batching, bench_weights
+    from nanollm.inference.bench.serving import bench_batching
 
     cfg = ctx.config.bench
+    if not cfg.batch_sizes:
+        return []
     dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model.tok_embeddings.weight.dtype]
     models = {dtype: model}
     if cfg.int8:
         from nanollm.inference.quantize import quantize_int8
 
         models["int8"] = quantize_int8(architecture_model(architecture, seed=ctx.config.seed, device=device))
-    gen = torch.Generator().manual_seed(ctx.config.seed)
-    prompt = torch.randint(0, model.vocab_size, (cfg.batch_prompt_len,), generator=gen).to(device)
-    timing = dict(repeats=cfg.repeats, warmup=cfg.warmup, device=device)
-    new = max(cfg.new_tokens)
-    weights = bench_weights(models, prompt, new, **timing) if cfg.int8 else {}
-    batch_rows = []
-    if cfg.batch_sizes:
-        batch_rows = bench_batching(
-            models,
-            batch_sizes=cfg.batch_sizes,
-            prompt_len=cfg.batch_prompt_len,
-            new_tokens=new,
-            seed=ctx.config.seed,
-            **timing,
-        )
-    return weights, batch_rows
+    return bench_batching(
+        models,
+        batch_sizes=cfg.batch_sizes,
+        prompt_len=cfg.batch_prompt_len,
+        new_tokens=cfg.batch_new_tokens,
+        repeats=cfg.repeats,
+        warmup=cfg.warmup,
+        seed=ctx.config.seed,
+        device=device,
+    )
 
 
 def _peer_model(model, seed: int, device):

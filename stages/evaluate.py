@@ -57,6 +57,7 @@ def command(
     device = pick_device(cfg.device, key="eval.device")
     model = load_model(checkpoint, device=device)
     architecture_differences(model, ctx.config.model, checkpoint)
+
     def score(scored: Transformer) -> dict[str, Any]:
         return evaluate_lm(
             scored,

@@ -24,6 +24,7 @@ PARAMS = {
         "warmup": 1,
         "batch_sizes": [1, 3],
         "batch_prompt_len": 6,
+        "batch_new_tokens": 4,
     },
     "tracking": {"experiment": "stage-test"},
 }

@@ -92,7 +92,8 @@ def _serving(summary: dict[str, Any], batch_rows: Sequence[Row]) -> list[str]:
         out += [
             "",
             f"int8 weights (per-channel, docs/serving.md) decode at batch 1 at {summary['decode_int8_tok_s']:.0f} "
-            f"tokens/s against {summary['decode_fp32_tok_s']:.0f} with fp32 weights: x{summary['int8_vs_fp32']:.2f}.",
+            f"tokens/s against {summary['decode_fp32_tok_s']:.0f} with fp32 weights: x{summary['int8_vs_fp32']:.2f} "
+            "(the engine's batch-1 rows below).",
         ]
     if batch_rows:
         kinds = list(dict.fromkeys(r["weights"] for r in batch_rows))

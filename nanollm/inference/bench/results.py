@@ -44,21 +44,22 @@ def summarize(rows: Sequence[Row]) -> dict[str, float]:
     return out
 
 
-def summarize_serving(weights: dict[str, float], batch_rows: Sequence[Row]) -> dict[str, float]:
-    """Flat metrics of serving.py's figures.
+def summarize_serving(batch_rows: Sequence[Row]) -> dict[str, float]:
+    """Flat metrics of serving.py's rows.
 
-    decode_{weights}_tok_s: batch-1 greedy tokens/s with each kind of weights (fp32, int8), and
-    int8_vs_fp32 their ratio; batch{B}_{weights}_tok_s and batch{B}_{weights}_vs_batch1: the
-    batching engine's tokens/s at batch B and its gain over batch 1; max_batch_vs_batch1: that
-    gain at the largest batch for the first kind of weights.
+    batch{B}_{weights}_tok_s and batch{B}_{weights}_vs_batch1: the batching engine's tokens/s at
+    batch B and its gain over batch 1; decode_{weights}_tok_s: batch 1 alone, and int8_vs_fp32
+    their ratio; max_batch_vs_batch1: the gain at the largest batch for the first kind of weights.
     """
-    out = {f"decode_{name}_tok_s": round(rate, 4) for name, rate in weights.items()}
-    if "int8" in weights and "fp32" in weights:
-        out["int8_vs_fp32"] = round(weights["int8"] / weights["fp32"], 4)
+    out: dict[str, float] = {}
     for r in batch_rows:
         out[f"batch{r['batch']}_{r['weights']}_tok_s"] = round(r["tok_s"], 4)
         if "vs_batch1" in r:
             out[f"batch{r['batch']}_{r['weights']}_vs_batch1"] = round(r["vs_batch1"], 4)
+    single = {r["weights"]: r["tok_s"] for r in batch_rows if r["batch"] == 1}
+    out.update({f"decode_{name}_tok_s": round(rate, 4) for name, rate in single.items()})
+    if "int8" in single and "fp32" in single:
+        out["int8_vs_fp32"] = round(single["int8"] / single["fp32"], 4)
     if batch_rows and "vs_batch1" in batch_rows[0]:
         first = [r for r in batch_rows if r["weights"] == batch_rows[0]["weights"]]
         out["max_batch_vs_batch1"] = round(max(first, key=lambda r: r["batch"])["vs_batch1"], 4)

@@ -1,10 +1,11 @@
-"""Decoding speed where serving needs it: int8 against the trained dtype at batch 1, and the batching engine.
+"""Decoding speed where serving needs it: the batching engine at several batch sizes, per kind of weights.
 
-Owns two measurements the bench stage adds to the KV-cache table: batch-1 greedy decoding with
-the model's weights and with int8 weights (nanollm.inference.quantize), and the tokens/s of the
-continuous-batching engine (nanollm.inference.engine) at several batch sizes, for each kind of
-weights. Rounds alternate their order as timing.py's do; figures are medians. The rows go to
-results.py (CSV, metrics), chart.py and report.py.
+Owns the measurement the bench stage adds to the KV-cache table: the tokens/s of the
+continuous-batching engine (nanollm.inference.engine) at each batch size, with the model's
+weights and with int8 weights (nanollm.inference.quantize). Batch 1 is also the batch-1
+comparison of the two kinds of weights: at batch 1 the engine runs generate's own cached step.
+Rounds alternate their order as timing.py's do; figures are medians. The rows go to results.py
+(CSV, metrics), chart.py and report.py.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from nanollm.inference.bench.equality import first_difference
-from nanollm.inference.bench.timing import Row, sync, timed_greedy
+from nanollm.inference.bench.timing import Row, sync
 from nanollm.inference.engine import SamplingParams, generate_batch
 
-__all__ = ["BATCH_COLUMNS", "bench_batching", "bench_weights"]
+__all__ = ["BATCH_COLUMNS", "bench_batching"]
 
 log = logging.getLogger(__name__)
 
@@ -38,40 +38,6 @@ def _alternating(runs: Mapping[str, Callable[[], float]], warmup: int, repeats: 
             if round_ >= warmup:
                 samples[name].append(value)
     return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def bench_weights(
-    models: Mapping[str, nn.Module],
-    prompt: torch.Tensor,
-    new_tokens: int,
-    *,
-    repeats: int,
-    warmup: int,
-    device: torch.device,
-) -> dict[str, float]:
-    """Batch-1 greedy tokens/s of each model ({weights name: model}, e.g. fp32 and int8) on one prompt: {name: tok/s}.
-
-    Each model decodes in its own decode layout (the caller packs or quantizes). The first
-    model's tokens are the reference: where another's part from them (int8 rounding moves
-    logits by ~1e-2, enough to flip a near-tie) the point is logged, not raised.
-    """
-    first: dict[str, list[int]] = {}
-
-    def run(name: str, model: nn.Module) -> Callable[[], float]:
-        def once() -> float:
-            tokens, _, seconds = timed_greedy(model, prompt, new_tokens, use_cache=True, device=device)
-            first.setdefault(name, tokens)
-            return new_tokens / seconds
-
-        return once
-
-    rates = _alternating({name: run(name, model) for name, model in models.items()}, warmup, repeats)
-    reference = next(iter(models))
-    for name in models:
-        i = first_difference(first[reference], first[name])
-        if i is not None:
-            log.info("%s weights' greedy tokens part from %s's at token %d of %d", name, reference, i, new_tokens)
-    return rates
 
 
 def bench_batching(
