@@ -63,21 +63,15 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
         from nanollm.inference.peers import transformers_settings
 
         peer = transformers_settings(peer_model)
-    timing = dict(
-        prompt_lengths=cfg.prompt_lengths,
-        new_tokens=cfg.new_tokens,
-        repeats=cfg.repeats,
-        warmup=cfg.warmup,
-        seed=ctx.config.seed,
-        device=device,
-    )
+    rounds = dict(repeats=cfg.repeats, warmup=cfg.warmup, seed=ctx.config.seed, device=device)
+    timing = dict(prompt_lengths=cfg.prompt_lengths, new_tokens=cfg.new_tokens, **rounds)
     rows = bench_kvcache(model, transformers=peer if peer_model is model else None, **timing)
     if peer is not None and peer_model is not model:  # the engines, compared on the counterpart alone
         for row, theirs in zip(
             rows, bench_kvcache(peer_model, transformers=peer, uncached=False, **timing), strict=True
         ):
             row.update({c: theirs[c] for c in PEER_COLUMNS}, **{COUNTERPART_COLUMN: theirs["cached_tok_s"]})
-    batch_rows = _serving(model, architecture, ctx, device)
+    batch_rows = _serving(model, architecture, ctx.config.bench, rounds)
     summary = summarize(rows)
     summary.update(summarize_serving(batch_rows))
     summary["peer_on_llama_counterpart"] = float(peer is not None and peer_model is not model)
@@ -114,32 +108,21 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
         tracker.log_artifact(batch_table, "bench_kvcache")
 
 
-def _serving(model, architecture: Path, ctx: StageContext, device) -> list[dict]:
-    """The batching engine's rows: the model's own weights ("fp32" when they are) and, with bench.int8, the
-    same seeded weights quantized; batch 1 among them compares the two kinds at batch 1."""
-    import torch
-
+def _serving(model, architecture: Path, cfg, rounds: dict) -> list[dict]:
+    """The batching engine's rows: the seeded fp32 weights (architecture_model's) and, with bench.int8, the
+    same weights quantized; batch 1 among them compares the two kinds at batch 1."""
     from nanollm.checkpoint import architecture_model
     from nanollm.inference.bench.serving import bench_batching
 
-    cfg = ctx.config.bench
     if not cfg.batch_sizes:
         return []
-    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model.tok_embeddings.weight.dtype]
-    models = {dtype: model}
+    models = {"fp32": model}
     if cfg.int8:
         from nanollm.inference.quantize import quantize_int8
 
-        models["int8"] = quantize_int8(architecture_model(architecture, seed=ctx.config.seed, device=device))
+        models["int8"] = quantize_int8(architecture_model(architecture, seed=rounds["seed"], device=rounds["device"]))
     return bench_batching(
-        models,
-        batch_sizes=cfg.batch_sizes,
-        prompt_len=cfg.batch_prompt_len,
-        new_tokens=cfg.batch_new_tokens,
-        repeats=cfg.repeats,
-        warmup=cfg.warmup,
-        seed=ctx.config.seed,
-        device=device,
+        models, batch_sizes=cfg.batch_sizes, prompt_len=cfg.batch_prompt_len, new_tokens=cfg.batch_new_tokens, **rounds
     )
 
 

@@ -27,7 +27,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,7 +78,7 @@ class Request:
         prompt_ids: list[int],
         params: SamplingParams,
         loop: asyncio.AbstractEventLoop | None,
-        outbox: list[Request] | None = None,
+        outbox: list[Request],
     ):
         self.id, self.prompt_ids, self.params = rid, prompt_ids, params
         self.finish_reason: str | None = None
@@ -111,11 +111,9 @@ class Request:
         if self._loop is None:
             self._queue.put(item)  # type: ignore[union-attr]
             return
-        if not self._pending and self._outbox is not None:
+        if not self._pending:
             self._outbox.append(self)
         self._pending.append(item)
-        if self._outbox is None:
-            _hand_over({self._loop: [self]})
 
     def _emit(self, token: int) -> None:
         self.tokens.append(token)
@@ -195,7 +193,7 @@ class _Slot:
     request: Request
     pos: int
     last: int  # the token to feed at pos
-    drawn: int = field(default=1)  # tokens drawn so far, the prefill's included
+    drawn: int = 1  # tokens drawn so far, the prefill's included
 
 
 class Engine:
