@@ -1,10 +1,12 @@
 """Batch-1 greedy decoding in int8: nanollm int8 vs nanollm fp32 vs transformers' generate, same weights.
 
 For each model shape, from one seeded fp32 model: (a) nanollm fp32 in its best layout
-(pack_for_decode), (b) nanollm int8 (nanollm.inference.quantize.quantize_int8 of a copy), and
-(c) transformers' LlamaForCausalLM over the same weights (nanollm.inference.peers: exported
-with export_hf, loaded with from_pretrained) with its dynamic and its static cache, in fp32
-and in bf16, the fastest of the four being the peer. bf16 counts although this CPU has no
+(pack_for_decode), (b) nanollm int8 (nanollm.inference.quantize.quantize_int8 of a copy) on
+nanollm's own int8 kernel (nanollm/inference/int8_gemm.c) and, where that runs, the same int8
+model on torch's aten._weight_int8pack_mm, which serves where ours cannot, and (c)
+transformers' LlamaForCausalLM over the same weights (nanollm.inference.peers: exported with
+export_hf, loaded with from_pretrained) with its dynamic and its static cache, in fp32 and in
+bf16, the fastest of the four being the peer. bf16 counts although this CPU has no
 native bf16: a batch-1 step streams the weights, and oneDNN's bf16 matmul reads half of
 fp32's bytes (measured ~1.5x fp32 at 2 threads here). transformers has no int8 path offline
 (torchao, quanto and bitsandbytes are not installed). An architecture Llama cannot express
@@ -39,8 +41,9 @@ from nanollm.config import Config, ModelConfig
 from nanollm.hardware import describe_machine
 from nanollm.hf import llama_counterpart, llama_incompatibility
 from nanollm.inference.generate import generate
+from nanollm.inference.native import int8_gemm
 from nanollm.inference.peers import PEER_CACHES, transformers_greedy
-from nanollm.inference.quantize import Int8Linear, quantize_int8
+from nanollm.inference.quantize import Int8Linear, int8_native_kernel, quantize_int8
 from nanollm.model import Transformer
 
 Decoder = Callable[[torch.Tensor, int], list[int]]
@@ -106,12 +109,26 @@ def deciders(model: Transformer, peer_dtypes: list[str]) -> tuple[dict[str, Deco
     model.pack_for_decode()  # nanollm fp32 in its best batch-1 layout, as `nanollm generate` runs it
     calls["nanollm fp32"] = lambda p, n: list(generate(model, p, n, temperature=0.0))
     calls["nanollm int8"] = lambda p, n: list(generate(int8, p, n, temperature=0.0))
+    if int8_gemm() is not None:  # the same model through torch's kernel: what nanollm's own buys
+
+        def aten(p: torch.Tensor, n: int) -> list[int]:
+            with int8_native_kernel(int8, False):
+                return list(generate(int8, p, n, temperature=0.0))
+
+        calls["nanollm int8 aten kernel"] = aten
     sizes = {"nanollm fp32": weight_bytes(model), "nanollm int8": weight_bytes(int8)}
     return calls, sizes
 
 
-def columns(peer_dtypes: list[str]) -> list[str]:
-    return ["nanollm fp32", "nanollm int8", *(f"transformers {c} {d}" for d in peer_dtypes for c in PEER_CACHES)]
+def kernel_words() -> str:
+    kernel = int8_gemm()
+    if kernel is None:
+        return "torch's aten._weight_int8pack_mm, bf16 inside: nanollm's kernel cannot run here"
+    return f"nanollm's {kernel.isa} kernel; 'aten kernel': torch's, bf16 inside"
+
+
+def columns(calls: dict[str, Decoder]) -> list[str]:
+    return [k for k in calls if k.startswith("nanollm")] + [k for k in calls if k.startswith("transformers")]
 
 
 def race(calls: dict[str, Decoder], prompt: torch.Tensor, n_new: int, threads: list[int], args) -> dict:
@@ -170,7 +187,7 @@ def main() -> int:
     print(f"machine: {describe_machine()}, torch {torch.__version__}, transformers {transformers.__version__}; "
           f"load average before {' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
     print(f"batch 1, greedy, {args.prompt}-token prompt + {args.new} new tokens, end to end; nanollm int8: "
-          f"int8 weights, fp32 activations (bf16 inside the int8 matmul); others: the dtype named; "
+          f"int8 weights, fp32 activations ({kernel_words()}); others: the dtype named; "
           f"median of {args.repeats} rounds after {args.warmup} warm-up, threads {args.threads}")  # fmt: skip
     per_threads, best_rows = [], []
     gen = torch.Generator().manual_seed(0)
@@ -182,7 +199,7 @@ def main() -> int:
         peers = [k for k in calls if k.startswith("transformers")]
         for t in threads:
             peer = max(peers, key=lambda k: medians[k, t])
-            row = [name, str(t), *(f"{medians[k, t]:.1f}" for k in columns(peer_dtypes))]
+            row = [name, str(t), *(f"{medians[k, t]:.1f}" for k in columns(calls))]
             row += [
                 peer.removeprefix("transformers "),
                 f"{medians['nanollm int8', t] / medians['nanollm fp32', t]:.2f}x",
@@ -199,9 +216,10 @@ def main() -> int:
             f"{sizes['nanollm int8'] * rate['nanollm int8'] / 1e9:.1f}",
             agreement(tokens["nanollm fp32"], tokens["nanollm int8"]),
         ])  # fmt: skip
+        names = columns(calls)
         del calls, model
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
-    print(table(["model", "threads", *columns(peer_dtypes), "peer", "int8 / fp32", "int8 / peer"], per_threads))
+    print(table(["model", "threads", *names, "peer", "int8 / fp32", "int8 / peer"], per_threads))
     print("\ntokens/s, medians; each column at its best thread count (in brackets):\n")
     header = ["model", "nanollm fp32", "nanollm int8", "transformers, best setting", "int8 / fp32",
               "int8 / transformers", "weights read per token, MB (fp32 / int8)", "int8 GB/s",

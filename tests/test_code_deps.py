@@ -60,8 +60,21 @@ def _imported_names(file: Path) -> set[str]:
     return {n for n in names if _module_file(n) is not None}
 
 
+def _sibling_files(file: Path) -> set[Path]:
+    """Files a module reads from its own folder by name, as `Path(__file__).with_name("int8_gemm.c")`."""
+    found = set()
+    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args):
+            continue
+        name = node.args[0]
+        if node.func.attr == "with_name" and isinstance(name, ast.Constant) and "__file__" in ast.unparse(node.func):
+            found.add(file.parent / name.value)
+    return {f for f in found if f.is_file()}
+
+
 def import_closure(*roots: str) -> set[Path]:
-    """Source files of every first-party module the roots import, transitively (roots included)."""
+    """Source files of every first-party module the roots import, transitively (roots included), and the
+    files those modules read from their own folder (a C kernel's source)."""
     seen: set[str] = set()
     todo = list(roots)
     while todo:
@@ -71,7 +84,8 @@ def import_closure(*roots: str) -> set[Path]:
         seen.add(name)
         todo.extend(_packages(name))
         todo.extend(_imported_names(_module_file(name)))
-    return {_module_file(n) for n in seen}
+    modules = {_module_file(n) for n in seen}
+    return modules | {f for m in modules for f in _sibling_files(m)}
 
 
 def _covered(file: Path, declared: list[str]) -> bool:
@@ -143,3 +157,4 @@ def test_the_closure_sees_lazy_imports_and_skips_type_checking_ones():
     assert "nanollm/evaluate.py" in closure  # imported inside the command body
     assert "nanollm/__init__.py" in closure and "nanollm/data/__init__.py" in closure
     assert "nanollm/config.py" in closure  # through stages.cli
+    assert "nanollm/inference/int8_gemm.c" in closure  # read by nanollm/inference/native.py, not imported

@@ -9,11 +9,13 @@ from torch import nn
 from nanollm.config import ModelConfig
 from nanollm.evaluate import evaluate_lm
 from nanollm.inference.generate import generate
+from nanollm.inference.native import int8_gemm
 from nanollm.inference.quantize import (
     Int8Linear,
     Int8Transformer,
     int8_bits_per_byte,
     int8_kernel_rows,
+    int8_native_kernel,
     quantize_int8,
     quantize_rows,
 )
@@ -48,9 +50,10 @@ def test_quantize_rows_is_symmetric_per_channel_within_half_a_step():
     assert bool((error <= scales[:, None] / 2 + 1e-12).all())
 
 
-@pytest.mark.parametrize("in_features", [64, 36])  # 36: not a multiple of 8, never the kernel
+@pytest.mark.parametrize("native", [True, False], ids=["nanollm-kernel", "aten-kernel"])
+@pytest.mark.parametrize("in_features", [64, 36])  # 36: not a multiple of 8, never aten's kernel
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_int8_linear_matches_its_dequantized_weight_on_both_paths(in_features, rows):
+def test_int8_linear_matches_its_dequantized_weight_on_every_path(in_features, rows, native):
     torch.manual_seed(0)
     linear = nn.Linear(in_features, 24, bias=False)
     layer = Int8Linear.from_linear(linear)
@@ -59,11 +62,13 @@ def test_int8_linear_matches_its_dequantized_weight_on_both_paths(in_features, r
     reference = F.linear(x, layer.weight.float() * layer.scales[:, None])  # (2, rows, 24)
     with int8_kernel_rows(layer, NEVER):
         dequantized = layer(x)
-    with int8_kernel_rows(layer, ALWAYS):
+    with int8_kernel_rows(layer, ALWAYS), int8_native_kernel(layer, native):
         kernel = layer(x)
     assert dequantized.shape == kernel.shape == (2, rows, 24) and kernel.dtype == torch.float32
     torch.testing.assert_close(dequantized, reference, rtol=1e-5, atol=1e-5)
-    assert relative_error(kernel, reference) < 1e-2  # bf16 activations and outputs inside the kernel
+    if native and int8_gemm() is not None:  # fp32 activations throughout: summation order apart, the same
+        torch.testing.assert_close(kernel, reference, rtol=1e-5, atol=1e-5)
+    assert relative_error(kernel, reference) < 1e-2  # aten's: bf16 activations and outputs inside the kernel
     assert relative_error(layer(x), linear(x)) < 2e-2  # and the int8 weights themselves
 
 
@@ -145,21 +150,23 @@ def _cached_logits(model: Transformer, idx: torch.Tensor) -> list[torch.Tensor]:
 MIXED = 8  # kernel for one row's 6-token prefill and every decode step, dequantize for the batch's 24 rows
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["nanollm-kernel", "aten-kernel"])
 @pytest.mark.parametrize("rows", [MIXED, NEVER, ALWAYS], ids=["mixed-paths", "dequantize", "kernel"])
-def test_a_batch_of_4_matches_each_row_decoded_alone(rows):
+def test_a_batch_of_4_matches_each_row_decoded_alone(rows, native):
     model = quantize_int8(tiny())
     idx = torch.randint(0, VOCAB, (4, 11), generator=torch.Generator().manual_seed(2))
-    with torch.inference_mode(), int8_kernel_rows(model, rows):
+    with torch.inference_mode(), int8_kernel_rows(model, rows), int8_native_kernel(model, native):
         batched = _cached_logits(model, idx)
         alone = [_cached_logits(model, idx[b : b + 1]) for b in range(4)]
         plain = model(idx)  # no cache: the same positions, all at once
-    # one path throughout: equal up to summation order; mixed paths differ by the kernel's bf16 rounding
-    tol = 2e-2 if rows == MIXED else 1e-4
+    fp32 = rows == NEVER or (native and int8_gemm() is not None)  # fp32 activations in every matmul
+    # one path throughout, or fp32 everywhere: equal up to summation order; else aten's bf16 rounding
+    tol = 2e-2 if rows == MIXED and not fp32 else 1e-4
     for step, logits in enumerate(batched):
         per_row = torch.cat([a[step] for a in alone])  # (4, T, V)
         torch.testing.assert_close(logits, per_row, rtol=tol, atol=tol * float(per_row.abs().max()))
     cached = torch.cat(batched, dim=1)  # (4, 11, V)
-    assert relative_error(cached, plain) < (2e-2 if rows != NEVER else 1e-4)
+    assert relative_error(cached, plain) < (1e-4 if fp32 else 2e-2)
 
 
 def test_a_ragged_batch_of_4_at_mixed_positions_matches_each_row_decoded_alone():
@@ -190,8 +197,9 @@ def test_int8_bits_per_byte_scores_fp32_and_int8_on_the_same_tokens():
     token_bytes = np.full(VOCAB, 2)
     args = {"block_size": 32, "batch_size": 4, "token_bytes": token_bytes}
     result = int8_bits_per_byte(model, tokens, **args)
-    assert set(result) == {"fp32", "int8", "int8_kernel"}
+    assert set(result) == {"fp32", "int8", "int8_kernel", "int8_aten_kernel"}
     assert result["fp32"] == evaluate_lm(model, tokens, **args)  # the model itself is left fp32
     assert all(r["tokens"] == 399 for r in result.values())
     assert abs(result["int8"]["bits_per_byte"] - result["fp32"]["bits_per_byte"]) < 0.01
-    assert abs(result["int8_kernel"]["bits_per_byte"] - result["fp32"]["bits_per_byte"]) < 0.01
+    for kernel in ("int8_kernel", "int8_aten_kernel"):
+        assert abs(result[kernel]["bits_per_byte"] - result["fp32"]["bits_per_byte"]) < 0.01

@@ -1,24 +1,23 @@
 """int8 weight-only quantization for inference: `quantize_int8(model)` turns a Transformer's linear layers to int8.
 
-Owns the int8 format (one symmetric scale per output channel), the matmul that reads it and
-the conversion of a model in place. What to quantize is decided here; the architecture stays
-transformer.py's and attention.py's, which see ordinary modules with the same call signature.
-`int8_bits_per_byte` measures the cost in bits per byte; the speed,
+Owns the int8 format (one symmetric scale per output channel), the choice of matmul that
+reads it and the conversion of a model in place. What to quantize is decided here; the
+architecture stays transformer.py's and attention.py's, which see ordinary modules with the
+same call signature. `int8_bits_per_byte` measures the cost in bits per byte; the speed,
 benchmarks/int8_decode.py's.
 
 Why it pays: a batch-1 decode step reads every weight once, so its time is the time to
-stream the weights, and int8 is a quarter of fp32's bytes. What it buys is bounded by the
-kernel (kernel_takes): on the 2-core AVX2 machine the GPT-2 124M shape decodes ~1.7x faster
-than fp32 at 2 threads, no faster at 1, and the default 5 MB model, whose fp32 weights sit
-in the L3 cache, ~0.9x; val bits per byte of the trained default model rise by 0.0001
-(benchmarks/README.md has the figures and commands).
+stream the weights, and int8 is a quarter of fp32's bytes. It pays as far as the kernel
+keeps up with memory: nanollm's own (native.py, int8_gemm.c; x86 with AVX2) streams int8
+weights ~2.5x faster than torch's aten._weight_int8pack_mm on a CPU without native bf16,
+which serves where ours cannot run. benchmarks/README.md has the figures and commands.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import numpy as np
@@ -27,19 +26,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanollm.evaluate import evaluate_lm
+from nanollm.inference.native import int8_gemm
 from nanollm.model.transformer import Transformer
 
-__all__ = ["Int8Linear", "Int8Transformer", "int8_bits_per_byte", "int8_kernel_rows", "quantize_int8", "quantize_rows"]
+__all__ = [
+    "Int8Linear",
+    "Int8Transformer",
+    "int8_bits_per_byte",
+    "int8_kernel_rows",
+    "int8_native_kernel",
+    "quantize_int8",
+    "quantize_rows",
+]
 
 QMAX = 127  # symmetric range [-127, 127]: -128 is left out so that w and -w quantize alike
 
-# Up to this many rows (batch x tokens) the int8 kernel runs; above it the weight is
-# dequantized to the activations' dtype and a BLAS matmul runs. The kernel converts every
-# weight once per 4 rows, so its cost grows with the rows, while dequantizing costs one pass
-# over the weights (written as fp32) plus a GEMM. On the 2-core AVX2 machine, for one block's
-# matmuls at the 124M shape, the kernel took 0.4x dequantize-then-matmul's time at 32 rows,
-# 0.9x at 64, 1.2x at 128 and 1.5x at 256 (noisy: a shared machine). Batched decoding (B <= 16)
-# and short prompts stay on the kernel; evaluation batches and long prefills dequantize.
+# Up to this many rows (batch x tokens) an int8 kernel runs; above it the weight is
+# dequantized to the activations' dtype and a BLAS matmul runs. Both kernels widen every
+# weight once per few rows (ours per 4, aten's per 4), so their cost grows with the rows,
+# while dequantizing costs one pass over the weights (written as fp32) plus a GEMM. On the
+# 2-core AVX2 machine, over the 124M shape's 49 matmuls at 2 threads, ours took 0.20x
+# dequantize-then-matmul's time at 1 row, 0.25x at 32 and 0.53x at 64; aten's took 0.4x
+# at 32 rows and 0.9x at 64. Batched decoding (B <= 16) and short prompts stay on a kernel;
+# evaluation batches and long prefills dequantize.
 KERNEL_MAX_ROWS = 64
 
 
@@ -67,37 +76,40 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def kernel_takes(in_features: int) -> bool:
     """Whether aten._weight_int8pack_mm's vectorised CPU path can serve a layer with this many inputs.
 
-    Its contract in torch 2.13 on CPU: A (M, K) contiguous, in the dtype of the scales (fp32,
-    bf16 or fp16), B (N, K) int8 contiguous, scales (N,), out (M, N) in A's dtype; no autograd.
-    Only bf16 has an AVX2/AVX-512 kernel on x86; fp32 and fp16 take a scalar loop ~10x slower
-    than an fp32 BLAS matmul, so fp32 activations are cast to bf16 for it. The bf16 kernel
-    loads A 8 values at a time with aligned loads and has no remainder loop: K must be a
-    multiple of 8 (else it reads past each row, or crashes on a misaligned row), and A's rows
-    must start 16-byte aligned. It is compute-bound (it converts each int8 weight to fp32 and
-    scales it before the FMA): streaming 126 MB of int8 weights it reached 6.1 GB/s on one
-    core and 10.5 on two, against 14-16 GB/s (both thread counts) for fp32 BLAS reading fp32
-    column-major weights. So int8's 4x fewer bytes make the matmuls ~1.5x faster on one core
-    and ~2.7x on two; a whole decode step, with its elementwise ops, ~1.05x and ~1.7x.
+    The fallback where nanollm's kernel (native.py) cannot run. Its contract in torch 2.13 on
+    CPU: A (M, K) contiguous, in the dtype of the scales (fp32, bf16 or fp16), B (N, K) int8
+    contiguous, scales (N,), out (M, N) in A's dtype; no autograd. Only bf16 has an
+    AVX2/AVX-512 kernel on x86; fp32 and fp16 take a scalar loop ~10x slower than an fp32
+    BLAS matmul, so fp32 activations are cast to bf16 for it. The bf16 kernel loads A 8
+    values at a time with aligned loads and has no remainder loop: K must be a multiple of 8
+    (else it reads past each row, or crashes on a misaligned row), and A's rows must start
+    16-byte aligned. Without native bf16 it is compute-bound: streaming 126 MB of int8
+    weights it reached 6.1 GB/s on one core and 10.5 on two, where fp32 BLAS streams 14-16.
     """
     return in_features % 8 == 0
 
 
 def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, scales_bf16: torch.Tensor,
-                 max_rows: int) -> torch.Tensor:  # fmt: skip
+                 max_rows: int, native: bool) -> torch.Tensor:  # fmt: skip
     """x (..., in) @ (weight * scales[:, None])^T -> (..., out) in x's dtype.
 
-    The decode hot path (fp32 rows on the CPU) is written for few Python-level ops: a 124M
-    decode step makes 49 calls, and each microsecond here is ~0.3% of the step. (Passing a
-    shape as a tuple, as in view(x.shape[:-1] + (n,)), costs 5 us; unpacked, 1-3 us.)
+    Few fp32 rows on the CPU: nanollm's kernel (fp32 activations throughout) where it runs
+    and `native` allows, else aten's (bf16 activations inside). Otherwise dequantize-then-
+    matmul. The decode hot path is written for few Python-level ops: a 124M decode step makes
+    49 calls, and each microsecond here is ~0.1% of the step. (Passing a shape as a tuple, as
+    in view(x.shape[:-1] + (n,)), costs 5 us; unpacked, 1-3 us.)
     """
     *lead, K = x.shape
     rows = x.reshape(-1, K)  # (M, K)
-    if rows.size(0) <= max_rows and x.is_cpu and kernel_takes(K):
+    if rows.size(0) <= max_rows and x.is_cpu:
         if x.dtype == torch.float32:
-            # rows.bfloat16() is a fresh contiguous tensor, which the allocator aligns to 64 bytes
-            y = torch.ops.aten._weight_int8pack_mm(rows.bfloat16(), weight, scales_bf16)  # (M, N) bf16
-            return y.float().view(*lead, weight.size(0))
-        if x.dtype == torch.bfloat16:
+            if native and (kernel := int8_gemm()) is not None and kernel.serves(torch.get_num_threads()):
+                return kernel(rows, weight, scales).view(*lead, weight.size(0))
+            if kernel_takes(K):
+                # rows.bfloat16() is a fresh contiguous tensor, which the allocator aligns to 64 bytes
+                y = torch.ops.aten._weight_int8pack_mm(rows.bfloat16(), weight, scales_bf16)  # (M, N) bf16
+                return y.float().view(*lead, weight.size(0))
+        if x.dtype == torch.bfloat16 and kernel_takes(K):
             rows = rows.contiguous()
             if rows.data_ptr() % 16:  # a view at an odd offset: the kernel's aligned loads need a copy
                 rows = rows.clone()
@@ -123,6 +135,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("scales_bf16", scales.to(torch.bfloat16), persistent=False)
         self.kernel_max_rows = KERNEL_MAX_ROWS
+        self.native_kernel = True  # nanollm's kernel where it runs (native.py); False: aten's
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -131,7 +144,7 @@ class Int8Linear(nn.Module):
         return cls(*quantize_rows(linear.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _int8_matmul(x, self.weight, self.scales, self.scales_bf16, self.kernel_max_rows)
+        return _int8_matmul(x, self.weight, self.scales, self.scales_bf16, self.kernel_max_rows, self.native_kernel)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
@@ -171,8 +184,9 @@ class Int8Fused:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x (..., in) -> one output per layer, (..., out_i) each, from a single int8 matmul."""
-        max_rows = self.linears[0].kernel_max_rows
-        return _int8_matmul(x, self.weight, self.scales, self.scales_bf16, max_rows).split(self.sizes, dim=-1)
+        first = self.linears[0]
+        y = _int8_matmul(x, self.weight, self.scales, self.scales_bf16, first.kernel_max_rows, first.native_kernel)
+        return y.split(self.sizes, dim=-1)
 
 
 class Int8Transformer(Transformer):
@@ -208,9 +222,10 @@ def quantize_int8(model: Transformer) -> Int8Transformer:
     dropped; the model is left in eval mode with requires_grad off everywhere, and its
     class becomes Int8Transformer (pack_for_decode a no-op, train() an error).
 
-    The matmul: aten._weight_int8pack_mm on CPU for up to KERNEL_MAX_ROWS rows (decode,
-    batched decode), with activations cast to bf16 for it (see kernel_takes); otherwise
-    dequantize-then-matmul in the activations' dtype, which also serves every other device.
+    The matmul, for up to KERNEL_MAX_ROWS fp32 rows on the CPU (decode, batched decode):
+    nanollm's kernel (native.py) where it runs, else aten._weight_int8pack_mm with the
+    activations cast to bf16 for it (see kernel_takes). Otherwise dequantize-then-matmul in
+    the activations' dtype, which also serves every other device.
     """
     if isinstance(model, Int8Transformer):
         return model
@@ -238,36 +253,53 @@ def int8_modules(model: nn.Module) -> list[Int8Linear]:
 
 
 @contextmanager
-def int8_kernel_rows(model: nn.Module, max_rows: int) -> Iterator[None]:
-    """Within the block, the int8 kernel serves calls of up to `max_rows` rows (0: never, a large number: always).
-
-    For measurements: the quality of the kernel path (bf16 activations) at evaluation's batch
-    sizes, or the crossover with dequantize-then-matmul.
-    """
+def _int8_setting(model: nn.Module, name: str, value: Any) -> Iterator[None]:
+    """Within the block, every Int8Linear of `model` has attribute `name` set to `value`."""
     modules = int8_modules(model)
-    before = [m.kernel_max_rows for m in modules]
+    before = [getattr(m, name) for m in modules]
     try:
         for m in modules:
-            m.kernel_max_rows = max_rows
+            setattr(m, name, value)
         yield
     finally:
-        for m, rows in zip(modules, before, strict=True):
-            m.kernel_max_rows = rows
+        for m, old in zip(modules, before, strict=True):
+            setattr(m, name, old)
+
+
+def int8_kernel_rows(model: nn.Module, max_rows: int) -> AbstractContextManager[None]:
+    """Within the block, an int8 kernel serves calls of up to `max_rows` rows (0: never, a large number: always).
+
+    For measurements: the quality of the kernel path at evaluation's batch sizes, or the
+    crossover with dequantize-then-matmul.
+    """
+    return _int8_setting(model, "kernel_max_rows", max_rows)
+
+
+def int8_native_kernel(model: nn.Module, enabled: bool) -> AbstractContextManager[None]:
+    """Within the block, nanollm's int8 kernel serves where it runs (True) or aten's always does (False).
+
+    For measurements: benchmarks/int8_decode.py races the two; tests compare their outputs.
+    """
+    return _int8_setting(model, "native_kernel", enabled)
 
 
 def int8_bits_per_byte(model: nn.Module, tokens: np.ndarray, **evaluate_args: Any) -> dict[str, dict[str, float]]:
     """evaluate_lm of `model` and of an int8 copy  on the same tokens: what int8 costs.
 
     `evaluate_args` are evaluate_lm's (block_size, batch_size and token_bytes at least). Returns
-    {"fp32": ..., "int8": ..., "int8_kernel": ...}, each evaluate_lm's dict. "int8" runs as
-    evaluation's batches do, through dequantize-then-matmul (int8 weights, fp32 activations);
-    "int8_kernel" forces every matmul through the int8 kernel that decoding uses, which rounds
-    the activations and its outputs to bf16. `model` itself is left as it is (the copy is
-    quantized), and is expected in fp32 on the CPU, in eval mode.
+    {"fp32": ..., "int8": ..., "int8_kernel": ..., "int8_aten_kernel": ...}, each
+    evaluate_lm's dict. "int8" runs as evaluation's batches do, through dequantize-then-matmul
+    (int8 weights, fp32 activations); "int8_kernel" forces every matmul through the int8
+    kernel that decoding uses here (nanollm's where it runs: fp32 activations), and
+    "int8_aten_kernel" through aten's, which rounds the activations and its outputs to bf16.
+    `model` itself is left as it is (the copy is quantized), and is expected in fp32 on the
+    CPU, in eval mode.
     """
     results = {"fp32": evaluate_lm(model, tokens, **evaluate_args)}
     int8 = quantize_int8(copy.deepcopy(model))
     results["int8"] = evaluate_lm(int8, tokens, **evaluate_args)
     with int8_kernel_rows(int8, max_rows=evaluate_args["batch_size"] * evaluate_args["block_size"]):
         results["int8_kernel"] = evaluate_lm(int8, tokens, **evaluate_args)
+        with int8_native_kernel(int8, False):
+            results["int8_aten_kernel"] = evaluate_lm(int8, tokens, **evaluate_args)
     return results

@@ -1,0 +1,162 @@
+"""nanollm's own CPU kernel for int8 decoding (int8_gemm.c), built with the system C compiler on first use.
+
+`int8_gemm()` returns the kernel, or None where it cannot run here: not an x86 CPU with AVX2
+and FMA, no C compiler, a failed build, or NANOLLM_INT8_KERNEL=aten in the environment.
+quantize.py then falls back to torch's aten._weight_int8pack_mm, so nothing depends on the
+build; the reason is logged once.
+
+The build: `cc -O3 -mavx2 -mfma -fopenmp -shared -fPIC` (CC overrides the compiler), into
+$NANOLLM_CACHE_DIR, else $XDG_CACHE_HOME/nanollm, else ~/.cache/nanollm, under a name that
+hashes the source, the flags and the compiler's version, so an edit or a new compiler builds
+afresh and machines sharing a home directory share the file (the flags name an instruction
+set, not the build machine's CPU). It is written to a temporary name and renamed into place,
+so processes building at once, or one killed mid-build, never load half a file. Building
+takes about a second. Without OpenMP (Apple's clang) it is built single-threaded and only
+used when torch runs one thread.
+
+The call goes through ctypes, which releases the GIL for its duration (the server's event
+loop keeps running), on raw pointers: `Int8Gemm.__call__` checks dtypes, devices and
+contiguity first, as a wrong pointer would crash the process rather than raise. OpenMP
+threads: the library links libgomp.so.1 by name, which resolves to the copy torch has
+already loaded, so the kernel and torch share one thread pool; it runs with
+torch.get_num_threads() threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["Int8Gemm", "int8_gemm", "kernel_cache_dir"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int8_gemm.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
+OPENMP = ["-fopenmp"]
+ENV = "NANOLLM_INT8_KERNEL"  # "auto" (default): build and use it where it can run; "aten": never
+
+
+class Int8Gemm:
+    """y (M, N) fp32 = (x (M, K) fp32 @ w (N, K) int8 ^T) * scales (N,) fp32, on the CPU."""
+
+    def __init__(self, path: Path, parallel: bool):
+        self.path, self.parallel = path, parallel
+        lib = ctypes.CDLL(str(path))
+        self._fn = lib.nanollm_int8_gemm
+        self._fn.restype = None
+        self._fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+        lib.nanollm_int8_isa.restype = ctypes.c_char_p
+        self.isa = lib.nanollm_int8_isa().decode()
+
+    def serves(self, threads: int) -> bool:
+        """Whether it is the better choice at this torch thread count (a serial build only at one thread)."""
+        return self.parallel or threads == 1
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        if not (x.dtype == torch.float32 and weight.dtype == torch.int8 and scales.dtype == torch.float32):
+            raise TypeError(f"int8 kernel: needs fp32 x, int8 weight, fp32 scales; got {x.dtype}, "
+                            f"{weight.dtype}, {scales.dtype}")  # fmt: skip
+        if not (x.is_cpu and weight.is_cpu and scales.is_cpu):
+            raise ValueError("int8 kernel: CPU tensors only")
+        M, K = x.shape
+        N = weight.size(0)
+        if weight.shape != (N, K) or scales.shape != (N,):
+            raise ValueError(f"int8 kernel: shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+                             f"scales {tuple(scales.shape)} do not match")  # fmt: skip
+        x = x.contiguous()
+        if not (weight.is_contiguous() and scales.is_contiguous()):
+            raise ValueError("int8 kernel: weight and scales must be contiguous")
+        y = torch.empty(M, N)
+        self._fn(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads())
+        return y
+
+
+def kernel_cache_dir() -> Path:
+    if os.environ.get("NANOLLM_CACHE_DIR"):
+        return Path(os.environ["NANOLLM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nanollm"
+
+
+def _cpu_has_avx2() -> bool:
+    """x86 with AVX2 and FMA: torch's own dispatch check (AVX512 implies both)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(cc: str, flags: list[str], dst: Path) -> str | None:
+    """Compile SOURCE into dst (atomically); None on success, else the compiler's first error line."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            lines = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.splitlines()
+            return lines[0] if lines else f"{cc} exited with {proc.returncode}"
+        os.replace(tmp, dst)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> tuple[Int8Gemm | None, str]:
+    """The kernel and how it was found, or None and why not."""
+    if os.environ.get(ENV, "auto") == "aten":
+        return None, f"{ENV}=aten"
+    if not _cpu_has_avx2():
+        return None, f"this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}) lacks AVX2/FMA"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set CC, or install gcc or clang)"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"{cc} --version failed: {e}"
+    errors = []
+    for flags, parallel in ((FLAGS + OPENMP, True), (FLAGS, False)):
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version]).encode()).hexdigest()[:16]
+        for directory in (
+            kernel_cache_dir(),
+            Path(tempfile.gettempdir()) / f"nanollm-{getattr(os, 'getuid', lambda: 0)()}",
+        ):
+            path = directory / "kernels" / f"int8_gemm-{key}.so"
+            try:
+                if not path.exists() and (error := _build(cc, flags, path)) is not None:
+                    errors.append(error)
+                    break  # the flags, not the folder, are the problem
+                return Int8Gemm(path, parallel), f"built with {cc} {' '.join(flags)} at {path}"
+            except OSError as e:  # an unwritable cache folder: try the next
+                errors.append(str(e))
+    return None, f"building {SOURCE.name} failed: {errors[0] if errors else 'unknown error'}"
+
+
+@functools.cache
+def int8_gemm() -> Int8Gemm | None:
+    """nanollm's int8 kernel for this process, built on first call; None (reason logged once) where it cannot run."""
+    kernel, how = _load()
+    if kernel is None:
+        log.info("int8 matmuls use torch's aten._weight_int8pack_mm: %s", how)
+    else:
+        log.debug("int8 kernel (%s, %s): %s", kernel.isa, "OpenMP" if kernel.parallel else "serial", how)
+    return kernel
