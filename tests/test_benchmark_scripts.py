@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import tool_env
 
+from nanollm.inference.native import int8_gemm
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 SMOKE_TESTED: set[str] = set()  # benchmarks/ files some test below runs (a helper module through its script)
@@ -293,17 +295,33 @@ def test_int8_decode_races_int8_against_fp32_and_transformers_at_each_thread_cou
                "--threads", "1,2", "--repeats", "2", "--warmup", "0", "--peer-dtypes", "float32")  # fmt: skip
     assert re.search(r"^machine: .+; load average before [\d. ]+$", out, flags=re.M) and "batch 1, greedy" in out
     header, rows = _table(out, "model | threads")
-    assert header[2:] == ["nanollm fp32", "nanollm int8", "transformers dynamic float32", "transformers static float32",
+    ours = ["nanollm fp32", "nanollm int8"] + (["nanollm int8 aten kernel"] if int8_gemm() is not None else [])
+    assert header[2:] == [*ours, "transformers dynamic float32", "transformers static float32",
                           "peer", "int8 / fp32", "int8 / peer"]  # fmt: skip
     assert [r[:2] for r in rows] == [["tiny 1L/32d/300v", "1"], ["tiny 1L/32d/300v", "2"]]
     for r in rows:
-        fp32, int8, dynamic, static = (_number(c) for c in r[2:6])
-        assert min(fp32, int8, dynamic, static) > 0 and r[6] in ("dynamic float32", "static float32")
-        assert _number(r[7]) == pytest.approx(int8 / fp32, rel=0.05, abs=0.01)
+        rates = [_number(c) for c in r[2 : 4 + len(ours)]]
+        peer, ratio = r[2 + len(ours) + 2 :][:2]
+        assert min(rates) > 0 and peer in ("dynamic float32", "static float32")
+        assert _number(ratio) == pytest.approx(rates[1] / rates[0], rel=0.05, abs=0.01)
     header, best = _table(out, "model | nanollm fp32")
     assert header[3:6] == ["transformers, best setting", "int8 / fp32", "int8 / transformers"]
     assert len(best) == 1 and re.fullmatch(r"[\d.]+ \([12]\)", best[0][1]) and _number(best[0][4]) > 0
     assert re.fullmatch(r"[\d.]+ \((dynamic|static) float32, [12]\)", best[0][3])
+
+
+@smoke("int8_matmul.py")
+def test_int8_matmul_times_every_path_at_each_row_count_and_thread_count():
+    out = _run("int8_matmul.py", "--shape", "1x64x128x300", "--rows", "1,5", "--threads", "1,2", "--repeats", "2")
+    assert re.search(r"^machine: .+; nanollm kernel: .+; load average [\d.]+$", out, flags=re.M), out
+    assert "5 matmuls per step" in out
+    header, rows = _table(out, "M | threads")
+    paths = (["nanollm"] if int8_gemm() is not None else []) + ["aten", "dequantize", "fp32"]
+    assert header[2:] == [f"{p} ms (GB/s)" for p in paths] + ["nanollm vs aten", "nanollm vs fp32"]
+    assert [r[:2] for r in rows] == [["1", "1"], ["1", "2"], ["5", "1"], ["5", "2"]]
+    for r in rows:
+        assert all(re.fullmatch(r"[\d.]+ \([\d.]+\)", c) and _number(c) > 0 for c in r[2 : 2 + len(paths)])
+        assert all(_number(c) > 0 for c in r[-2:]) if int8_gemm() is not None else r[-2:] == ["-", "-"]
 
 
 def test_every_benchmark_script_has_a_smoke_test():
