@@ -29,26 +29,42 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nanollm.config import ModelConfig
 from nanollm.hardware import describe_machine
 from nanollm.inference.native import int8_gemm
 from nanollm.inference.quantize import quantize_rows
+from nanollm.model import Transformer
 
 
-def step_shapes(layers: int, width: int, hidden: int, vocab: int) -> list[tuple[int, int]]:
-    """(in, out) of each matmul of one decode step, in order."""
-    block = [(width, 3 * width), (width, width), (width, 2 * hidden), (hidden, width)]
-    return block * layers + [(width, vocab)]
+def step_shapes(layers: int, width: int, vocab: int) -> list[tuple[int, int]]:
+    """(in, out) of each matmul of one decode step of nanollm's model, in order, as quantize_int8 fuses them.
+
+    The model is built on the meta device (no memory) with modded-nanogpt's options off, as
+    int8_decode.py's GPT-2 124M shape; its FeedForward decides the hidden width (SwiGLU).
+    """
+    cfg = ModelConfig(n_layer=layers, n_head=width // 64, n_embd=width, block_size=1024, qk_norm=False,
+                      value_residual=False)  # fmt: skip
+    with torch.device("meta"):
+        model = Transformer(cfg, vocab)
+    shapes = []
+    for layer in model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        shapes.append((width, attn.wq.out_features + attn.wk.out_features + attn.wv.out_features))
+        shapes.append((attn.wo.in_features, attn.wo.out_features))
+        shapes.append((width, ffn.w1.out_features + (ffn.w3.out_features if ffn.w3 is not None else 0)))
+        shapes.append((ffn.w2.in_features, ffn.w2.out_features))
+    return shapes + [(width, vocab)]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="12x768x3072x50257", help="LAYERSxWIDTHxHIDDENxVOCAB (default: GPT-2 124M)")
+    parser.add_argument("--shape", default="12x768x50257", help="LAYERSxWIDTHxVOCAB (default: GPT-2 124M)")
     parser.add_argument("--rows", default="1,4,16,64", help="M values, comma-separated")
     parser.add_argument("--threads", default="1,2", help="torch thread counts, comma-separated")
     parser.add_argument("--repeats", type=int, default=7, help="timed passes per cell (median)")
     args = parser.parse_args()
-    layers, width, hidden, vocab = (int(v) for v in args.shape.split("x"))
-    shapes = step_shapes(layers, width, hidden, vocab)
+    layers, width, vocab = (int(v) for v in args.shape.split("x"))
+    shapes = step_shapes(layers, width, vocab)
     kernel = int8_gemm()
 
     torch.manual_seed(0)

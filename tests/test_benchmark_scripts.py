@@ -312,7 +312,7 @@ def test_int8_decode_races_int8_against_fp32_and_transformers_at_each_thread_cou
 
 @smoke("int8_matmul.py")
 def test_int8_matmul_times_every_path_at_each_row_count_and_thread_count():
-    out = _run("int8_matmul.py", "--shape", "1x64x128x300", "--rows", "1,5", "--threads", "1,2", "--repeats", "2")
+    out = _run("int8_matmul.py", "--shape", "1x64x300", "--rows", "1,5", "--threads", "1,2", "--repeats", "2")
     assert re.search(r"^machine: .+; nanollm kernel: .+; load average [\d.]+$", out, flags=re.M), out
     assert "5 matmuls per step" in out
     header, rows = _table(out, "M | threads")

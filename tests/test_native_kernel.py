@@ -156,14 +156,21 @@ def test_an_unusable_cache_folder_falls_back_to_the_temp_folder(tmp_path, monkey
 
 def test_the_installed_package_carries_the_kernel_source(tmp_path):
     """A wheel (pip install ., or the MLflow model's environment) builds the kernel from its own copy."""
+    import shutil
     import subprocess
     import sys
     import zipfile
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(root),
-                    "-w", str(tmp_path)], check=True, capture_output=True)  # fmt: skip
-    (wheel,) = tmp_path.glob("nanollm-*.whl")
+    src = tmp_path / "src"  # a copy: setuptools writes build/ and *.egg-info next to the sources
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    for package in ("nanollm", "stages"):
+        shutil.copytree(root / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True)  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("nanollm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "nanollm/inference/int8_gemm.c" in names and "nanollm/inference/native.py" in names
