@@ -12,6 +12,7 @@ from nanollm.checkpoint import seeded_model
 from nanollm.config import ModelConfig
 from nanollm.inference.engine import Engine, SamplingParams, generate_batch
 from nanollm.inference.generate import decode_step, generate, prefill
+from nanollm.inference.quantize import quantize_int8
 from nanollm.model.attention import RaggedStep
 
 VOCAB = 300
@@ -26,7 +27,9 @@ CONFIGS = {
 
 
 def model_for(name: str) -> torch.nn.Module:
-    return seeded_model(CONFIGS[name], VOCAB, seed=0).eval()
+    """A CONFIGS model; "<name>-int8": the same with int8 weights (nanollm's kernel where it runs, else aten's)."""
+    model = seeded_model(CONFIGS[name.removesuffix("-int8")], VOCAB, seed=0).eval()
+    return quantize_int8(model) if name.endswith("-int8") else model
 
 
 def random_prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
@@ -76,7 +79,7 @@ def test_ragged_step_matches_each_row_decoded_alone():
         torch.testing.assert_close(batched[row, -1], alone[row], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", [*sorted(CONFIGS), "default-int8"])
 def test_greedy_batch_equals_batch_one_with_joins_and_leaves(name):
     """Mixed prompt lengths and budgets, more requests than rows: sequences join and leave mid-flight."""
     model = model_for(name)

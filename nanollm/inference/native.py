@@ -19,7 +19,9 @@ loop keeps running), on raw pointers: `Int8Gemm.__call__` checks dtypes, devices
 contiguity first, as a wrong pointer would crash the process rather than raise. OpenMP
 threads: the library links libgomp.so.1 by name, which resolves to the copy torch has
 already loaded, so the kernel and torch share one thread pool; it runs with
-torch.get_num_threads() threads.
+torch.get_num_threads() threads. (A torch built on another OpenMP runtime, Intel's libiomp5
+or LLVM's libomp as in some conda builds, leaves the kernel its own GNU pool beside torch's;
+if that measures slower there, NANOLLM_INT8_KERNEL=aten turns the kernel off.)
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ ENV = "NANOLLM_INT8_KERNEL"  # "auto" (default): build and use it where it can r
 
 
 class Int8Gemm:
-    """y (M, N) fp32 = (x (M, K) fp32 @ w (N, K) int8 ^T) * scales (N,) fp32, on the CPU."""
+    """y (..., N) fp32 = (x (..., K) fp32 @ w (N, K) int8 ^T) * scales (N,) fp32, on the CPU."""
 
     def __init__(self, path: Path, parallel: bool):
         self.path, self.parallel = path, parallel
@@ -64,21 +66,24 @@ class Int8Gemm:
         return self.parallel or threads == 1
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N): every row of x times the int8 matrix. A decode step makes ~50 of these
+        calls, so they skip reshape/view (~3 us each): the kernel reads x's rows as one (M, K) block."""
         if not (x.dtype == torch.float32 and weight.dtype == torch.int8 and scales.dtype == torch.float32):
             raise TypeError(f"int8 kernel: needs fp32 x, int8 weight, fp32 scales; got {x.dtype}, "
                             f"{weight.dtype}, {scales.dtype}")  # fmt: skip
         if not (x.is_cpu and weight.is_cpu and scales.is_cpu):
             raise ValueError("int8 kernel: CPU tensors only")
-        M, K = x.shape
+        *lead, K = x.shape
         N = weight.size(0)
         if weight.shape != (N, K) or scales.shape != (N,):
             raise ValueError(f"int8 kernel: shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
                              f"scales {tuple(scales.shape)} do not match")  # fmt: skip
-        x = x.contiguous()
         if not (weight.is_contiguous() and scales.is_contiguous()):
             raise ValueError("int8 kernel: weight and scales must be contiguous")
-        y = torch.empty(M, N)
-        self._fn(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads())
+        x = x.contiguous()
+        y = torch.empty(*lead, N)
+        threads = torch.get_num_threads()
+        self._fn(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), x.numel() // K, N, K, threads)
         return y
 
 

@@ -99,21 +99,23 @@ def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, sc
     49 calls, and each microsecond here is ~0.1% of the step. (Passing a shape as a tuple, as
     in view(x.shape[:-1] + (n,)), costs 5 us; unpacked, 1-3 us.)
     """
+    K = x.shape[-1]
+    few_rows = x.numel() <= max_rows * K and x.is_cpu
+    if few_rows and native and x.dtype == torch.float32:
+        kernel = int8_gemm()
+        if kernel is not None and kernel.serves(torch.get_num_threads()):
+            return kernel(x, weight, scales)  # (..., N), x's rows read in place
     *lead, K = x.shape
     rows = x.reshape(-1, K)  # (M, K)
-    if rows.size(0) <= max_rows and x.is_cpu:
+    if few_rows and x.dtype in (torch.float32, torch.bfloat16) and kernel_takes(K):
         if x.dtype == torch.float32:
-            if native and (kernel := int8_gemm()) is not None and kernel.serves(torch.get_num_threads()):
-                return kernel(rows, weight, scales).view(*lead, weight.size(0))
-            if kernel_takes(K):
-                # rows.bfloat16() is a fresh contiguous tensor, which the allocator aligns to 64 bytes
-                y = torch.ops.aten._weight_int8pack_mm(rows.bfloat16(), weight, scales_bf16)  # (M, N) bf16
-                return y.float().view(*lead, weight.size(0))
-        if x.dtype == torch.bfloat16 and kernel_takes(K):
-            rows = rows.contiguous()
-            if rows.data_ptr() % 16:  # a view at an odd offset: the kernel's aligned loads need a copy
-                rows = rows.clone()
-            return torch.ops.aten._weight_int8pack_mm(rows, weight, scales_bf16).view(*lead, weight.size(0))
+            # rows.bfloat16() is a fresh contiguous tensor, which the allocator aligns to 64 bytes
+            y = torch.ops.aten._weight_int8pack_mm(rows.bfloat16(), weight, scales_bf16)  # (M, N) bf16
+            return y.float().view(*lead, weight.size(0))
+        rows = rows.contiguous()
+        if rows.data_ptr() % 16:  # a view at an odd offset: the kernel's aligned loads need a copy
+            rows = rows.clone()
+        return torch.ops.aten._weight_int8pack_mm(rows, weight, scales_bf16).view(*lead, weight.size(0))
     # Dequantize, then a plain matmul in x's dtype: correct on every device and dtype, and the
     # faster path for many rows (prefill, evaluation), where the GEMM's FLOPs dominate.
     y = F.linear(rows, weight.to(x.dtype)) * scales.to(x.dtype)  # (M, N)
