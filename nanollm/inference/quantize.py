@@ -46,10 +46,12 @@ QMAX = 127  # symmetric range [-127, 127]: -128 is left out so that w and -w qua
 # once per few rows (ours and aten's per 4), so its cost grows with the rows, while
 # dequantizing costs one pass over the weights (written as fp32) plus a GEMM. On the 2-core
 # AVX2 machine, over the 124M shape's 49 matmuls at 2 threads (benchmarks/int8_matmul.py),
-# ours took 0.06x dequantize-then-matmul's time at 1 row, 0.23x at 16 and 0.57x at 64;
-# aten's 0.41x at 16 and ~1x at 64. Batched decoding (B <= 16) and short prompts stay on a
-# kernel; evaluation batches and long prefills dequantize.
-KERNEL_MAX_ROWS = 64
+# ours took 0.06x dequantize-then-matmul's time at 1 row, 0.23x at 16, 0.55-0.57x at 64,
+# 0.81x at 128 and ~1.03x at 256; aten's 0.41x at 16 and ~0.9-1x at 64. Batched decoding
+# (B <= 16) and prompts of up to 128 tokens (64 on aten's) stay on a kernel; evaluation
+# batches and longer prefills dequantize.
+NATIVE_MAX_ROWS = 128
+KERNEL_MAX_ROWS = 64  # aten's
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,23 +92,25 @@ def kernel_takes(in_features: int) -> bool:
 
 
 def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, scales_bf16: torch.Tensor,
-                 max_rows: int, native: bool) -> torch.Tensor:  # fmt: skip
+                 max_rows: int | None, native: bool) -> torch.Tensor:  # fmt: skip
     """x (..., in) @ (weight * scales[:, None])^T -> (..., out) in x's dtype.
 
-    Few fp32 rows on the CPU: nanollm's kernel (fp32 activations throughout) where it runs
-    and `native` allows, else aten's (bf16 activations inside). Otherwise dequantize-then-
-    matmul. The decode hot path is written for few Python-level ops: a 124M decode step makes
+    Few fp32 rows on the CPU (up to `max_rows`, or None: NATIVE_MAX_ROWS for nanollm's
+    kernel, KERNEL_MAX_ROWS for aten's): nanollm's kernel (fp32 activations throughout) where
+    it runs and `native` allows, else aten's (bf16 activations inside). Otherwise
+    dequantize-then-matmul. The decode hot path is written for few Python-level ops: a 124M decode step makes
     49 calls, and each microsecond here is ~0.1% of the step. (Passing a shape as a tuple, as
     in view(x.shape[:-1] + (n,)), costs 5 us; unpacked, 1-3 us.)
     """
     K = x.shape[-1]
-    few_rows = x.numel() <= max_rows * K and x.is_cpu
-    if few_rows and native and x.dtype == torch.float32:
-        kernel = int8_gemm()
-        if kernel is not None and kernel.serves(torch.get_num_threads()):
-            return kernel(x, weight, scales)  # (..., N), x's rows read in place
+    if native and x.dtype == torch.float32 and x.is_cpu:
+        if x.numel() <= (NATIVE_MAX_ROWS if max_rows is None else max_rows) * K:
+            kernel = int8_gemm()
+            if kernel is not None and kernel.serves(torch.get_num_threads()):
+                return kernel(x, weight, scales)  # (..., N), x's rows read in place
     *lead, K = x.shape
     rows = x.reshape(-1, K)  # (M, K)
+    few_rows = rows.size(0) <= (KERNEL_MAX_ROWS if max_rows is None else max_rows) and x.is_cpu
     if few_rows and x.dtype in (torch.float32, torch.bfloat16) and kernel_takes(K):
         if x.dtype == torch.float32:
             # rows.bfloat16() is a fresh contiguous tensor, which the allocator aligns to 64 bytes
@@ -136,7 +140,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.register_buffer("scales_bf16", scales.to(torch.bfloat16), persistent=False)
-        self.kernel_max_rows = KERNEL_MAX_ROWS
+        self.kernel_max_rows: int | None = None  # None: each kernel's own limit (NATIVE_/KERNEL_MAX_ROWS)
         self.native_kernel = True  # nanollm's kernel where it runs (native.py); False: aten's
 
     @classmethod
@@ -224,9 +228,10 @@ def quantize_int8(model: Transformer) -> Int8Transformer:
     dropped; the model is left in eval mode with requires_grad off everywhere, and its
     class becomes Int8Transformer (pack_for_decode a no-op, train() an error).
 
-    The matmul, for up to KERNEL_MAX_ROWS fp32 rows on the CPU (decode, batched decode):
-    nanollm's kernel (native.py) where it runs, else aten._weight_int8pack_mm with the
-    activations cast to bf16 for it (see kernel_takes). Otherwise dequantize-then-matmul in
+    The matmul, for few fp32 rows on the CPU (decode, batched decode, short prompts):
+    nanollm's kernel (native.py, up to NATIVE_MAX_ROWS) where it runs, else
+    aten._weight_int8pack_mm (up to KERNEL_MAX_ROWS) with the activations cast to bf16 for
+    it (see kernel_takes). Otherwise dequantize-then-matmul in
     the activations' dtype, which also serves every other device.
     """
     if isinstance(model, Int8Transformer):
@@ -268,8 +273,9 @@ def _int8_setting(model: nn.Module, name: str, value: Any) -> Iterator[None]:
             setattr(m, name, old)
 
 
-def int8_kernel_rows(model: nn.Module, max_rows: int) -> AbstractContextManager[None]:
-    """Within the block, an int8 kernel serves calls of up to `max_rows` rows (0: never, a large number: always).
+def int8_kernel_rows(model: nn.Module, max_rows: int | None) -> AbstractContextManager[None]:
+    """Within the block, an int8 kernel serves calls of up to `max_rows` rows (0: never, a large number: always,
+    None: each kernel's own limit, the default).
 
     For measurements: the quality of the kernel path at evaluation's batch sizes, or the
     crossover with dequantize-then-matmul.
