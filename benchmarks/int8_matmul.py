@@ -7,7 +7,7 @@ tokens) and thread count, the time of the whole set, the median over --repeats:
 
 - nanollm: nanollm/inference/int8_gemm.c (fp32 activations), where it runs here;
 - aten: torch.ops.aten._weight_int8pack_mm (bf16 activations, as quantize.py feeds it);
-- dequantize: F.linear(x, w.float()) * scales, quantize.py's path above NATIVE_MAX_ROWS (KERNEL_MAX_ROWS on aten's);
+- dequantize: F.linear(x, w.float()) * scales, quantize.py's path above NATIVE_MAX_ROWS (ATEN_MAX_ROWS on aten's);
 - fp32: F.linear over fp32 weights in the decode layout (packing.py's column-major
   transpose), the same matmuls without int8.
 

@@ -19,9 +19,6 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-/* Prefetch distance, in bytes past the current block's start (the next block's rows). */
-#define PREFETCH_AHEAD 0
-
 static inline __m256 widen8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
@@ -43,7 +40,7 @@ static inline float tail_dot(const float *x, const int8_t *w, long k0, long K) {
 /* One row of x against rows n..n+3 of W. */
 static void rows4_m1(const float *x, const int8_t *w, const float *s, float *y, long n, long K, long N) {
     const int8_t *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-    const char *next = (const char *)(w0 + 4 * K) + PREFETCH_AHEAD;
+    const char *next = (const char *)(w0 + 4 * K); /* the next block's rows, fetched while these run */
     const char *end = (const char *)(w + N * K);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     long k = 0;

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from nanollm.atomic import atomic_path
+
 __all__ = ["Int8Gemm", "int8_gemm", "kernel_cache_dir"]
 
 log = logging.getLogger(__name__)
@@ -108,21 +110,23 @@ def _compiler() -> str | None:
     return None
 
 
+class _BuildFailed(Exception):
+    pass
+
+
 def _build(cc: str, flags: list[str], dst: Path) -> str | None:
-    """Compile SOURCE into dst (atomically); None on success, else the compiler's first error line."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + ".", suffix=".tmp")
-    os.close(fd)
+    """Compile SOURCE into dst (atomic_path: renamed into place whole); None on success, else the compiler's
+    first error line."""
     try:
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            lines = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.splitlines()
-            return lines[0] if lines else f"{cc} exited with {proc.returncode}"
-        os.replace(tmp, dst)
-        return None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with atomic_path(dst) as tmp:
+            proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
+                                  timeout=120)  # fmt: skip
+            if proc.returncode != 0:
+                lines = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.splitlines()
+                raise _BuildFailed(lines[0] if lines else f"{cc} exited with {proc.returncode}")
+    except _BuildFailed as failed:
+        return str(failed)
+    return None
 
 
 def _load() -> tuple[Int8Gemm | None, str]:

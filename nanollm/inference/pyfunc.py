@@ -54,9 +54,8 @@ class PromptCompleter:
         ids = [document_prompt(tok, "" if prompt is None else str(prompt)) for prompt in prompts]
         with self._lock:
             new = generate_batch(self.model, ids, SamplingParams(**sampling), stop_id=tok.eot_id)
-        return [
-            tok.decode(tokens) for tokens in new
-        ]  # a prompt ends on a whole character, so its new bytes start on one
+        # a prompt ends on a whole character, so its new bytes start on one
+        return [tok.decode(tokens) for tokens in new]
 
 
 def sampling_arguments(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -51,15 +51,15 @@ QMAX = 127  # symmetric range [-127, 127]: -128 is left out so that w and -w qua
 # (B <= 16) and prompts of up to 128 tokens (64 on aten's) stay on a kernel; evaluation
 # batches and longer prefills dequantize.
 NATIVE_MAX_ROWS = 128
-KERNEL_MAX_ROWS = 64  # aten's
+ATEN_MAX_ROWS = 64
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (out, in) float -> (int8 (out, in), fp32 scales (out,)) with weight ~= int8 * scales[:, None].
 
     Each row (output channel) gets scale = max|row| / 127, rounded up to the nearest bfloat16
-    value: the CPU kernel takes its scales in bf16, and with the scale exactly representable
-    the kernel and the fp32 fallback dequantize to the same numbers (rounding up keeps every
+    value: aten's kernel takes its scales in bf16, and with the scale exactly representable
+    it and the fp32 paths dequantize to the same numbers (rounding up keeps every
     |w / scale| <= 127, so nothing clips). The worst error per weight is half a step,
     scale / 2, i.e. 0.4% of the row's largest weight (plus the rounding-up of the scale,
     at most 2^-8 of it). An all-zero row gets the smallest normal scale and all-zero int8.
@@ -96,11 +96,11 @@ def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, sc
     """x (..., in) @ (weight * scales[:, None])^T -> (..., out) in x's dtype.
 
     Few fp32 rows on the CPU (up to `max_rows`, or None: NATIVE_MAX_ROWS for nanollm's
-    kernel, KERNEL_MAX_ROWS for aten's): nanollm's kernel (fp32 activations throughout) where
-    it runs and `native` allows, else aten's (bf16 activations inside). Otherwise
-    dequantize-then-matmul. The decode hot path is written for few Python-level ops: a 124M decode step makes
-    49 calls, and each microsecond here is ~0.1% of the step. (Passing a shape as a tuple, as
-    in view(x.shape[:-1] + (n,)), costs 5 us; unpacked, 1-3 us.)
+    kernel, ATEN_MAX_ROWS for aten's): nanollm's kernel (fp32 activations throughout) where it
+    runs and `native` allows, else aten's (bf16 activations inside). Otherwise
+    dequantize-then-matmul. The decode hot path is written for few Python-level ops: a 124M
+    decode step makes 49 calls, and each microsecond here is ~0.1% of the step. (Passing a
+    shape as a tuple, as in view(x.shape[:-1] + (n,)), costs 5 us; unpacked, 1-3 us.)
     """
     K = x.shape[-1]
     if native and x.dtype == torch.float32 and x.is_cpu:
@@ -108,9 +108,9 @@ def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, sc
             kernel = int8_gemm()
             if kernel is not None and kernel.serves(torch.get_num_threads()):
                 return kernel(x, weight, scales)  # (..., N), x's rows read in place
-    *lead, K = x.shape
+    *lead, _ = x.shape
     rows = x.reshape(-1, K)  # (M, K)
-    few_rows = rows.size(0) <= (KERNEL_MAX_ROWS if max_rows is None else max_rows) and x.is_cpu
+    few_rows = rows.size(0) <= (ATEN_MAX_ROWS if max_rows is None else max_rows) and x.is_cpu
     if few_rows and x.dtype in (torch.float32, torch.bfloat16) and kernel_takes(K):
         if x.dtype == torch.float32:
             # rows.bfloat16() is a fresh contiguous tensor, which the allocator aligns to 64 bytes
@@ -130,7 +130,7 @@ class Int8Linear(nn.Module):
     """A bias-free linear layer with int8 weights: y = (x W_int8^T) * scales, one scale per output channel.
 
     Buffers, not parameters: `weight` (out, in) int8 and `scales` (out,) fp32 are in the state
-    dict; `scales_bf16`, the kernel's copy, is not. Nothing here trains (the kernel has no
+    dict; `scales_bf16`, aten's kernel's copy, is not. Nothing here trains (the kernel has no
     backward). `weight` may be a row slice of a fused matrix (Int8Fused), contiguous all the same.
     """
 
@@ -140,7 +140,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.register_buffer("scales_bf16", scales.to(torch.bfloat16), persistent=False)
-        self.kernel_max_rows: int | None = None  # None: each kernel's own limit (NATIVE_/KERNEL_MAX_ROWS)
+        self.kernel_max_rows: int | None = None  # None: each kernel's own limit (NATIVE_MAX_ROWS, ATEN_MAX_ROWS)
         self.native_kernel = True  # nanollm's kernel where it runs (native.py); False: aten's
 
     @classmethod
@@ -230,7 +230,7 @@ def quantize_int8(model: Transformer) -> Int8Transformer:
 
     The matmul, for few fp32 rows on the CPU (decode, batched decode, short prompts):
     nanollm's kernel (native.py, up to NATIVE_MAX_ROWS) where it runs, else
-    aten._weight_int8pack_mm (up to KERNEL_MAX_ROWS) with the activations cast to bf16 for
+    aten._weight_int8pack_mm (up to ATEN_MAX_ROWS) with the activations cast to bf16 for
     it (see kernel_takes). Otherwise dequantize-then-matmul in
     the activations' dtype, which also serves every other device.
     """
