@@ -13,6 +13,11 @@ linearly with B. A request that joins mid-flight does not wait for the others to
 (static batching's flaw): it is prefilled between two steps and decodes with the rest from
 the next one, and a finished sequence frees its row at once.
 
+Admission is bounded: at most max_batch sequences run and max_queue more wait; submit()
+refuses the next one at once (QueueFull) instead of letting the queue, and every waiting
+client's latency, grow without end. A request may carry a deadline: past it, it leaves the
+queue or the batch before the next step and finishes as "timeout".
+
 The rows of the cache stay compact: the active sequences are rows [0, n), so a step reads
 the cache as one slice. A sequence that leaves is replaced by the last row (its K/V copied
 over, a few KB per layer), never by a gather each step.
@@ -25,6 +30,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,11 +41,15 @@ import torch
 from nanollm.inference.generate import sample_next
 from nanollm.model.attention import RaggedStep
 
-__all__ = ["Engine", "Request", "SamplingParams", "generate_batch"]
+__all__ = ["Engine", "QueueFull", "Request", "SamplingParams", "generate_batch"]
 
 log = logging.getLogger(__name__)
 
 _DONE = object()  # end-of-stream marker in a request's queue
+
+
+class QueueFull(Exception):
+    """submit() found the engine holding max_batch + max_queue requests already: come back later."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,8 @@ class Request:
     Tokens arrive through a queue, read by iterating (a blocking thread) or by `async for`
     (when submitted with an asyncio loop; the engine thread then hands each token to that
     loop). finish_reason is "stop" (the engine's stop id was drawn; it is not yielded),
-    "length" (max_tokens drawn), "cancelled" or "error"; None while running.
+    "length" (max_tokens drawn), "cancelled", "timeout" (its deadline passed, waiting or
+    running) or "error"; None while running.
     """
 
     def __init__(
@@ -79,8 +90,10 @@ class Request:
         params: SamplingParams,
         loop: asyncio.AbstractEventLoop | None,
         outbox: list[Request],
+        deadline: float | None = None,
     ):
         self.id, self.prompt_ids, self.params = rid, prompt_ids, params
+        self.deadline = deadline  # time.monotonic() past which the engine drops it; None: never
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.tokens: list[int] = []  # drawn so far (the engine thread appends)
@@ -100,6 +113,14 @@ class Request:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    def _leaving(self, now: float) -> str | None:
+        """Why the engine should drop this request now ("cancelled", "timeout"), or None to keep it."""
+        if self._cancelled.is_set():
+            return "cancelled"
+        if self.deadline is not None and now >= self.deadline:
+            return "timeout"
+        return None
 
     def cancel(self) -> None:
         """Ask the engine to drop this request; thread-safe. Its row is freed before the next decode step."""
@@ -205,6 +226,8 @@ class Engine:
     a batched matmul may round differently from a single-row one, which can flip the argmax
     only where the top two logits nearly tie (tests/test_engine.py checks exactly that).
     Memory: the cache holds max_batch * max_seq_len positions (Transformer.cache_bytes).
+    max_queue bounds the requests waiting for a row (None: no bound, for callers that submit
+    a known list, like generate_batch); submit() raises QueueFull past max_batch + max_queue.
     """
 
     def __init__(
@@ -213,12 +236,15 @@ class Engine:
         *,
         max_batch: int = 16,
         max_seq_len: int | None = None,
+        max_queue: int | None = None,
         stop_id: int | None = None,
         seed: int = 0,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.model, self.max_batch, self.stop_id = model, max_batch, stop_id
+        if max_queue is not None and max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0 or None, got {max_queue}")
+        self.model, self.max_batch, self.max_queue, self.stop_id = model, max_batch, max_queue, stop_id
         self.max_seq_len = max_seq_len or model.cfg.block_size
         self.device = next(model.parameters()).device
         self._waiting: deque[Request] = deque()
@@ -232,15 +258,23 @@ class Engine:
         self.steps = 0  # decode steps taken (a prefill is not one)
         self.finished = 0
         self.cancelled = 0
+        self.timed_out = 0
         with torch.inference_mode():
             model.setup_cache(max_batch, self.max_seq_len)
 
     # ------------------------------------------------------------------ public
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, *, loop: asyncio.AbstractEventLoop | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        timeout: float | None = None,
     ) -> Request:
-        """Queue a request; it joins the batch between two steps. Raises ValueError when it cannot fit."""
+        """Queue a request; it joins the batch between two steps. Raises ValueError when it cannot fit and
+        QueueFull when max_batch requests run and max_queue wait already. After `timeout` seconds (from now,
+        the wait in the queue included) it leaves the engine with finish_reason "timeout"."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("the prompt needs at least one token")
@@ -249,25 +283,34 @@ class Engine:
                 f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the context of "
                 f"{self.max_seq_len} tokens"
             )
-        request = Request(next(self._ids), prompt, params, loop, self._outbox)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request = Request(next(self._ids), prompt, params, loop, self._outbox, deadline)
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the engine is closed")
+            if self.max_queue is not None and len(self._slots) + self._queued() >= self.max_batch + self.max_queue:
+                raise QueueFull(f"{self.max_batch} requests run and {self.max_queue} wait already")
             self._waiting.append(request)
             self._wake.notify()
         return request
 
-    def stats(self) -> dict[str, int]:
-        """Counts for a health route: running, waiting, free rows, steps taken, requests finished/cancelled."""
+    def stats(self) -> dict[str, int | None]:
+        """Counts for a health route: running, waiting, free rows, limits, steps, how requests ended."""
         return {
             "running": len(self._slots),
-            "waiting": len(self._waiting),
+            "waiting": self._queued(),
             "free_slots": self.max_batch - len(self._slots),
             "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
             "steps": self.steps,
             "finished": self.finished,
             "cancelled": self.cancelled,
+            "timed_out": self.timed_out,
         }
+
+    def _queued(self) -> int:
+        """Waiting requests that still want a row (a cancelled one leaves at the next step)."""
+        return sum(not request.cancelled for request in list(self._waiting))
 
     def idle(self) -> bool:
         return not self._slots and not self._waiting
@@ -304,7 +347,8 @@ class Engine:
     # ------------------------------------------------------------------ the step
 
     def step(self) -> None:
-        """One scheduling round: drop cancelled sequences, prefill newcomers into free rows, decode every row once."""
+        """One scheduling round: drop cancelled and expired requests, prefill newcomers into free rows, decode
+        every row once."""
         try:
             self._step()
         finally:
@@ -312,7 +356,7 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self) -> None:
-        self._drop_cancelled()
+        self._drop_leavers()
         self._admit()
         if not self._slots:
             return
@@ -341,12 +385,27 @@ class Engine:
         self._outbox.clear()
         _hand_over(by_loop)
 
-    def _drop_cancelled(self) -> None:
+    def _drop_leavers(self) -> None:
+        """Finish the cancelled and expired requests, running or waiting, and free their rows and places."""
+        now = time.monotonic()
         for slot in self._slots:
-            if slot.request.cancelled and not slot.request.done:
-                self.cancelled += 1
-                slot.request._finish("cancelled")
+            if not slot.request.done and (reason := slot.request._leaving(now)):
+                self._leave(slot.request, reason)
+        with self._wake:
+            leaving = [(request, reason) for request in self._waiting if (reason := request._leaving(now))]
+            if leaving:
+                gone = {id(request) for request, _ in leaving}
+                self._waiting = deque(request for request in self._waiting if id(request) not in gone)
+        for request, reason in leaving:
+            self._leave(request, reason)
         self._release_finished()
+
+    def _leave(self, request: Request, reason: str) -> None:
+        if reason == "timeout":
+            self.timed_out += 1
+        else:
+            self.cancelled += 1
+        request._finish(reason)
 
     def _admit(self) -> None:
         """Prefill waiting requests, one at a time, into the rows after the last active one."""
@@ -355,9 +414,8 @@ class Engine:
                 if not self._waiting:
                     return
                 request = self._waiting.popleft()
-            if request.cancelled:
-                self.cancelled += 1
-                request._finish("cancelled")
+            if reason := request._leaving(time.monotonic()):
+                self._leave(request, reason)
                 continue
             seed = request.params.seed
             if seed is None:
@@ -415,7 +473,7 @@ class Engine:
             if not self._slots[row].request.done:
                 row += 1
                 continue
-            if self._slots[row].request.finish_reason != "cancelled":
+            if self._slots[row].request.finish_reason not in ("cancelled", "timeout"):
                 self.finished += 1
             last = len(self._slots) - 1
             if row != last:

@@ -21,7 +21,10 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 
 
 class ApiError(Exception):
-    """A request the server refuses, answered as OpenAI does: {"error": {message, type, param, code}}."""
+    """A request the server refuses, answered as OpenAI does: {"error": {message, type, param, code}}.
+
+    headers go out with the status (Retry-After on a 503 for a full queue, WWW-Authenticate on a 401).
+    """
 
     def __init__(
         self,
@@ -31,9 +34,11 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
