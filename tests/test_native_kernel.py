@@ -4,6 +4,9 @@ Where it cannot run (not x86 with AVX2/FMA, or no C compiler) the tests that nee
 the fallback tests still run: quantize.py then uses aten's kernel, which test_quantize.py covers.
 """
 
+import os
+import re
+import stat
 import threading
 
 import pytest
@@ -79,15 +82,17 @@ def test_row_slices_and_non_contiguous_activations_are_read_correctly():
 @pytest.mark.parametrize(
     ("args", "error"),
     [
-        ((torch.randn(2, 8).double(), torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)), "fp32 x"),
-        ((torch.randn(2, 8), torch.zeros(4, 8), torch.ones(4)), "int8 weight"),
+        ((torch.randn(2, 8).double(), torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)), "x is torch.float64"),
+        ((torch.randn(2, 8).bfloat16(), torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)), "x is torch.bfloat16"),
+        ((torch.randn(2, 8), torch.zeros(4, 8), torch.ones(4)), "weight is torch.float32, needs torch.int8"),
+        ((torch.randn(2, 8), torch.zeros(4, 8, dtype=torch.int8), torch.ones(4).bfloat16()), "scales is torch.bf"),
         ((torch.randn(2, 8), torch.zeros(4, 9, dtype=torch.int8), torch.ones(4)), "do not match"),
         ((torch.randn(2, 8), torch.zeros(4, 8, dtype=torch.int8), torch.ones(5)), "do not match"),
         ((torch.randn(2, 8), torch.zeros(8, 4, dtype=torch.int8).t(), torch.ones(4)), "contiguous"),
     ],
 )
 def test_wrong_operands_raise_instead_of_reading_wild_pointers(args, error):
-    with pytest.raises((TypeError, ValueError), match=error):
+    with pytest.raises(ValueError, match=error):
         int8_gemm()(*args)
 
 
@@ -174,3 +179,190 @@ def test_the_installed_package_carries_the_kernel_source(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("nanollm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "nanollm/inference/int8_gemm.c" in names and "nanollm/inference/native.py" in names
+
+
+# --- who may have put the library there: a kernel is loaded from a private folder only ---
+
+PLANTED = r"""
+#include <stdio.h>
+/* Runs at dlopen, before any symbol is looked up: proof that the library was loaded. */
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("planted code ran\n", f); fclose(f); }
+}
+void nanollm_int8_gemm(const float *x, const signed char *w, const float *s, float *y, long M, long N, long K,
+                       int threads) {
+    for (long i = 0; i < M * N; i++) y[i] = 42.0f;
+}
+const char *nanollm_int8_isa(void) { return "planted"; }
+"""
+
+
+def plant(folder, marker):
+    """A library at every name the loader would look for in `folder`, whose constructor writes `marker`."""
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder.parent / "planted.c"
+    source.write_text(PLANTED)
+    cc = native._compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    paths = []
+    for flags in (native.FLAGS + native.OPENMP, native.FLAGS):
+        path = folder / native._library_name(flags, version)
+        subprocess.run([cc, "-shared", "-fPIC", f'-DMARKER="{marker}"', str(source), "-o", str(path)], check=True)
+        path.chmod(0o700)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A cache folder of our own (NANOLLM_CACHE_DIR) with a planted library in its kernels/, and the marker's path."""
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    monkeypatch.setenv("NANOLLM_CACHE_DIR", str(root))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))  # not a way round the refusal
+    marker = tmp_path / "marker"
+    plant(root / "kernels", marker)
+    return root, marker
+
+
+NOBODY = 65534  # another user's uid: chown needs root, which these tests run as in CI
+as_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another uid needs root")
+
+
+@needs_kernel
+def test_a_library_in_a_private_folder_is_loaded(cache):
+    """The control: the plant is loadable, so the refusals below are the checks' doing, not a broken plant."""
+    root, marker = cache
+    (root / "kernels").chmod(0o700)
+    kernel, how = native._load()
+    assert kernel is not None and kernel.isa == "planted" and marker.exists(), how
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("unsafe", "words"),
+    [
+        (lambda root: (root / "kernels").chmod(0o775), r"kernels is writable by group or others \(mode 775\)"),
+        (lambda root: (root / "kernels").chmod(0o777), r"kernels is writable by group or others \(mode 777\)"),
+        (lambda root: root.chmod(0o777), "above the kernel's, is writable by others without the sticky bit"),
+        pytest.param(lambda root: os.chown(root / "kernels", NOBODY, -1), f"owned by uid {NOBODY}", marks=as_root),
+        pytest.param(lambda root: os.chown(root, NOBODY, -1), f"owned by uid {NOBODY}", marks=as_root),
+        pytest.param(
+            lambda root: [os.chown(p, NOBODY, -1) for p in (root / "kernels").glob("*.so")],
+            f"library .* is owned by uid {NOBODY}",
+            marks=as_root,
+        ),  # fmt: skip
+        (lambda root: [p.chmod(0o766) for p in (root / "kernels").glob("*.so")], "library .* writable by group"),
+    ],
+    ids=[
+        "group-writable",
+        "world-writable",
+        "parent-world-writable",
+        "other-owned",
+        "parent-other-owned",
+        "library-other-owned",
+        "library-writable",
+    ],  # fmt: skip
+)
+def test_a_library_planted_where_others_can_write_is_never_loaded(cache, unsafe, words, caplog):
+    root, marker = cache
+    unsafe(root)
+    kernel, why = native._load()
+    assert kernel is None and why.startswith(native.REFUSED) and str(root) in why and "NANOLLM_CACHE_DIR" in why
+    assert re.search(words, why), why
+    assert not marker.exists(), "the planted library's code ran"
+
+
+@needs_kernel
+def test_a_link_to_someone_elses_folder_is_refused(tmp_path, monkeypatch):
+    """The checks look where the files really are: a link in our path to a folder another user can write."""
+    theirs = tmp_path / "theirs"
+    marker = tmp_path / "marker"
+    plant(theirs / "kernels", marker)
+    theirs.chmod(0o777)
+    (theirs / "kernels").chmod(0o777)
+    (tmp_path / "ours").mkdir(mode=0o700)
+    (tmp_path / "ours" / "nanollm").symlink_to(theirs)
+    monkeypatch.setenv("NANOLLM_CACHE_DIR", str(tmp_path / "ours" / "nanollm"))
+    kernel, why = native._load()
+    assert kernel is None and why.startswith(native.REFUSED) and str(theirs) in why, why
+    assert not marker.exists()
+
+
+@needs_kernel
+def test_a_refused_kernel_leaves_the_int8_matmul_to_aten_with_one_warning(cache, monkeypatch, caplog):
+    """End to end through quantize.py: the planted library never runs, aten's kernel computes the right numbers."""
+    from nanollm.inference.quantize import Int8Linear, int8_native_kernel
+
+    root, marker = cache
+    (root / "kernels").chmod(0o775)
+    native.int8_gemm.cache_clear()
+    try:
+        layer = Int8Linear.from_linear(torch.nn.Linear(64, 24, bias=False))
+        x = torch.randn(3, 64)
+        with caplog.at_level("INFO", logger=native.__name__):
+            y = layer(x)
+        assert native.int8_kernel_name() == "aten" and not marker.exists()
+        refusals = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert len(refusals) == 1 and str(root) in refusals[0].getMessage()
+        with int8_native_kernel(layer, False):
+            assert torch.equal(y, layer(x))  # aten's path (bf16 activations) served: bit for bit the same
+        torch.testing.assert_close(y, reference(x, layer.weight, layer.scales), rtol=2e-2, atol=2e-2)
+    finally:
+        native.int8_gemm.cache_clear()
+
+
+@needs_kernel
+def test_folders_the_loader_makes_are_private_and_the_library_is_ours_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOLLM_CACHE_DIR", str(tmp_path / "a" / "b"))
+    old = os.umask(0o002)  # a umask that would leave files group-writable
+    try:
+        kernel, how = native._load()
+    finally:
+        os.umask(old)
+    assert kernel is not None, how
+    for folder in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "kernels"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(kernel.path.stat().st_mode) & 0o022 == 0
+
+
+# --- the output buffer is fp32 whatever torch's default dtype; other dtypes are refused, never reinterpreted ---
+
+
+@needs_kernel
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16, torch.float16])
+def test_the_output_is_fp32_under_any_default_dtype(default):
+    x, w, s = operands(5, 33, 40, seed=3)
+    expected = reference(x, w, s)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        y = int8_gemm()(x, w, s)
+    finally:
+        torch.set_default_dtype(before)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_int8_layers_are_right_or_refuse_cleanly_under_float64_and_with_bf16_inputs():
+    """Through quantize.py, the way decoding calls the kernel: fp32, bf16 and fp64 activations, default dtype fp64."""
+    from nanollm.inference.quantize import Int8Linear
+
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 24, bias=False))
+    x = torch.randn(3, 64)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        exact = x.double() @ (layer.weight.double() * layer.scales.double()[:, None]).t()  # float64 reference
+        for xs, tol in ((x, 1e-5), (x.double(), 1e-9), (x.bfloat16(), 3e-2)):
+            y = layer(xs)
+            assert y.dtype == xs.dtype and y.shape == (3, 24)
+            torch.testing.assert_close(y.double(), exact, rtol=tol, atol=tol * 10)
+    finally:
+        torch.set_default_dtype(before)
+    with pytest.raises(ValueError, match=r"x is torch\.bfloat16, needs torch\.float32; cast it first"):
+        int8_gemm()(x.bfloat16(), layer.weight, layer.scales)

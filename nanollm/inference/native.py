@@ -6,13 +6,21 @@ quantize.py then falls back to torch's aten._weight_int8pack_mm, so nothing depe
 build; the reason is logged once.
 
 The build: `cc -O3 -mavx2 -mfma -fopenmp -shared -fPIC` (CC overrides the compiler), into
-$NANOLLM_CACHE_DIR, else $XDG_CACHE_HOME/nanollm, else ~/.cache/nanollm, under a name that
-hashes the source, the flags and the compiler's version, so an edit or a new compiler builds
-afresh and machines sharing a home directory share the file (the flags name an instruction
-set, not the build machine's CPU). It is written to a temporary name and renamed into place,
-so processes building at once, or one killed mid-build, never load half a file. Building
-takes about a second. Without OpenMP (Apple's clang) it is built single-threaded and only
-used when torch runs one thread.
+$NANOLLM_CACHE_DIR, else $XDG_CACHE_HOME/nanollm, else ~/.cache/nanollm (where that cannot be
+made, <tmp>/nanollm-<uid>), in kernels/ under a name that hashes the source, the flags and the
+compiler's version, so an edit or a new compiler builds afresh and machines sharing a home
+directory share the file (the flags name an instruction set, not the build machine's CPU).
+It is written to a temporary name and renamed into place, so processes building at once, or
+one killed mid-build, never load half a file. Building takes about a second. Without OpenMP
+(Apple's clang) it is built single-threaded and only used when torch runs one thread.
+
+Loading a library runs its code as us, and its name is one anyone can compute: so a kernel
+is loaded only from a private folder (`private_folder`: owned by us, not writable by group
+or others, every folder above it owned by us or root and writable by others only with the
+sticky bit, as /tmp is) and only from a file owned by us that nobody else can write. Folders
+it creates are mode 0700. Anything else is refused with one warning naming the folder and
+the fix, and aten's kernel serves: on a shared machine another user could otherwise plant a
+library in a folder they can write, and run code as whoever decodes next.
 
 The call goes through ctypes, which releases the GIL for its duration (the server's event
 loop keeps running), on raw pointers: `Int8Gemm.__call__` checks dtypes, devices and
@@ -33,6 +41,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -41,7 +50,7 @@ import torch
 
 from nanollm.atomic import atomic_path
 
-__all__ = ["Int8Gemm", "int8_gemm", "kernel_cache_dir"]
+__all__ = ["Int8Gemm", "int8_gemm", "int8_kernel", "int8_kernel_name", "kernel_cache_dir", "private_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,7 @@ SOURCE = Path(__file__).with_name("int8_gemm.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
 OPENMP = ["-fopenmp"]
 ENV = "NANOLLM_INT8_KERNEL"  # "auto" (default): build and use it where it can run; "aten": never
+REFUSED = "refused to load a compiled kernel"  # how a security refusal's reason starts (logged as a warning)
 
 
 class Int8Gemm:
@@ -71,8 +81,7 @@ class Int8Gemm:
         """x (..., K) -> (..., N): every row of x times the int8 matrix. A decode step makes ~50 of these
         calls, so they skip reshape/view (~3 us each): the kernel reads x's rows as one (M, K) block."""
         if not (x.dtype == torch.float32 and weight.dtype == torch.int8 and scales.dtype == torch.float32):
-            raise TypeError(f"int8 kernel: needs fp32 x, int8 weight, fp32 scales; got {x.dtype}, "
-                            f"{weight.dtype}, {scales.dtype}")  # fmt: skip
+            raise ValueError(_dtype_error(x, weight, scales))  # raw fp32/int8 memory: refuse, never reinterpret
         if not (x.is_cpu and weight.is_cpu and scales.is_cpu):
             raise ValueError("int8 kernel: CPU tensors only")
         *lead, K = x.shape
@@ -83,10 +92,23 @@ class Int8Gemm:
         if not (weight.is_contiguous() and scales.is_contiguous()):
             raise ValueError("int8 kernel: weight and scales must be contiguous")
         x = x.contiguous()
-        y = torch.empty(*lead, N)
+        y = torch.empty(*lead, N, dtype=torch.float32)  # (..., N): fp32 whatever the default dtype
         threads = torch.get_num_threads()
         self._fn(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), x.numel() // K, N, K, threads)
         return y
+
+
+def _dtype_error(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> str:
+    """One line naming the first operand of the wrong dtype and the fix."""
+    for name, tensor, dtype in (
+        ("x", x, torch.float32),
+        ("weight", weight, torch.int8),
+        ("scales", scales, torch.float32),
+    ):
+        if tensor.dtype != dtype:
+            return (f"int8 kernel: {name} is {tensor.dtype}, needs {dtype}; cast it first "
+                    f"(or call quantize.Int8Linear, which picks a path for each dtype)")  # fmt: skip
+    return "int8 kernel: operands of the wrong dtype"
 
 
 def kernel_cache_dir() -> Path:
@@ -94,6 +116,67 @@ def kernel_cache_dir() -> Path:
         return Path(os.environ["NANOLLM_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "nanollm"
+
+
+class NotPrivate(Exception):
+    """A folder or file a library could be planted in by someone else; the message says which and why."""
+
+
+def _check_ours(path: Path, st: os.stat_result, what: str) -> None:
+    """`path` (lstat'ed as `st`) is owned by us and writable by nobody else."""
+    if st.st_uid != os.getuid():
+        raise NotPrivate(f"{what} {path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()})")
+    if st.st_mode & 0o022:
+        raise NotPrivate(f"{what} {path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+
+
+def _check_folder(path: Path, *, ours: bool) -> None:
+    """A real folder (not a link); ours: owned by us and writable by nobody else; else (a folder above it):
+    owned by us or root, and writable by others only with the sticky bit (as /tmp: nobody renames what is ours)."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotPrivate(f"{path} is not a folder")
+    if ours:
+        _check_ours(path, st, "folder")
+    elif st.st_uid not in (0, os.getuid()):
+        raise NotPrivate(f"folder {path}, above the kernel's, is owned by uid {st.st_uid}, neither you nor root")
+    elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise NotPrivate(f"folder {path}, above the kernel's, is writable by others without the sticky bit "
+                         f"(mode {stat.S_IMODE(st.st_mode):o})")  # fmt: skip
+
+
+def private_folder(folder: Path) -> Path:
+    """`folder`, made where missing (mode 0700 for each folder created), as a resolved path only we can change.
+
+    Every folder created is checked as it is made (another process may have made it first),
+    then the resolved path (symbolic links followed, so the checks see where files really go)
+    and every folder above it. Raises NotPrivate (naming the folder) where someone else could
+    put a file there, OSError where it cannot be made.
+    """
+    folder = Path(os.path.abspath(folder))
+    missing, path = [], folder
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = path.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass  # made meanwhile, perhaps by someone else: the check says
+        _check_folder(path, ours=True)
+    real = Path(os.path.realpath(folder))
+    _check_folder(real, ours=True)
+    for above in real.parents:
+        _check_folder(above, ours=False)
+    return real
+
+
+def _check_library(path: Path) -> None:
+    """The compiled file itself: a regular file (not a link), ours, writable by nobody else."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotPrivate(f"{path} is not a regular file")
+    _check_ours(path, st, "library")
 
 
 def _cpu_has_avx2() -> bool:
@@ -115,8 +198,8 @@ class _BuildFailed(Exception):
 
 
 def _build(cc: str, flags: list[str], dst: Path) -> str | None:
-    """Compile SOURCE into dst (atomic_path: renamed into place whole); None on success, else the compiler's
-    first error line."""
+    """Compile SOURCE into dst (atomic_path: renamed into place whole, mode 0700); None on success, else the
+    compiler's first error line."""
     try:
         with atomic_path(dst) as tmp:
             proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
@@ -124,17 +207,26 @@ def _build(cc: str, flags: list[str], dst: Path) -> str | None:
             if proc.returncode != 0:
                 lines = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.splitlines()
                 raise _BuildFailed(lines[0] if lines else f"{cc} exited with {proc.returncode}")
+            os.chmod(tmp, 0o700)  # writable by us alone, whatever the umask: _check_library refuses anything else
     except _BuildFailed as failed:
         return str(failed)
     return None
 
 
+def _library_name(flags: list[str], compiler_version: str) -> str:
+    """The file name a build of SOURCE with these flags and this compiler gets: by content, so edits rebuild."""
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, compiler_version]).encode()).hexdigest()[:16]
+    return f"int8_gemm-{key}.so"
+
+
 def _load() -> tuple[Int8Gemm | None, str]:
-    """The kernel and how it was found, or None and why not."""
+    """The kernel and how it was found, or None and why not (starting with REFUSED where loading was unsafe)."""
     if os.environ.get(ENV, "auto") == "aten":
         return None, f"{ENV}=aten"
     if not _cpu_has_avx2():
         return None, f"this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}) lacks AVX2/FMA"
+    if not hasattr(os, "getuid"):
+        return None, "no POSIX file ownership here, so a private folder for the kernel cannot be checked"
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found (set CC, or install gcc or clang)"
@@ -144,18 +236,20 @@ def _load() -> tuple[Int8Gemm | None, str]:
         return None, f"{cc} --version failed: {e}"
     errors = []
     for flags, parallel in ((FLAGS + OPENMP, True), (FLAGS, False)):
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version]).encode()).hexdigest()[:16]
-        for directory in (
-            kernel_cache_dir(),
-            Path(tempfile.gettempdir()) / f"nanollm-{getattr(os, 'getuid', lambda: 0)()}",
-        ):
-            path = directory / "kernels" / f"int8_gemm-{key}.so"
+        for base in (kernel_cache_dir(), Path(tempfile.gettempdir()) / f"nanollm-{os.getuid()}"):
+            folder = base / "kernels"
             try:
-                if not path.exists() and (error := _build(cc, flags, path)) is not None:
+                path = private_folder(folder) / _library_name(flags, version)
+                if not os.path.lexists(path) and (error := _build(cc, flags, path)) is not None:
                     errors.append(error)
                     break  # the flags, not the folder, are the problem
+                _check_library(path)
                 return Int8Gemm(path, parallel), f"built with {cc} {' '.join(flags)} at {path}"
-            except OSError as e:  # an unwritable cache folder: try the next
+            except NotPrivate as unsafe:
+                return None, (f"{REFUSED}: {unsafe}; make it yours alone (chown it to you, chmod go-w; delete "
+                              f"any library you did not build), or set NANOLLM_CACHE_DIR to a folder only you can "
+                              f"write")  # fmt: skip
+            except (OSError, AttributeError) as e:  # an unmakeable folder or a broken file: try the next
                 errors.append(str(e))
     return None, f"building {SOURCE.name} failed: {errors[0] if errors else 'unknown error'}"
 
@@ -165,7 +259,19 @@ def int8_gemm() -> Int8Gemm | None:
     """nanollm's int8 kernel for this process, built on first call; None (reason logged once) where it cannot run."""
     kernel, how = _load()
     if kernel is None:
-        log.info("int8 matmuls use torch's aten._weight_int8pack_mm: %s", how)
+        level = logging.WARNING if how.startswith(REFUSED) else logging.INFO
+        log.log(level, "int8 matmuls use torch's aten._weight_int8pack_mm: %s", how)
     else:
         log.debug("int8 kernel (%s, %s): %s", kernel.isa, "OpenMP" if kernel.parallel else "serial", how)
     return kernel
+
+
+def int8_kernel() -> Int8Gemm | None:
+    """nanollm's kernel where it serves at torch's current thread count, else None: aten's serves then."""
+    kernel = int8_gemm()
+    return kernel if kernel is not None and kernel.serves(torch.get_num_threads()) else None
+
+
+def int8_kernel_name() -> str:
+    """Which kernel serves few-row fp32 int8 matmuls on the CPU now: "nanollm" (int8_gemm.c) or "aten"."""
+    return "nanollm" if int8_kernel() is not None else "aten"

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanollm.evaluate import evaluate_lm
-from nanollm.inference.native import int8_gemm
+from nanollm.inference.native import int8_kernel
 from nanollm.model.transformer import Transformer
 
 __all__ = [
@@ -105,9 +105,9 @@ def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, sc
     K = x.shape[-1]
     if native and x.dtype == torch.float32 and x.is_cpu:
         if x.numel() <= (NATIVE_MAX_ROWS if max_rows is None else max_rows) * K:
-            kernel = int8_gemm()
-            if kernel is not None and kernel.serves(torch.get_num_threads()):
-                return kernel(x, weight, scales)  # (..., N), x's rows read in place
+            kernel = int8_kernel()
+            if kernel is not None:
+                return kernel(x, weight, scales)  # (..., N) fp32, x's rows read in place
     *lead, _ = x.shape
     rows = x.reshape(-1, K)  # (M, K)
     few_rows = rows.size(0) <= (ATEN_MAX_ROWS if max_rows is None else max_rows) and x.is_cpu
