@@ -385,3 +385,39 @@ def test_report_renders_int8_and_the_batching_table():
     assert "at 450 tokens/s against 300 with fp32 weights: x1.50" in text
     assert "| sequences at once | fp32 tok/s | fp32 / batch 1 | int8 tok/s | int8 / batch 1 |" in text
     assert "| 16 | 2700 | x9.0 | 4050 | x9.0 |" in text
+
+
+def test_int8_and_fp32_weights_alternate_within_every_round_and_lead_in_turn(monkeypatch):
+    """The int8-vs-fp32 figure is a ratio of medians: it is fair only if both kinds run in the same rounds,
+    side by side at each batch size, each leading every other round (the real engine, its calls recorded)."""
+    from nanollm.inference.quantize import quantize_int8
+
+    fp32, int8 = _model(), quantize_int8(_model())
+    names = {id(fp32): "fp32", id(int8): "int8"}
+    calls = []
+    real = serving.generate_batch
+
+    def recorded(model, prompts, params, **kwargs):
+        calls.append((names[id(model)], len(prompts)))
+        return real(model, prompts, params, **kwargs)
+
+    monkeypatch.setattr(serving, "generate_batch", recorded)
+    rows = serving.bench_batching({"fp32": fp32, "int8": int8}, batch_sizes=[1, 3], prompt_len=4, new_tokens=3,
+                                  repeats=4, warmup=1, seed=0, device=torch.device("cpu"))  # fmt: skip
+    forward = [("fp32", 1), ("int8", 1), ("fp32", 3), ("int8", 3)]
+    backward = forward[::-1]
+    # the warm-up round runs backward, so the first timed round leads with fp32, the next with int8, ...
+    assert calls == backward + forward + backward + forward + backward
+    assert [(r["weights"], r["batch"]) for r in rows] == [("fp32", 1), ("fp32", 3), ("int8", 1), ("int8", 3)]
+    assert all(r["tok_s"] > 0 for r in rows)
+
+
+def test_round_orders_flip_every_round_after_the_warmup():
+    orders = list(timing.round_orders(["a", "b", "c"], warmup=2, repeats=3))
+    assert orders == [
+        (False, ["a", "b", "c"]),
+        (False, ["c", "b", "a"]),
+        (True, ["a", "b", "c"]),
+        (True, ["c", "b", "a"]),
+        (True, ["a", "b", "c"]),
+    ]

@@ -4,8 +4,10 @@ Owns the measurement the bench stage adds to the KV-cache table: the tokens/s of
 continuous-batching engine (nanollm.inference.engine) at each batch size, with the model's
 weights and with int8 weights (nanollm.inference.quantize). Batch 1 is also the batch-1
 comparison of the two kinds of weights: at batch 1 the engine runs generate's own cached step.
-Rounds alternate their order as timing.py's do; figures are medians. The rows go to results.py
-(CSV, metrics), chart.py and report.py.
+Every round runs every (weights, batch) pair, the kinds of weights side by side at each batch
+size, in an order that flips every round (timing.round_orders, as the KV-cache table's rounds):
+so int8 and fp32 are timed under the same conditions, each leading equally often. Figures are
+medians. The rows go to results.py (CSV, metrics), chart.py and report.py.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
 
-from nanollm.inference.bench.timing import Row, sync
+from nanollm.inference.bench.timing import Row, round_orders, sync
 from nanollm.inference.engine import SamplingParams, generate_batch
 
 __all__ = ["BATCH_COLUMNS", "bench_batching"]
@@ -27,15 +30,16 @@ log = logging.getLogger(__name__)
 
 # One row per (weights, batch): total new tokens/s, each sequence's share, and the gain over batch 1.
 BATCH_COLUMNS = ("weights", "batch", "tok_s", "per_sequence_tok_s", "vs_batch1")
+T = TypeVar("T")
 
 
-def _alternating(runs: Mapping[str, Callable[[], float]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median of each run's figure over `repeats` timed rounds after `warmup`; the order flips every round."""
-    order, samples = list(runs), {name: [] for name in runs}
-    for round_ in range(warmup + repeats):
-        for name in order if (round_ - warmup) % 2 == 0 else order[::-1]:
+def _alternating(runs: Mapping[T, Callable[[], float]], warmup: int, repeats: int) -> dict[T, float]:
+    """Median of each run's figure over `repeats` timed rounds after `warmup`, in round_orders' order."""
+    samples: dict[T, list[float]] = {name: [] for name in runs}
+    for timed, names in round_orders(list(runs), warmup, repeats):
+        for name in names:
             value = runs[name]()
-            if round_ >= warmup:
+            if timed:
                 samples[name].append(value)
     return {name: statistics.median(values) for name, values in samples.items()}
 
@@ -62,26 +66,29 @@ def bench_batching(
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, 2**31 - 1, (max(batch_sizes), prompt_len), generator=gen)
     params = SamplingParams(max_tokens=new_tokens, temperature=0)
+
+    def run(model: nn.Module, batch: int) -> Callable[[], float]:
+        ids = (prompts[:batch] % model.vocab_size).tolist()
+
+        def once() -> float:
+            sync(device)
+            t0 = time.perf_counter()
+            out = generate_batch(model, ids, params, max_batch=batch)
+            sync(device)
+            return sum(map(len, out)) / (time.perf_counter() - t0)
+
+        return once
+
+    # (weights, batch) -> its timed call; at each batch size the kinds of weights are neighbours
+    runs = {(weights, b): run(model, b) for b in batch_sizes for weights, model in models.items()}
+    rates = _alternating(runs, warmup, repeats)
     rows = []
-    for weights, model in models.items():
-        ids = (prompts % model.vocab_size).tolist()
-
-        def run(batch: int, model: nn.Module = model, ids: list[list[int]] = ids) -> Callable[[], float]:
-            def once() -> float:
-                sync(device)
-                t0 = time.perf_counter()
-                out = generate_batch(model, ids[:batch], params, max_batch=batch)
-                sync(device)
-                return sum(map(len, out)) / (time.perf_counter() - t0)
-
-            return once
-
-        rates = _alternating({str(b): run(b) for b in batch_sizes}, warmup, repeats)
+    for weights in models:
         for b in batch_sizes:
-            rate = rates[str(b)]
+            rate = rates[weights, b]
             row: Row = {"weights": weights, "batch": b, "tok_s": rate, "per_sequence_tok_s": rate / b}
-            if "1" in rates:
-                row["vs_batch1"] = rate / rates["1"]
+            if 1 in batch_sizes:
+                row["vs_batch1"] = rate / rates[weights, 1]
             log.info("%s weights, batch %d: %.0f tok/s (%.0f per sequence)", weights, b, rate, rate / b)
             rows.append(row)
     return rows

@@ -12,8 +12,8 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ __all__ = [
     "Peer",
     "Row",
     "bench_kvcache",
+    "round_orders",
     "speedup",
     "sync",
     "timed_greedy",
@@ -38,6 +39,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Row = dict[str, Any]  # COLUMNS -> int (prompt_len, new_tokens), str (transformers_peer) or float
 Peer = Callable[[torch.Tensor, int], list[int]]  # (prompt ids (T,), n) -> n greedy ids
 
@@ -64,6 +66,17 @@ COLUMNS = (
     "cache_mb",
     *PEER_COLUMNS,
 )
+
+
+def round_orders(names: Sequence[T], warmup: int, repeats: int) -> Iterator[tuple[bool, Sequence[T]]]:
+    """(timed, order) for each of `warmup` + `repeats` rounds: the order a round runs `names` in.
+
+    The first timed round runs them as given, the next in reverse, and so on: with an even
+    `repeats` each leads equally often, so ordering effects (a neighbour evicting the weights
+    from cache, the clock speed ramping, a busy host settling) fall on every side alike.
+    """
+    for round_ in range(warmup + repeats):
+        yield round_ >= warmup, names if (round_ - warmup) % 2 == 0 else names[::-1]
 
 
 def sync(device: torch.device) -> None:
@@ -210,11 +223,11 @@ def _measure_point(
     order = list(runs)
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}  # (ttft s, tokens/s) per round
     logged: set[str] = set()  # one note per point and kind: every round decodes the same tokens
-    for round_ in range(warmup + repeats):
+    for timed, names in round_orders(order, warmup, repeats):
         outs = {}
-        for name in order if (round_ - warmup) % 2 == 0 else order[::-1]:
+        for name in names:
             outs[name], ttft, seconds = runs[name]()
-            if round_ >= warmup:
+            if timed:
                 samples[name].append((ttft, n_new / seconds))
         note = check_same(model, prompt, outs["cached"], outs["uncached"]) if uncached else None
         if note is not None and "ours" not in logged:
