@@ -2,8 +2,8 @@
 
 A checkpoint is a folder: config.json (architecture, vocab size, step, tokens seen, data
 and tokenizer hashes, the run's fingerprint), architecture.json (the architecture and vocab
-size alone), model.pt (state_dict), train_state.pt (optimizer state, step, RNG states,
-progress) and run.json (the MLflow run id and store).
+size alone), model.pt (state_dict) and train_state.pt (optimizer state, step, RNG states,
+progress). Which MLflow run a checkpoint belongs to is nanollm.tracking's record, not this folder's.
 What goes into train_state is the training loop's business; this module only stores and
 loads it, and says whether a folder was written by the same run (`fingerprint`).
 """
@@ -25,12 +25,12 @@ from typing import Any, BinaryIO
 import torch
 
 from nanollm.config import Config, ConfigError, ModelConfig, TrainConfig, flatten
-from nanollm.errors import NanollmError, read_json_object
+from nanollm.errors import NanollmError, first_line, read_json_object
 from nanollm.model import Transformer
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE, MODEL_FILE, TRAIN_STATE_FILE, RUN_FILE = "config.json", "model.pt", "train_state.pt", "run.json"
+CONFIG_FILE, MODEL_FILE, TRAIN_STATE_FILE = "config.json", "model.pt", "train_state.pt"
 # The architecture alone (model config and vocab size): it changes only when the network's shape
 # does, so a stage that measures the architecture (bench_kvcache) depends on it, not on the weights.
 ARCHITECTURE_FILE = "architecture.json"
@@ -52,14 +52,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     train_state: dict[str, Any],
     info: dict[str, Any],
-    run: dict[str, Any],
 ) -> Path:
     """Write the checkpoint folder at out_dir, replacing any previous one only once complete.
 
     train_state must hold "step" and "tokens_seen" (both also copied into config.json) and
     may hold anything torch.load(weights_only=True) can read back: tensors, numbers,
     strings, lists, dicts. info adds keys to config.json (tokenizer_sha256,
-    corpus_sha256); run is {"run_id", "tracking_uri"}, either None when tracking is off.
+    corpus_sha256).
     """
     config = {
         "model": dataclasses.asdict(model.cfg),
@@ -71,14 +70,12 @@ def save_checkpoint(
     state = dict(train_state)
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
-    run_record = {"run_id": run.get("run_id"), "tracking_uri": run.get("tracking_uri")}
     architecture = {"model": config["model"], "vocab_size": config["vocab_size"]}
     with _FolderSwap(Path(out_dir)) as tmp:
         _write(tmp / CONFIG_FILE, lambda f: f.write(json.dumps(config, indent=2).encode() + b"\n"))
         _write(tmp / ARCHITECTURE_FILE, lambda f: f.write(json.dumps(architecture, indent=2).encode() + b"\n"))
         _write(tmp / MODEL_FILE, lambda f: torch.save(model.state_dict(), f))
         _write(tmp / TRAIN_STATE_FILE, lambda f: torch.save(state, f))
-        _write(tmp / RUN_FILE, lambda f: f.write(json.dumps(run_record, indent=2).encode() + b"\n"))
     log.info("saved checkpoint to %s (step %d)", out_dir, config["step"])
     return Path(out_dir)
 
@@ -222,13 +219,9 @@ def _differences(have: dict[str, Any], wanted: dict[str, Any], limit: int = 3) -
 
 
 def load_for_resume(folder: str | Path) -> dict[str, Any]:
-    """{"model": state_dict, "state": train_state, "run": run.json} of a checkpoint folder, on the CPU."""
+    """{"model": state_dict, "state": train_state} of a checkpoint folder, on the CPU."""
     folder = Path(folder)
-    return {
-        "model": _load_tensors(folder / MODEL_FILE, map_location="cpu"),
-        "state": load_train_state(folder),
-        "run": read_run(folder),
-    }
+    return {"model": _load_tensors(folder / MODEL_FILE, map_location="cpu"), "state": load_train_state(folder)}
 
 
 def resumable_state(out_dir: str | Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
@@ -256,15 +249,23 @@ def read_checkpoint_info(ckpt_dir: str | Path) -> dict[str, Any]:
     return info
 
 
-def read_run(ckpt_dir: str | Path) -> dict[str, Any]:
-    """run.json: {"run_id": str | None, "tracking_uri": str | None}."""
-    run = read_json_object(Path(ckpt_dir) / RUN_FILE, _REDO)
-    return {"run_id": run.get("run_id"), "tracking_uri": run.get("tracking_uri")}
+def check_tokenizer(
+    ckpt_dir: str | Path, info: dict[str, Any], tok: Any, *, fix: str = "pass the matching tokenizer"
+) -> None:
+    """Refuse, in one line ending in `fix`, a tokenizer the checkpoint was not trained with.
 
-
-def read_run_id(ckpt_dir: str | Path) -> str | None:
-    """The MLflow run id recorded by pretrain, or None when tracking was off."""
-    return read_run(ckpt_dir)["run_id"]
+    info is the checkpoint's config.json; tok anything with `sha256`, `vocab_size` and `path`
+    (a nanollm Tokenizer). A checkpoint that recorded no tokenizer (an imported one) accepts any
+    tokenizer whose ids fit its embedding.
+    """
+    trained_with = info.get("tokenizer_sha256")
+    if trained_with is not None and trained_with != tok.sha256:
+        raise NanollmError(
+            f"{ckpt_dir} was trained with tokenizer sha256 {str(trained_with)[:12]}, but {tok.path} is "
+            f"{tok.sha256[:12]}; {fix}"
+        )
+    if tok.vocab_size > int(info["vocab_size"]):
+        raise NanollmError(f"{tok.path} has {tok.vocab_size} tokens but {ckpt_dir} only {info['vocab_size']}; {fix}")
 
 
 def model_config(info: dict[str, Any], source: str | Path = CONFIG_FILE) -> ModelConfig:
@@ -308,8 +309,9 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> Tran
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise NanollmError(f"{ckpt_dir / MODEL_FILE} does not match {CONFIG_FILE} ({first}); {_REDO}") from None
+        raise NanollmError(
+            f"{ckpt_dir / MODEL_FILE} does not match {CONFIG_FILE} ({first_line(err)}); {_REDO}"
+        ) from None
     return model.to(device).eval()
 
 
@@ -353,5 +355,5 @@ def _load_error(err: Exception) -> str:
     found = re.search(r"WeightsUnpickler error: ([^.\n]*)", text)
     reason = found.group(1).strip() if found else ""
     if not reason:
-        reason = (text.strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        reason = first_line(err).split(". ")[0]
     return reason[:160]

@@ -15,6 +15,11 @@ class NanollmError(Exception):
     """A user-fixable problem: bad input data, a missing file, an unreachable service."""
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """Another library's error as part of a one-line message: its first line (cut at `limit`), or its type."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+
+
 def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:
     """The JSON object in `path`; a one-line NanollmError naming the file and `fix` otherwise (missing, unreadable)."""
     path = Path(path)

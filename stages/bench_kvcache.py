@@ -22,7 +22,13 @@ from stages.cli import StageContext, pass_context, path_option
 @path_option(
     "--architecture",
     "models/checkpoint/architecture.json",
-    "The checkpoint's architecture (its run.json beside it names the MLflow run).",
+    "The checkpoint's architecture.",
+    folder=False,
+)
+@path_option(
+    "--run-record",
+    "models/run.json",
+    "pretrain's record of the model's MLflow run, which the figures are added to (none: a new run).",
     folder=False,
 )
 @path_option("--metrics", "metrics/bench_kvcache.json", "Summary JSON.", folder=None)
@@ -32,7 +38,9 @@ from stages.cli import StageContext, pass_context, path_option
     "--batch-table", "reports/bench_kvcache_batching.csv", "One CSV row per (weights, batch size).", folder=None
 )
 @pass_context
-def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, chart: Path, batch_table: Path) -> None:
+def command(
+    ctx: StageContext, architecture: Path, run_record: Path, metrics: Path, table: Path, chart: Path, batch_table: Path
+) -> None:
     """Time cached vs uncached greedy decoding at every bench.prompt_lengths x bench.new_tokens point.
 
     The weights are random (seeded), as the speed is the architecture's; greedy decoding
@@ -46,13 +54,13 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
     import torch
 
     from nanollm.atomic import write_json
-    from nanollm.checkpoint import RUN_FILE, architecture_differences, architecture_model, read_run_id
+    from nanollm.checkpoint import architecture_differences, architecture_model
     from nanollm.hardware import describe_machine, pick_device
     from nanollm.inference.bench.bandwidth import bandwidth, memory_bandwidth, weight_bytes_per_token
     from nanollm.inference.bench.chart import plot
     from nanollm.inference.bench.results import summarize, summarize_serving, write_batch_table, write_table
     from nanollm.inference.bench.timing import COUNTERPART_COLUMN, PEER_COLUMNS, bench_kvcache
-    from nanollm.tracking import make_tracker, sectioned
+    from nanollm.tracking.runs import make_tracker, read_run_record, sectioned
 
     cfg = ctx.config.bench
     device = pick_device(cfg.device, key="bench.device")
@@ -99,8 +107,7 @@ def command(ctx: StageContext, architecture: Path, metrics: Path, table: Path, c
 
     tracker = make_tracker(ctx.config.tracking, ctx.root)
     with tracker:
-        run_file = architecture.parent / RUN_FILE
-        tracker.resume(read_run_id(architecture.parent) if run_file.is_file() else None)
+        tracker.resume(read_run_record(run_record)["run_id"] if run_record.is_file() else None)
         tracker.log_metrics(sectioned("bench", summary))
         tracker.set_tags({"bench.device": summary["device"], "bench.machine": summary["machine"]})
         tracker.log_artifact(table, "bench_kvcache")

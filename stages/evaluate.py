@@ -26,21 +26,29 @@ if TYPE_CHECKING:  # annotations only: importing these at run time would load to
 @path_option("--corpus", "data/corpus", "Raw text (val documents).", folder=None)
 @path_option("--metrics", "metrics/evaluate.json", "Metrics JSON to write.", folder=None)
 @path_option("--samples", "reports/samples.txt", "Generated text to write.", folder=None)
+@path_option("--run-record", "models/run.json", "pretrain's record of the model's MLflow run.", folder=False)
 @pass_context
 def command(
-    ctx: StageContext, checkpoint: Path, tokens: Path, tokenizer: Path, corpus: Path, metrics: Path, samples: Path
+    ctx: StageContext,
+    checkpoint: Path,
+    tokens: Path,
+    tokenizer: Path,
+    corpus: Path,
+    metrics: Path,
+    samples: Path,
+    run_record: Path,
 ) -> None:
     """Score the model on the val split and write samples from the eval prompts."""
 
     from nanollm.atomic import write_json, write_text
-    from nanollm.checkpoint import architecture_differences, load_model, read_checkpoint_info, read_run_id
+    from nanollm.checkpoint import architecture_differences, check_tokenizer, load_model, read_checkpoint_info
     from nanollm.data.corpus import iter_documents, read_manifest
     from nanollm.data.tokens import check_compatible, open_split, read_meta
-    from nanollm.errors import NanollmError
     from nanollm.evaluate import compressor_bits_per_byte, evaluate_lm, lzma_with_context_bits_per_byte, text_tail
     from nanollm.hardware import pick_device
     from nanollm.tokenizer import load_tokenizer
-    from nanollm.tracking import make_tracker, sectioned
+    from nanollm.tracking.models import log_model
+    from nanollm.tracking.runs import make_tracker, read_run_record, sectioned
 
     cfg = ctx.config.eval
     info = read_checkpoint_info(checkpoint)
@@ -48,11 +56,7 @@ def command(
     tok = load_tokenizer(tokenizer)
     manifest = read_manifest(corpus)
     check_compatible(meta, tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size, corpus_sha256=manifest["sha256"])
-    if info.get("tokenizer_sha256") != tok.sha256:
-        raise NanollmError(
-            f"{checkpoint} was trained with tokenizer sha256 {str(info.get('tokenizer_sha256'))[:12]}, but {tokenizer} "
-            f"is {tok.sha256[:12]}; re-run `dvc repro pretrain` (or pass the matching --tokenizer)"
-        )
+    check_tokenizer(checkpoint, info, tok, fix="re-run `dvc repro pretrain` (or pass the matching --tokenizer)")
 
     device = pick_device(cfg.device, key="eval.device")
     model = load_model(checkpoint, device=device)
@@ -117,13 +121,13 @@ def command(
 
     tracker = make_tracker(ctx.config.tracking, ctx.root)
     with tracker:
-        tracker.resume(read_run_id(checkpoint))
+        tracker.resume(read_run_record(run_record)["run_id"])
         tracker.log_metrics(sectioned("eval", out))
         tracker.set_tags({"eval.device": out["device"]})
         tracker.log_artifact(samples, "evaluate")
         tracker.log_artifact(ctx.params_path, "evaluate")
-        if ctx.config.tracking.log_model:  # an MLflow model to register and serve: ~17 MB at the defaults
-            tracker.log_model(checkpoint, tok.path, sampling=cfg, seed=ctx.config.seed)
+        if ctx.config.tracking.log_model:  # an MLflow model to register and serve (docs/experiments.md: its cost)
+            log_model(tracker, checkpoint, tok.path, sampling=cfg, seed=ctx.config.seed)
 
 
 def _samples(model: Transformer, tok: Tokenizer, seed: int, cfg: EvalConfig, info: dict[str, Any]) -> str:

@@ -34,8 +34,7 @@ def command(ctx: StageContext, checkpoint: Path, out: Path, tokenizer: Path) -> 
     # on tokens from another project) with no way out.
     import logging
 
-    from nanollm.checkpoint import load_model, read_checkpoint_info
-    from nanollm.errors import NanollmError
+    from nanollm.checkpoint import check_tokenizer, load_model, read_checkpoint_info
     from nanollm.hf import export_hf
 
     info = read_checkpoint_info(checkpoint)
@@ -44,16 +43,7 @@ def command(ctx: StageContext, checkpoint: Path, out: Path, tokenizer: Path) -> 
         from nanollm.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
-        if info.get("tokenizer_sha256") not in (None, tok.sha256):
-            raise NanollmError(
-                f"{checkpoint} was trained with another tokenizer than {tokenizer} (sha256 "
-                f"{str(info['tokenizer_sha256'])[:12]} vs {tok.sha256[:12]}); pass the matching --tokenizer"
-            )
-        if tok.vocab_size > int(info["vocab_size"]):
-            raise NanollmError(
-                f"{tokenizer} has {tok.vocab_size} tokens but {checkpoint} only {info['vocab_size']}; "
-                "pass the matching --tokenizer"
-            )
+        check_tokenizer(checkpoint, info, tok, fix="pass the matching --tokenizer")
     else:
         logging.getLogger(__name__).warning(
             "%s not found: exporting the model without a tokenizer (AutoTokenizer and pipeline will not load %s); "

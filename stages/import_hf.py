@@ -34,7 +34,6 @@ def command(ctx: StageContext, hf_dir: Path | None, out: Path) -> None:
         model,
         train_state={"step": 0, "tokens_seen": 0},
         info={"tokenizer_sha256": None, "corpus_sha256": None, "imported_from": str(hf_dir)},
-        run={"run_id": None, "tracking_uri": None},
     )
     cfg = model.cfg
     click.echo(

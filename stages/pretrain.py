@@ -2,8 +2,8 @@
 
 Thin: the loop is nanollm.training.loop, the network nanollm.model, the files nanollm.checkpoint,
 process groups nanollm.training.distributed. This module creates THE MLflow run of the model (evaluate
-and bench_kvcache re-open it; a resumed training re-opens it too) and records its id in the
-checkpoint's run.json. Under torchrun only rank 0 writes files and talks to MLflow.
+and bench_kvcache re-open it; a resumed training re-opens it too) and leaves its id in the run
+record (--run-record, nanollm.tracking.runs). Under torchrun only rank 0 writes files and talks to MLflow.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 @click.command("pretrain")
 @path_option("--tokens", "data/tokens", "Token memmaps + meta.json.")
 @path_option("--out", "models/checkpoint", "Checkpoint folder.")
+@path_option("--run-record", "models/run.json", "JSON naming the model's MLflow run (id, store).", folder=False)
 @path_option("--metrics", "metrics/pretrain.json", "Metrics JSON to write.", folder=False)
 @path_option("--train-curve", "reports/train_curve.csv", "CSV: step, tokens, train_loss, lr.", folder=False)
 @path_option("--val-curve", "reports/val_curve.csv", "CSV: step, tokens, val_loss.", folder=False)
@@ -39,6 +40,7 @@ def command(
     ctx: StageContext,
     tokens: Path,
     out: Path,
+    run_record: Path,
     metrics: Path,
     train_curve: Path,
     val_curve: Path,
@@ -59,13 +61,19 @@ def command(
     if not dist.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one rank narrates
     try:
-        _pretrain(ctx, dist, device, tokens, out, (metrics, train_curve, val_curve, chart))
+        _pretrain(ctx, dist, device, tokens, out, run_record, (metrics, train_curve, val_curve, chart))
     finally:
         dist.close()
 
 
 def _pretrain(
-    ctx: StageContext, dist: Distributed, device: torch.device, tokens: Path, out: Path, outputs: tuple[Path, ...]
+    ctx: StageContext,
+    dist: Distributed,
+    device: torch.device,
+    tokens: Path,
+    out: Path,
+    run_record: Path,
+    outputs: tuple[Path, ...],
 ) -> None:
     import torch
 
@@ -73,7 +81,7 @@ def _pretrain(
     from nanollm.data.tokens import open_split, read_meta
     from nanollm.hardware import choose_dtype
     from nanollm.model import Transformer
-    from nanollm.tracking import NullTracker, make_tracker, sectioned
+    from nanollm.tracking.runs import NullTracker, make_tracker, sectioned, write_run_record
     from nanollm.training.interrupt import GracefulStop, TrainingInterrupted
     from nanollm.training.loop import train
 
@@ -100,13 +108,13 @@ def _pretrain(
     info = {"tokenizer_sha256": meta.tokenizer_sha256, "corpus_sha256": meta.corpus_sha256, "fingerprint": wanted}
 
     def save(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
-        save_checkpoint(
-            out, model, train_state=state, info=info, run={"run_id": tracker.run_id, "tracking_uri": tracker.uri}
-        )
+        save_checkpoint(out, model, train_state=state, info=info)
 
     status = "FAILED"
     try:
-        _open_run(tracker, ctx, meta, resume)
+        _open_run(tracker, ctx, meta, resume, run_record)
+        if dist.is_main:  # at once: a killed run resumes into the same MLflow run
+            write_run_record(run_record, tracker)
         tracker.set_tags({"device": str(device), "dtype": dtype.name, "dtype_reason": dtype.reason})
         tracking = ctx.config.tracking
         system_metrics = (
@@ -132,14 +140,19 @@ def _pretrain(
         tracker.end(status)
 
 
-def _open_run(tracker: Any, ctx: StageContext, meta: Any, resume: dict[str, Any] | None) -> None:
-    """Re-open the resumed checkpoint's MLflow run when it lives in this store; else start a new one."""
+def _open_run(tracker: Any, ctx: StageContext, meta: Any, resume: dict[str, Any] | None, run_record: Path) -> None:
+    """Re-open the resumed checkpoint's MLflow run (the run record's) when it lives in this store; else start one."""
     from nanollm.config import flatten
     from nanollm.errors import NanollmError
-    from nanollm.tracking import run_tags, sectioned
+    from nanollm.tracking.runs import read_run_record, run_tags, sectioned
 
     config = ctx.config
-    previous = (resume or {}).get("run") or {}
+    previous: dict[str, Any] = {}
+    if resume and run_record.is_file():
+        try:
+            previous = read_run_record(run_record)
+        except NanollmError as err:
+            log.warning("%s; logging the resumed training to a new run", err)
     if previous.get("run_id") and previous.get("tracking_uri") == tracker.uri:
         try:
             tracker.resume(previous["run_id"])
@@ -162,7 +175,7 @@ def _open_run(tracker: Any, ctx: StageContext, meta: Any, resume: dict[str, Any]
 def _write_outputs(outputs: tuple[Path, ...], result: Any, n_params: int, tracker: Any, title: str) -> None:
     """metrics JSON, train/val curves, the loss chart; the final numbers to MLflow."""
     from nanollm.atomic import write_json
-    from nanollm.tracking import sectioned
+    from nanollm.tracking.runs import sectioned
 
     metrics, train_curve, val_curve, chart = outputs
     summary = _summary(result, n_params)

@@ -33,7 +33,8 @@ def command(ctx: StageContext, run_id: str | None, metric: str | None, maximize:
     if maximize and metric is None:
         raise click.UsageError("--maximize goes with --best METRIC")
 
-    from nanollm.tracking import best_run, register_run, tracking_uri
+    from nanollm.tracking.models import best_run, register_run
+    from nanollm.tracking.store import tracking_uri
 
     cfg = ctx.config.tracking
     uri = tracking_uri(cfg, ctx.root)

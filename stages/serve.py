@@ -95,7 +95,8 @@ def command(
     try:
         with contextlib.ExitStack() as downloads:
             if model_uri is not None:
-                from nanollm.tracking import fetch_model, tracking_uri
+                from nanollm.tracking.models import fetch_model
+                from nanollm.tracking.store import tracking_uri
 
                 folder = Path(downloads.enter_context(tempfile.TemporaryDirectory(prefix="nanollm-serve-"))) / "model"
                 checkpoint, tokenizer = fetch_model(model_uri, tracking_uri(ctx.config.tracking, ctx.root), folder)

@@ -30,7 +30,8 @@ def command(ctx: StageContext, corpus: Path, out: Path, metrics: Path) -> None:
     from nanollm.config import flatten
     from nanollm.data.corpus import iter_documents, read_manifest
     from nanollm.tokenizer import FILENAME, bytes_per_token, create_tokenizer, gpt2, load_tokenizer
-    from nanollm.tracking import TOKENIZER_RUNS, make_tracker, run_tags
+    from nanollm.tracking.runs import make_tracker, run_tags
+    from nanollm.tracking.store import TOKENIZER_RUNS
 
     cfg = ctx.config.tokenizer
     train_bytes = read_manifest(corpus)["splits"]["train"]["bytes"]

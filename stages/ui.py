@@ -25,7 +25,8 @@ _STOP_GRACE_S = 15.0
 def command(ctx: StageContext, host: str, port: int) -> None:
     """Browse and compare the project's MLflow runs (one per trained model)."""
     from nanollm.errors import NanollmError
-    from nanollm.tracking import runs_url, tracking_uri, ui_command, ui_environment, ui_experiment
+    from nanollm.tracking.store import tracking_uri
+    from nanollm.tracking.ui import runs_url, ui_command, ui_environment, ui_experiment
 
     cfg = ctx.config.tracking
     uri = tracking_uri(cfg, ctx.root)

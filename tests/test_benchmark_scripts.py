@@ -275,7 +275,7 @@ def test_serve_throughput_races_batch_1_against_concurrent_clients_of_nanollm_se
                            progress=False)  # fmt: skip
     model = seeded_model(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64), tok.vocab_size, seed=0)
     save_checkpoint(tmp_path / "ckpt", model, train_state={"step": 1, "tokens_seen": 0},
-                    info={"tokenizer_sha256": tok.sha256}, run={"run_id": None, "tracking_uri": None})  # fmt: skip
+                    info={"tokenizer_sha256": tok.sha256})  # fmt: skip
     out = _run("serve_throughput.py", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", str(tmp_path / "tok"),
                "--max-tokens", "4", "--sequential", "2", "--requests", "4", "--concurrency", "2", "--rounds", "1",
                "--threads", "1")  # fmt: skip

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from nanollm.checkpoint import (
     architecture_differences,
     architecture_model,
     backup_path,
+    check_tokenizer,
     code_digest,
     find_resumable,
     fingerprint,
@@ -19,8 +21,6 @@ from nanollm.checkpoint import (
     load_model,
     load_train_state,
     read_checkpoint_info,
-    read_run,
-    read_run_id,
     resumable_state,
     save_checkpoint,
 )
@@ -39,7 +39,6 @@ def _save(path, model, **kw):
         optimizer=optimizer,
         train_state={"step": 7, "tokens_seen": 700, "batch_rng": torch.Generator().manual_seed(3).get_state()},
         info={"tokenizer_sha256": "ab" * 32, "corpus_sha256": "cd" * 32},
-        run=kw.get("run", {"run_id": "r123", "tracking_uri": "sqlite:///x.db"}),
     )
     return optimizer
 
@@ -54,8 +53,11 @@ def test_round_trip(tmp_path, model):
     ckpt = tmp_path / "ckpt"
     _save(ckpt, model)
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "architecture.json", "config.json", "model.pt", "run.json", "train_state.pt"
-    ]  # fmt: skip
+        "architecture.json",
+        "config.json",
+        "model.pt",
+        "train_state.pt",
+    ]  # fmt: skip: no MLflow bookkeeping (nanollm.tracking keeps its own run record)
     info = read_checkpoint_info(ckpt)
     assert info["vocab_size"] == 50 and info["step"] == 7 and info["tokens_seen"] == 700
     assert info["model"]["n_kv_head"] == 1 and info["model"]["mlp"] == "gelu"
@@ -68,13 +70,32 @@ def test_round_trip(tmp_path, model):
         assert torch.equal(loaded(idx), model.eval()(idx))
     state = load_train_state(ckpt)
     assert state["step"] == 7 and "optimizer" in state and state["batch_rng"].dtype == torch.uint8
-    assert read_run_id(ckpt) == "r123" and read_run(ckpt)["tracking_uri"] == "sqlite:///x.db"
 
 
-def test_run_json_records_null_without_tracking(tmp_path, model):
-    _save(tmp_path / "c", model, run={"run_id": None, "tracking_uri": None})
-    assert json.loads((tmp_path / "c" / "run.json").read_text()) == {"run_id": None, "tracking_uri": None}
-    assert read_run_id(tmp_path / "c") is None
+def test_the_checkpoint_module_knows_nothing_of_mlflow():
+    from nanollm import checkpoint
+
+    source = Path(checkpoint.__file__).read_text()
+    code = source.replace(checkpoint.__doc__, "")  # the docstring says where the run record lives instead
+    assert "mlflow" not in code.lower() and "tracking" not in code and "run_id" not in code and "run.json" not in code
+
+
+class _Tok:
+    def __init__(self, sha256, vocab_size):
+        self.sha256, self.vocab_size, self.path = sha256, vocab_size, Path("tok/tokenizer.json")
+
+
+def test_check_tokenizer_refuses_another_tokenizer_or_a_larger_vocab(tmp_path, model):
+    info = {"tokenizer_sha256": "ab" * 32, "vocab_size": 50}
+    check_tokenizer("ckpt", info, _Tok("ab" * 32, 50))  # its own tokenizer
+    with pytest.raises(NanollmError, match=r"trained with tokenizer sha256 abababababab, but tok/tokenizer.json is "
+                       r"cdcdcdcdcdcd; pass the matching tokenizer$"):  # fmt: skip
+        check_tokenizer("ckpt", info, _Tok("cd" * 32, 50))
+    with pytest.raises(NanollmError, match="has 51 tokens but ckpt only 50; re-run it"):
+        check_tokenizer("ckpt", info, _Tok("ab" * 32, 51), fix="re-run it")
+    check_tokenizer(
+        "ckpt", {"tokenizer_sha256": None, "vocab_size": 50}, _Tok("cd" * 32, 40)
+    )  # imported: any that fits
 
 
 def test_failed_save_leaves_the_previous_checkpoint(tmp_path, model):
@@ -82,7 +103,7 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, model):
     _save(ckpt, model)
     before = (ckpt / "model.pt").read_bytes()
     with pytest.raises(KeyError):
-        save_checkpoint(ckpt, model, train_state={}, info={}, run={})  # no "step": fails midway
+        save_checkpoint(ckpt, model, train_state={}, info={})  # no "step": fails midway
     assert (ckpt / "model.pt").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary folder left behind
 
@@ -161,9 +182,7 @@ def _wanted(**train):
 
 
 def _save_with(path, model, wanted, step=7):
-    save_checkpoint(
-        path, model, train_state={"step": step, "tokens_seen": 70}, info={"fingerprint": wanted}, run={"run_id": None}
-    )
+    save_checkpoint(path, model, train_state={"step": step, "tokens_seen": 70}, info={"fingerprint": wanted})
 
 
 def test_fingerprint_ignores_cadence_and_sees_what_changes_the_weights():

@@ -167,6 +167,6 @@ def test_pretrain_stage_records_the_dtype_its_matmuls_ran_in(project, name):  # 
     metrics = json.loads((project / "metrics" / "pretrain.json").read_text())
     recorded = {"device": "cpu", "dtype": name, "dtype_reason": f"train.dtype: {name}"}
     assert {key: metrics[key] for key in recorded} == recorded
-    run_id = json.loads((project / "models" / "checkpoint" / "run.json").read_text())["run_id"]
+    run_id = json.loads((project / "models" / "run.json").read_text())["run_id"]
     tags = MlflowClient(f"sqlite:///{project}/mlflow.db").get_run(run_id).data.tags
     assert {key: tags[key] for key in recorded} == recorded

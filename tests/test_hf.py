@@ -254,7 +254,6 @@ def project(tmp_path, monkeypatch):
         _model(n_kv_head=2),
         train_state={"step": 3, "tokens_seen": 0},
         info={"tokenizer_sha256": None, "corpus_sha256": None},
-        run={"run_id": None, "tracking_uri": None},
     )
     return tmp_path
 
@@ -284,7 +283,6 @@ def test_export_command_refuses_an_option_without_a_llama_form_in_one_line(proje
         _model(value_residual=True),
         train_state={"step": 3, "tokens_seen": 0},
         info={"tokenizer_sha256": None, "corpus_sha256": None},
-        run={"run_id": None, "tracking_uri": None},
     )
     result = CliRunner().invoke(cli, ["export-hf", "--out", "hf"])
     assert result.exit_code == 1
@@ -346,7 +344,6 @@ def _save(folder, model, tok):
         model,
         train_state={"step": 1, "tokens_seen": 0},
         info={"tokenizer_sha256": tok.sha256, "corpus_sha256": None},
-        run={"run_id": None, "tracking_uri": None},
     )
 
 

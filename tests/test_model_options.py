@@ -228,7 +228,6 @@ def test_the_checkpoint_folder_carries_the_options(tmp_path):
         model,
         train_state={"step": 1, "tokens_seen": 0},
         info={"tokenizer_sha256": None, "corpus_sha256": None},
-        run={"run_id": None, "tracking_uri": None},
     )
     stored = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())["model"]
     assert {k: stored[k] for k in ALL_OPTIONS} == ALL_OPTIONS

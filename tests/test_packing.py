@@ -5,7 +5,7 @@ import torch
 
 from nanollm.checkpoint import load_model, save_checkpoint
 from nanollm.config import ModelConfig, TrainConfig
-from nanollm.hf import export_hf, load_hf
+from nanollm.hf_folder import export_hf, load_hf
 from nanollm.inference.generate import generate
 from nanollm.model import Transformer
 from nanollm.training.optim import make_optimizer
@@ -112,7 +112,7 @@ def test_moving_the_model_makes_the_pack_stale_not_wrong():
 
 def test_packed_checkpoint_round_trips(tmp_path):
     model = packed()
-    save_checkpoint(tmp_path / "ckpt", model, train_state={"step": 0, "tokens_seen": 0}, info={}, run={})
+    save_checkpoint(tmp_path / "ckpt", model, train_state={"step": 0, "tokens_seen": 0}, info={})
     loaded = load_model(tmp_path / "ckpt")
     for (key, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), key

@@ -169,7 +169,7 @@ def test_one_mlflow_run_per_model_with_params_and_every_stage_metrics(project, f
     inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"corpus-train", "corpus-val"}
     assert run.data.tags["data.sha256"].startswith(inputs["corpus-train"])
-    checkpoint_run = json.loads((project / "models/checkpoint/run.json").read_text())["run_id"]
+    checkpoint_run = json.loads((project / "models/run.json").read_text())["run_id"]
     assert checkpoint_run == run.info.run_id
 
 

@@ -30,7 +30,9 @@ from nanollm.errors import NanollmError
 from nanollm.hardware import pick_device
 from nanollm.inference.generate import generate
 from nanollm.tokenizer import load_tokenizer
-from nanollm.tracking import fetch_model, make_tracker
+from nanollm.tracking import models as tracking_models
+from nanollm.tracking.models import fetch_model
+from nanollm.tracking.runs import make_tracker
 from stages.cli import cli
 
 LOGGED = {**PARAMS, "tracking": {**PARAMS["tracking"], "log_model": True}}
@@ -65,7 +67,7 @@ def _run_with(root, bits_per_byte, *, log_model):
     tracker.log_metrics({"eval/bits_per_byte": bits_per_byte})
     if log_model:
         tokenizer = root / "data" / "tokenizer" / "tokenizer.json"
-        tracker.log_model(root / "models" / "checkpoint", tokenizer, sampling=EvalConfig(), seed=0)
+        tracking_models.log_model(tracker, root / "models" / "checkpoint", tokenizer, sampling=EvalConfig(), seed=0)
     tracker.end()
     return tracker.run_id
 

@@ -56,7 +56,6 @@ def files(tmp_path_factory) -> tuple[Path, Path, Tokenizer]:
         model,
         train_state={"step": 1, "tokens_seen": 0},
         info={"tokenizer_sha256": tok.sha256, "corpus_sha256": "c" * 64},
-        run={"run_id": None, "tracking_uri": None},
     )
     return root / "checkpoint", root / "tokenizer", tok
 
@@ -437,14 +436,15 @@ def test_nanollm_serve_answers_the_openai_client_and_stops_on_ctrl_c(files, tmp_
 
 def test_nanollm_serve_a_registered_model(files, tmp_path, empty_store):
     from nanollm.config import EvalConfig, TrackingConfig
-    from nanollm.tracking import make_tracker, register_run
+    from nanollm.tracking.models import log_model, register_run
+    from nanollm.tracking.runs import make_tracker
 
     checkpoint, tokenizer, tok = files
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = make_tracker(TrackingConfig(uri=uri, experiment="serve-test"), tmp_path)
     tracker.start(run_name="served")
-    tracker.log_model(checkpoint, tokenizer / "tokenizer.json", sampling=EvalConfig(), seed=0)
+    log_model(tracker, checkpoint, tokenizer / "tokenizer.json", sampling=EvalConfig(), seed=0)
     tracker.end()
     register_run(uri, tracker.run_id)
     _params(tmp_path)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from nanollm.checkpoint import architecture_model, load_model, save_checkpoint
 from nanollm.config import ModelConfig, TrackingConfig
 from nanollm.model import Transformer
-from nanollm.tracking import make_tracker, sectioned
+from nanollm.tracking.runs import make_tracker, sectioned
 from stages.cli import cli
 
 PARAMS = {
@@ -52,7 +52,6 @@ def project(tmp_path, monkeypatch):
         model,
         train_state={"step": 1, "tokens_seen": 0},
         info={"tokenizer_sha256": "a" * 64, "corpus_sha256": "c" * 64},
-        run={"run_id": None, "tracking_uri": None},
     )
     return tmp_path
 
@@ -68,7 +67,7 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
     tracker = make_tracker(TrackingConfig(experiment="stage-test"), project)
     tracker.start(run_name="pretrain")
     tracker.end()
-    (project / "models" / "checkpoint" / "run.json").write_text(
+    (project / "models" / "run.json").write_text(
         json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.uri})
     )
 

@@ -15,7 +15,7 @@ from nanollm.data.sources import Document
 from nanollm.data.tokens import encode_documents, write_tokens
 from nanollm.model import Transformer
 from nanollm.tokenizer import create_tokenizer
-from nanollm.tracking import make_tracker
+from nanollm.tracking.runs import make_tracker
 from stages.cli import cli
 
 PARAMS = {
@@ -45,8 +45,8 @@ def project(tmp_path, monkeypatch):
 
 
 def make_project(tmp_path):
-    """What evaluate reads, under tmp_path: corpus, tokenizer (320 tokens), memmaps and an untrained
-    1-layer checkpoint (run.json without a run); returns the corpus manifest. Also used by test_register."""
+    """What evaluate reads, under tmp_path: corpus, tokenizer (320 tokens), memmaps, an untrained 1-layer
+    checkpoint and pretrain's run record without a run; returns the corpus manifest. Also used by test_register."""
     corpus = tmp_path / "data" / "corpus"
     docs = [Document(id=f"doc{i}", text=t) for i, t in enumerate(_texts(80))]
     manifest = write_corpus(docs, corpus, seed=0, val_fraction=0.25, shard_bytes=1 << 20, source_description={})
@@ -72,18 +72,18 @@ def make_project(tmp_path):
         model,
         train_state={"step": 7, "tokens_seen": 0},
         info={"tokenizer_sha256": tok.sha256, "corpus_sha256": manifest["sha256"]},
-        run={"run_id": None, "tracking_uri": None},  # tracking off in pretrain; see _pretrain_run
     )
+    (tmp_path / "models" / "run.json").write_text(json.dumps({"run_id": None, "tracking_uri": None}))
     return manifest
 
 
 def _pretrain_run(root):
-    """Create the MLflow run pretrain would have made and record it in the checkpoint; returns its id."""
+    """Create the MLflow run pretrain would have made and record it as pretrain does; returns its id."""
     tracker = make_tracker(TrackingConfig(experiment="stage-test"), root)
     tracker.start(run_name="pretrain")
     tracker.end()
     run = {"run_id": tracker.run_id, "tracking_uri": tracker.uri}
-    (root / "models" / "checkpoint" / "run.json").write_text(json.dumps(run))
+    (root / "models" / "run.json").write_text(json.dumps(run))
     return tracker.run_id
 
 

@@ -32,7 +32,6 @@ def project(tmp_path, monkeypatch):
         model,
         train_state={"step": 1, "tokens_seen": 0},
         info={"tokenizer_sha256": tok.sha256, "corpus_sha256": "c" * 64},
-        run={"run_id": None, "tracking_uri": None},
     )
     _params(tmp_path, {})
     return tmp_path, tok, model.eval()

@@ -71,9 +71,8 @@ def test_pretrain_writes_outputs_and_one_mlflow_run(project):
         "architecture.json",
         "config.json",
         "model.pt",
-        "run.json",
         "train_state.pt",
-    ]
+    ]  # the MLflow run is the run record's, beside it
     info = json.loads((ckpt / "config.json").read_text())
     assert info["vocab_size"] == VOCAB and info["step"] == 12 and info["tokens_seen"] == 12 * 4 * 16
     assert info["tokenizer_sha256"] == "a" * 64 and info["corpus_sha256"] == "c" * 64
@@ -99,7 +98,7 @@ def test_pretrain_writes_outputs_and_one_mlflow_run(project):
     assert list(val_rows[0]) == ["step", "tokens", "val_loss"] and [int(r["step"]) for r in val_rows] == [6, 12]
     assert (project / "reports" / "pretrain_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    run_record = json.loads((ckpt / "run.json").read_text())
+    run_record = json.loads((project / "models" / "run.json").read_text())
     assert run_record["tracking_uri"] == f"sqlite:///{project}/mlflow.db"
     client = MlflowClient(run_record["tracking_uri"])
     run = client.get_run(run_record["run_id"])
@@ -130,7 +129,7 @@ def test_pretrain_without_tracking_records_null_run(project):
     (project / "mlflow.db").unlink()
     result = _run(project, {**PARAMS, "tracking": {"enabled": False}, "train": {**PARAMS["train"], "max_steps": 2}})
     assert result.exit_code == 0, result.output
-    run_record = json.loads((project / "models" / "checkpoint" / "run.json").read_text())
+    run_record = json.loads((project / "models" / "run.json").read_text())
     assert run_record == {"run_id": None, "tracking_uri": None}
     assert not (project / "mlflow.db").exists()
 
@@ -162,14 +161,14 @@ def test_a_crashed_run_resumes_into_the_same_mlflow_run(project, monkeypatch):
         _run(project, params)
     ckpt = project / "models" / "checkpoint"
     assert json.loads((ckpt / "config.json").read_text())["step"] == 5
-    run_id = json.loads((ckpt / "run.json").read_text())["run_id"]
+    run_id = json.loads((project / "models" / "run.json").read_text())["run_id"]
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     assert client.get_run(run_id).info.status == "FAILED"
 
     monkeypatch.setattr(nanollm.training.loop, "lr_at", real_lr_at)
     result = _run(project, params)
     assert result.exit_code == 0, result.output
-    assert json.loads((ckpt / "run.json").read_text())["run_id"] == run_id  # the same run, re-opened
+    assert json.loads((project / "models" / "run.json").read_text())["run_id"] == run_id  # the same run, re-opened
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "5"
     assert [m.step for m in client.get_metric_history(run_id, "loss/train")] == [4, 8, 12]
@@ -183,12 +182,12 @@ def test_changed_params_start_afresh_in_a_new_run(project, caplog):
 
     short = {**PARAMS, "train": {**PARAMS["train"], "max_steps": 3, "warmup_steps": 1}, "tracking": {"experiment": "x"}}
     assert _run(project, short).exit_code == 0
-    first = json.loads((project / "models" / "checkpoint" / "run.json").read_text())["run_id"]
+    first = json.loads((project / "models" / "run.json").read_text())["run_id"]
     with caplog.at_level("INFO"):
         result = _run(project, {**short, "train": {**short["train"], "lr": 5e-3}})
     assert result.exit_code == 0, result.output
     assert "train.lr: 0.01 -> 0.005" in caplog.text and "training from step 0" in caplog.text
-    second = json.loads((project / "models" / "checkpoint" / "run.json").read_text())["run_id"]
+    second = json.loads((project / "models" / "run.json").read_text())["run_id"]
     assert second != first and MlflowClient(f"sqlite:///{project}/mlflow.db").get_run(second).info.status == "FINISHED"
 
 

@@ -7,19 +7,9 @@ from mlflow.tracking import MlflowClient
 
 from nanollm.config import Config, TrackingConfig, flatten
 from nanollm.errors import NanollmError
-from nanollm.tracking import (
-    MODEL_RUNS,
-    TOKENIZER_RUNS,
-    VIEW_KEY,
-    NullTracker,
-    Tracker,
-    make_tracker,
-    run_tags,
-    runs_url,
-    sectioned,
-    tracking_uri,
-    ui_experiment,
-)
+from nanollm.tracking.runs import NullTracker, Tracker, make_tracker, run_tags, sectioned
+from nanollm.tracking.store import MODEL_RUNS, TOKENIZER_RUNS, VIEW_KEY, tracking_uri
+from nanollm.tracking.ui import runs_url, ui_experiment
 
 
 def test_uri_default_is_absolute_sqlite_in_project_root(tmp_path, monkeypatch):

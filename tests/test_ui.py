@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from nanollm.config import TrackingConfig
-from nanollm.tracking import TOKENIZER_RUNS, make_tracker, sectioned, ui_command
+from nanollm.tracking.runs import make_tracker, sectioned
+from nanollm.tracking.store import TOKENIZER_RUNS
+from nanollm.tracking.ui import ui_command
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LINUX_PROC = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets and processes from /proc")

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from nanollm.config import NO_VALUE, ConfigError, DataConfig
-from nanollm.errors import NanollmError
+from nanollm.errors import NanollmError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ def _read_parquet(path: Path, field: str) -> Iterator[Document]:
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
-        raise NanollmError(f"{path.as_posix()}: not a readable parquet file ({_first_line(err)})") from None
+        raise NanollmError(f"{path.as_posix()}: not a readable parquet file ({first_line(err)})") from None
     schema = parquet.schema_arrow
     if field not in schema.names:
         raise NanollmError(
@@ -388,11 +388,6 @@ def _as_text(value: Any, where: str, field: str) -> str:
     if not isinstance(value, str):
         raise NanollmError(f"{where}: field {field!r} is a {type(value).__name__}, not a string; set data.text_field")
     return value
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------------- Hugging Face datasets
@@ -462,7 +457,7 @@ def _open_hf(name: str, config: str | None, split: str, field: str) -> Any:
         raise
     except (OSError, ValueError) as err:  # DatasetNotFoundError, ConnectionError, HTTP errors, bad split/config
         raise NanollmError(
-            f"data.hf_name={name!r} (config {config!r}, split {split!r}): {type(err).__name__}: {_first_line(err)}; "
+            f"data.hf_name={name!r} (config {config!r}, split {split!r}): {type(err).__name__}: {first_line(err)}; "
             "check data.hf_name/hf_config/hf_split (OpenWebText is 'Skylion007/openwebtext')"
         ) from None
     columns = getattr(rows, "column_names", None)  # None for some streamed datasets: checked per row instead
@@ -498,7 +493,7 @@ def _read_hf_rows(rows: Any, name: str, split: str, field: str) -> Iterator[Docu
                 index += 1
     except (OSError, ValueError) as err:  # the connection dropped, a data file is corrupt
         raise NanollmError(
-            f"data.hf_name={name!r}: reading failed after {index} rows: {type(err).__name__}: {_first_line(err)}"
+            f"data.hf_name={name!r}: reading failed after {index} rows: {type(err).__name__}: {first_line(err)}"
         ) from None
 
 

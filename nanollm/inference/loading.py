@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from nanollm.checkpoint import load_model, read_checkpoint_info
+from nanollm.checkpoint import check_tokenizer, load_model, read_checkpoint_info
 from nanollm.errors import NanollmError
 from nanollm.model import Transformer
 from nanollm.tokenizer import Tokenizer, load_tokenizer
@@ -33,18 +33,8 @@ def load_for_decoding(
     if quantize not in QUANTIZE_CHOICES:
         raise NanollmError(f"quantize is {quantize!r}; use one of {', '.join(QUANTIZE_CHOICES)}")
     tok = load_tokenizer(tokenizer)
-    info = read_checkpoint_info(checkpoint)
-    if info.get("tokenizer_sha256") not in (None, tok.sha256):
-        raise NanollmError(
-            f"{checkpoint} was trained with tokenizer sha256 {str(info['tokenizer_sha256'])[:12]}, but {tokenizer} "
-            f"is {tok.sha256[:12]}; pass the matching tokenizer"
-        )
+    check_tokenizer(checkpoint, read_checkpoint_info(checkpoint), tok)
     model = load_model(checkpoint, device=device).eval()
-    if tok.vocab_size > model.vocab_size:
-        raise NanollmError(
-            f"{tokenizer} has {tok.vocab_size} tokens but {checkpoint} only {model.vocab_size}; pass the matching "
-            "tokenizer"
-        )
     if quantize == "int8":
         from nanollm.inference.quantize import quantize_int8
 
