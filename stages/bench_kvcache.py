@@ -87,6 +87,7 @@ def command(
     summary["threads"] = torch.get_num_threads()
     summary["device"] = str(device)
     summary["machine"] = describe_machine(device)  # decoding speed is the machine's as much as the model's
+    summary.update(_what_was_timed(ctx.config.seed, device, int8=bool(cfg.int8 and batch_rows)))
     write_json(metrics, summary)
     write_table(rows, table)
     write_batch_table(batch_rows, batch_table)
@@ -100,7 +101,11 @@ def command(
         f"{best['cached_tok_s']:.0f} vs {best['uncached_tok_s']:.0f} tokens/s); weights read at "
         f"{summary['weight_read_gb_s']:.1f} GB/s of {summary['memory_copy_gb_s']:.1f} GB/s measured"
         + (f"; cached decoding x{summary['min_vs_transformers']:.2f} or more transformers' best" if peer else "")
-        + (f"; int8 x{summary['int8_vs_fp32']:.2f} fp32" if "int8_vs_fp32" in summary else "")
+        + (
+            f"; int8 x{summary['int8_vs_fp32']:.2f} fp32 ({summary['int8_kernel']} kernel)"
+            if "int8_vs_fp32" in summary
+            else ""
+        )
         + (f"; batch {max(cfg.batch_sizes)} x{summary['max_batch_vs_batch1']:.1f} batch 1" if batch_rows else ""),
         err=True,
     )
@@ -113,6 +118,17 @@ def command(
         tracker.log_artifact(table, "bench_kvcache")
         tracker.log_artifact(chart, "bench_kvcache")
         tracker.log_artifact(batch_table, "bench_kvcache")
+
+
+def _what_was_timed(seed: int, device, *, int8: bool) -> dict[str, str]:
+    """The summary's words on what its figures measured: the weights (seeded, not the trained ones: speed is the
+    architecture's) and, with int8 rows, which int8 kernel served them (native.py's choice; off the CPU none)."""
+    from nanollm.inference.native import int8_kernel_name
+
+    timed = {"timed_weights": f"seeded random weights (seed {seed}) of the trained architecture, not the trained ones"}
+    if int8:
+        timed["int8_kernel"] = int8_kernel_name() if device.type == "cpu" else "none: dequantize-then-matmul"
+    return timed
 
 
 def _serving(model, architecture: Path, cfg, rounds: dict) -> list[dict]:

@@ -67,16 +67,22 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
     tracker = make_tracker(TrackingConfig(experiment="stage-test"), project)
     tracker.start(run_name="pretrain")
     tracker.end()
-    (project / "models" / "run.json").write_text(
-        json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.uri})
-    )
+    (project / "models" / "run.json").write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.uri}))
 
     result = _run(project, PARAMS)
     assert result.exit_code == 0, result.output
 
     summary = json.loads((project / OUTPUTS[0]).read_text())
-    described = {k: v for k, v in summary.items() if isinstance(v, str)}  # where it ran (device, machine)
+    described = {k: v for k, v in summary.items() if isinstance(v, str)}  # where it ran, what it timed
     summary = {k: v for k, v in summary.items() if k not in described}
+    assert set(described) == {"device", "machine", "timed_weights", "int8_kernel"}
+    assert (
+        described["timed_weights"]
+        == "seeded random weights (seed 11) of the trained architecture, not the trained ones"
+    )
+    from nanollm.inference.native import int8_gemm
+
+    assert described["int8_kernel"] == ("nanollm" if int8_gemm() is not None else "aten")  # 1 thread: any build serves
     points = [(p, n) for p in (4, 16) for n in (3, 5)]
     per_point = ("speedup", "cached_tok_s", "uncached_tok_s", "transformers_tok_s", "vs_transformers")
     per_point += ("transformers_dynamic_tok_s", "transformers_static_tok_s")  # both caches raced; the faster counts
@@ -191,11 +197,26 @@ def test_a_near_tie_between_the_paths_does_not_fail_the_stage(project, monkeypat
     assert len(notes) == 4 and "at prompt_len=4, new_tokens=3" in notes[0]  # one per point, none fatal
 
 
-def test_bench_without_the_transformers_comparison(project):
-    result = _run(project, {**UNTRACKED, "bench": {**UNTRACKED["bench"], "compare_transformers": False}})
+def test_bench_without_the_transformers_comparison_and_on_atens_int8_kernel(project, monkeypatch):
+    from nanollm.inference import native
+
+    monkeypatch.setenv("NANOLLM_INT8_KERNEL", "aten")  # the metrics say which kernel served int8
+    native.int8_gemm.cache_clear()
+    try:
+        result = _run(project, {**UNTRACKED, "bench": {**UNTRACKED["bench"], "compare_transformers": False}})
+    finally:
+        native.int8_gemm.cache_clear()
     assert result.exit_code == 0, result.output
     summary = json.loads((project / OUTPUTS[0]).read_text())
     assert summary["max_speedup"] > 0 and not [k for k in summary if "transformers" in k]
+    assert summary["int8_kernel"] == "aten" and "(aten kernel)" in result.output
+
+
+def test_bench_without_int8_names_no_int8_kernel(project):
+    result = _run(project, {**UNTRACKED, "bench": {**UNTRACKED["bench"], "compare_transformers": False, "int8": False}})
+    assert result.exit_code == 0, result.output
+    summary = json.loads((project / OUTPUTS[0]).read_text())
+    assert "int8_kernel" not in summary and "int8_vs_fp32" not in summary and "timed_weights" in summary
 
 
 def test_bench_says_in_one_line_when_transformers_is_missing(project, monkeypatch):
