@@ -421,3 +421,15 @@ def test_round_orders_flip_every_round_after_the_warmup():
         (True, ["c", "b", "a"]),
         (True, ["a", "b", "c"]),
     ]
+
+
+def test_report_names_the_weights_timed_and_the_int8_kernel_when_the_metrics_do():
+    batch_rows = [{"weights": w, "batch": 1, "tok_s": rate, "per_sequence_tok_s": rate, "vs_batch1": 1.0}
+                  for w, rate in (("fp32", 300.0), ("int8", 450.0))]  # fmt: skip
+    summary = {**summarize(_rows()), **summarize_serving(batch_rows)}
+    older = render_report(summary, _rows(), batch_rows)  # metrics from before the stage wrote these keys
+    assert "Weights timed" not in older and "(the engine's batch-1 rows below)." in older
+    summary.update(timed_weights="seeded random weights (seed 3) of the trained architecture", int8_kernel="aten")
+    text = render_report(summary, _rows(), batch_rows)
+    assert "Weights timed: seeded random weights (seed 3) of the trained architecture." in text
+    assert "each leading every other round; int8 matmuls on torch's aten._weight_int8pack_mm)." in text

@@ -27,6 +27,10 @@ REPORT_BEGIN = (
 REPORT_END = "<!-- end of bench_kvcache report -->"
 
 
+# metrics' int8_kernel (nanollm.inference.native.int8_kernel_name) in words
+KERNEL_WORDS = {"nanollm": "nanollm's own kernel (int8_gemm.c)", "aten": "torch's aten._weight_int8pack_mm"}
+
+
 def render_report(summary: dict[str, Any], rows: Sequence[Row], batch_rows: Sequence[Row] = ()) -> str:
     """Markdown for the bench stage's outputs: the per-point table, the speedup range and the bandwidth line.
 
@@ -51,6 +55,7 @@ def render_report(summary: dict[str, Any], rows: Sequence[Row], batch_rows: Sequ
         )
     low, high = min(rows, key=lambda r: r["speedup"]), max(rows, key=lambda r: r["speedup"])
     out += [
+        *(["", f"Weights timed: {summary['timed_weights']}."] if "timed_weights" in summary else []),
         "",
         f"The cache gains x{low['speedup']:.1f} at prompt {low['prompt_len']} + {low['new_tokens']} new tokens and "
         f"x{high['speedup']:.1f} at prompt {high['prompt_len']} + {high['new_tokens']}: without it every step "
@@ -93,7 +98,14 @@ def _serving(summary: dict[str, Any], batch_rows: Sequence[Row]) -> list[str]:
             "",
             f"int8 weights (per-channel, docs/serving.md) decode at batch 1 at {summary['decode_int8_tok_s']:.0f} "
             f"tokens/s against {summary['decode_fp32_tok_s']:.0f} with fp32 weights: x{summary['int8_vs_fp32']:.2f} "
-            "(the engine's batch-1 rows below).",
+            "(the engine's batch-1 rows below"
+            # written by the stage since it alternates the two kinds of weights within each round
+            + (
+                f"; fp32 and int8 side by side in every round, each leading every other round; int8 matmuls on "
+                f"{KERNEL_WORDS.get(k, k)})."
+                if (k := summary.get("int8_kernel"))
+                else ")."
+            ),
         ]
     if batch_rows:
         kinds = list(dict.fromkeys(r["weights"] for r in batch_rows))
