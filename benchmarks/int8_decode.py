@@ -21,6 +21,10 @@ is its best thread count (the same choices for every column), and the ratios com
     python benchmarks/int8_decode.py                              # GPT-2 124M shape + the params.yaml model
     python benchmarks/int8_decode.py --shapes gpt2 --peer-dtypes float32 --new 64   # quicker: fp32 peer only
 
+--out FILE also writes the figures as JSON with the command, the machine and the load
+averages: docs/figures/int8_decode.json is one such run, which docs/results.py puts in the
+README beside the default model's int8 ratio.
+
 Targets (issue 13): at the 124M shape, int8 >= 1.6x nanollm fp32 and >= 2.0x transformers.
 """
 
@@ -37,9 +41,11 @@ from pathlib import Path
 
 import torch
 
+from nanollm.atomic import write_json
 from nanollm.config import Config, ModelConfig
 from nanollm.hardware import describe_machine
 from nanollm.hf import llama_counterpart, llama_incompatibility
+from nanollm.inference.bench.timing import round_orders
 from nanollm.inference.generate import generate
 from nanollm.inference.native import int8_gemm
 from nanollm.inference.peers import PEER_CACHES, transformers_greedy
@@ -142,10 +148,11 @@ def race(calls: dict[str, Decoder], prompt: torch.Tensor, n_new: int, threads: l
                 calls[key](prompt, n_new)
     rates: dict[tuple[str, int], list[float]] = {(k, t): [] for k in order for t in threads}
     tokens: dict[str, list[int]] = {}
-    for round_ in range(args.repeats):
-        for t in threads if round_ % 2 == 0 else threads[::-1]:
+    rounds = zip(round_orders(threads, 0, args.repeats), round_orders(order, 0, args.repeats), strict=True)
+    for round_, ((_, thread_order), (_, keys)) in enumerate(rounds):  # nanollm first on even rounds
+        for t in thread_order:
             torch.set_num_threads(t)
-            for key in order if round_ % 2 == 0 else order[::-1]:  # nanollm first on even rounds
+            for key in keys:
                 t0 = time.perf_counter()
                 tokens[key] = calls[key](prompt, n_new)
                 rates[key, t].append(n_new / (time.perf_counter() - t0))
@@ -174,6 +181,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=4, help="timed rounds (median; even: balanced order)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds per thread count")
     parser.add_argument("--peer-dtypes", default="float32,bfloat16", help="transformers dtypes to race")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     peer_dtypes = args.peer_dtypes.split(",")
@@ -183,13 +191,15 @@ def main() -> int:
         print("transformers is not installed: pip install -e '.[dev]'", file=sys.stderr)
         return 1
 
-    print(f"command: python {' '.join(sys.argv)}")
+    command = f"python {' '.join(sys.argv)}"
+    load_before = os.getloadavg()
+    print(f"command: {command}")
     print(f"machine: {describe_machine()}, torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"load average before {' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
+          f"load average before {' '.join(f'{x:.2f}' for x in load_before)}")  # fmt: skip
     print(f"batch 1, greedy, {args.prompt}-token prompt + {args.new} new tokens, end to end; nanollm int8: "
           f"int8 weights, fp32 activations ({kernel_words()}); others: the dtype named; "
           f"median of {args.repeats} rounds after {args.warmup} warm-up, threads {args.threads}")  # fmt: skip
-    per_threads, best_rows = [], []
+    per_threads, best_rows, figures = [], [], []
     gen = torch.Generator().manual_seed(0)
     for name, cfg, vocab in shapes(args.shapes.split(","), args.params, args.tiny):
         model = seeded(cfg, vocab)
@@ -216,6 +226,13 @@ def main() -> int:
             f"{sizes['nanollm int8'] * rate['nanollm int8'] / 1e9:.1f}",
             agreement(tokens["nanollm fp32"], tokens["nanollm int8"]),
         ])  # fmt: skip
+        figures.append({
+            "model": name, "tok_s": {k: round(rate[k], 2) for k in columns(calls)},
+            "threads": {k: best[k] for k in columns(calls)}, "peer": peer.removeprefix("transformers "),
+            "int8_vs_fp32": round(rate["nanollm int8"] / rate["nanollm fp32"], 4),
+            "int8_vs_transformers": round(rate["nanollm int8"] / rate[peer], 4),
+            "int8_tokens_vs_fp32": agreement(tokens["nanollm fp32"], tokens["nanollm int8"]),
+        })  # fmt: skip
         names = columns(calls)
         del calls, model
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
@@ -225,6 +242,16 @@ def main() -> int:
               "int8 / transformers", "weights read per token, MB (fp32 / int8)", "int8 GB/s",
               "int8 greedy tokens vs fp32"]  # fmt: skip
     print(table(header, best_rows))
+    if args.out is not None:
+        write_json(args.out, {
+            "command": command, "machine": describe_machine(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "int8_kernel": "nanollm" if int8_gemm() is not None else "aten",
+            "cpus": os.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "batch": 1, "prompt_tokens": args.prompt, "new_tokens": args.new, "repeats": args.repeats,
+            "warmup": args.warmup, "threads": threads, "shapes": figures,
+        })  # fmt: skip
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -4,6 +4,8 @@ Thin: loads the checkpoint and tokenizer (from folders, or a registered model do
 tracking store), hands the model to the continuous-batching engine (nanollm.inference.engine),
 and runs the protocol's app (nanollm.inference.server) under uvicorn until Ctrl+C or SIGTERM,
 which let the requests in flight finish (up to _GRACE_S) before the engine closes. Not a pipeline stage.
+The limits an operator sets (API key, queue, connections, request timeout) are passed through here;
+what each one does is the app's and the engine's.
 """
 
 from __future__ import annotations
@@ -15,8 +17,16 @@ import click
 
 from stages.cli import StageContext, pass_context, path_option, quantize_option
 
-# seconds uvicorn lets the streams in flight finish at shutdown; a 256-token completion takes ~1 s
+# seconds uvicorn lets the streams in flight finish at shutdown: long enough for a full-context
+# completion of a small model, short enough that a stuck client does not hold a restart hostage
 _GRACE_S = 10
+# The waiting queue, in batches: deep enough that a burst waits for a row instead of being refused,
+# shallow enough that the last in line starts within a few completions' time.
+_QUEUE_BATCHES = 4
+# Open connections uvicorn takes before it answers 503 itself: room for every running and waiting
+# request twice over (clients that read their answer, /health and /metrics probes), and at least
+# this many, since an idle keep-alive connection costs a socket and a few KB, not engine time.
+_MIN_CONNECTIONS = 256
 
 
 @click.command("serve")
@@ -33,7 +43,7 @@ _GRACE_S = 10
     "--host",
     default="127.0.0.1",
     show_default=True,
-    help="Interface to bind. 0.0.0.0 exposes the server to the whole network, without authentication.",
+    help="Interface to bind. 0.0.0.0 exposes the server to the whole network: set --api-key too.",
 )
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
 @click.option(
@@ -42,6 +52,36 @@ _GRACE_S = 10
     default=16,
     show_default=True,
     help="Requests decoded together; more wait in the engine's queue.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=0),
+    default=None,
+    help=f"Requests that may wait for a batch row; one more gets 503 with Retry-After at once. "
+    f"[default: {_QUEUE_BATCHES} x --max-batch]",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Open connections before uvicorn answers 503 itself (to /health too). Must exceed --max-batch + "
+    f"--max-queue. [default: twice that, at least {_MIN_CONNECTIONS}]",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(min=0),
+    default=120.0,
+    show_default=True,
+    help="Seconds a completion may take from its arrival, waiting included; then its batch row is freed and "
+    "the client gets 504 (a stream: an error event). 0: no limit.",
+)
+@click.option(
+    "--api-key",
+    envvar="NANOLLM_API_KEY",
+    show_envvar=True,
+    default=None,
+    help="Require `Authorization: Bearer KEY` on every /v1/ request (401 otherwise); /health and /metrics stay "
+    "open. Prefer the environment variable: a command line is visible to every user of the machine.",
 )
 @quantize_option
 @click.option(
@@ -64,11 +104,15 @@ def command(
     host: str,
     port: int,
     max_batch: int,
+    max_queue: int | None,
+    max_connections: int | None,
+    request_timeout: float,
+    api_key: str | None,
     quantize: str,
     threads: int | None,
     device: str | None,
 ) -> None:
-    """Serve the model over HTTP: POST /v1/completions (OpenAI's API), GET /v1/models, GET /health."""
+    """Serve the model over HTTP: POST /v1/completions (OpenAI's API), GET /v1/models, GET /health, GET /metrics."""
     import contextlib
     import logging
     import tempfile
@@ -82,6 +126,17 @@ def command(
         given = [f"--{name}" for name in ("checkpoint", "tokenizer") if _explicit(click_ctx, name)]
         if given:
             raise click.UsageError(f"--model-uri names the model already; drop {' and '.join(given)}")
+    if api_key is not None and not api_key.strip():
+        raise click.UsageError("--api-key (or NANOLLM_API_KEY) is empty; set a key or leave it unset")
+    if max_queue is None:
+        max_queue = _QUEUE_BATCHES * max_batch
+    if max_connections is None:
+        max_connections = max(_MIN_CONNECTIONS, 2 * (max_batch + max_queue))
+    elif max_connections <= max_batch + max_queue:
+        raise click.UsageError(
+            f"--max-connections {max_connections} leaves no connection beyond the {max_batch + max_queue} requests "
+            "the engine holds (--max-batch + --max-queue), so /health and refusals could not get through; raise it"
+        )
     if threads is None and ctx.config.threads is None and ctx.threads > 1:
         # The event loop works beside the engine on every token; sharing a core with torch's
         # OpenMP workers stalls their barriers whenever it runs (nanollm.threads' docstring).
@@ -111,18 +166,25 @@ def command(
     from nanollm.inference.engine import Engine
     from nanollm.inference.server import create_app
 
-    engine = Engine(model, max_batch=max_batch, stop_id=tok.eot_id)
-    app = create_app(engine, tok, model_name=model_name)
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, stop_id=tok.eot_id)
+    app = create_app(engine, tok, model_name=model_name, api_key=api_key, request_timeout=request_timeout or None)
     url = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}/v1"
     logging.getLogger(__name__).info(
-        "serving %s at %s on %s: batches of up to %d, context %d tokens (Ctrl+C stops)",
+        "serving %s at %s on %s: batches of up to %d, context %d tokens, queue %d, connections %d, "
+        "request timeout %s, %s (Ctrl+C stops)",
         model_name,
         url,
         device,
         max_batch,
         engine.max_seq_len,
+        max_queue,
+        max_connections,
+        f"{request_timeout:g} s" if request_timeout else "none",
+        "API key required on /v1" if api_key is not None else "no API key",  # never the key itself
     )
-    config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=_GRACE_S, lifespan="on")
+    config = uvicorn.Config(
+        app, log_config=None, timeout_graceful_shutdown=_GRACE_S, lifespan="on", limit_concurrency=max_connections
+    )
     uvicorn.Server(config).run(sockets=[sock])  # Ctrl+C: uvicorn stops, then re-raises KeyboardInterrupt
 
 

@@ -289,6 +289,18 @@ def test_serve_throughput_races_batch_1_against_concurrent_clients_of_nanollm_se
     assert re.search(r"^2 concurrent clients: [\d.]+x the tokens/s of batch 1", out, flags=re.M), out
 
 
+@smoke("serve_flood.py")
+def test_serve_flood_runs_on_a_fresh_model_when_no_trained_one_exists(tmp_path):
+    """Smoke size, no --checkpoint: the fresh-model path. tests/test_serve.py runs the full flood and its bounds."""
+    out = _run("serve_flood.py", "--checkpoint", str(tmp_path / "none"), "--requests", "30", "--connections", "6",
+               "--max-batch", "2", "--max-queue", "1", "--max-tokens", "2")  # fmt: skip
+    assert "model: a freshly initialized" in out and re.search(r"^machine: .+$", out, flags=re.M), out
+    header, rows = _table(out, "status")
+    assert header == ["status", "requests"] and {r[0] for r in rows} <= {"200", "503"}
+    assert sum(_number(r[1]) for r in rows) == 30
+    assert re.search(r"^server RSS: [\d.]+ MiB before, [\d.]+ MiB after", out, flags=re.M), out
+
+
 @smoke("int8_decode.py")
 def test_int8_decode_races_int8_against_fp32_and_transformers_at_each_thread_count():
     out = _run("int8_decode.py", "--shapes", "tiny", "--tiny", "1x32x300", "--prompt", "4", "--new", "3",

@@ -10,7 +10,7 @@ import torch
 
 from nanollm.checkpoint import seeded_model
 from nanollm.config import ModelConfig
-from nanollm.inference.engine import Engine, SamplingParams, generate_batch
+from nanollm.inference.engine import Engine, QueueFull, SamplingParams, generate_batch
 from nanollm.inference.generate import decode_step, generate, prefill
 from nanollm.inference.quantize import quantize_int8
 from nanollm.model.attention import RaggedStep
@@ -196,3 +196,52 @@ def test_rows_at_one_position_take_the_plain_cached_step_and_still_match():
     for prompt, out in zip(prompts, batched, strict=True):
         alone, gaps = greedy_alone(model, prompt, 12)
         assert_same_unless_near_tie(out, alone, gaps)
+
+
+def test_a_full_queue_refuses_at_once_and_a_cancelled_wait_gives_its_place_back():
+    """max_batch 1 + max_queue 1: a third request is refused in submit(), never queued to wait without end."""
+    model = model_for("default")
+    prompts = random_prompts([3, 4, 5, 6])
+    engine = Engine(model, max_batch=1, max_queue=1)  # not started: nothing leaves the queue by itself
+    params = SamplingParams(max_tokens=4, temperature=0)
+    first, second = engine.submit(prompts[0], params), engine.submit(prompts[1], params)
+    with pytest.raises(QueueFull, match="1 requests run and 1 wait already"):
+        engine.submit(prompts[2], params)
+    engine.step()  # the first takes the row, the second still waits
+    assert (engine.stats()["running"], engine.stats()["waiting"]) == (1, 1)
+    with pytest.raises(QueueFull):
+        engine.submit(prompts[2], params)
+    second.cancel()  # a cancelled wait counts no more, and leaves the queue at the next step
+    third = engine.submit(prompts[3], params)
+    while not engine.idle():
+        engine.step()
+    assert (first.finish_reason, second.finish_reason, third.finish_reason) == ("length", "cancelled", "length")
+    assert third.tokens == greedy_alone(model, prompts[3], 4)[0]
+    engine.close()
+    unbounded = Engine(model, max_batch=1)  # generate_batch's engine: no bound
+    for prompt in prompts * 3:
+        unbounded.submit(prompt, params)
+    unbounded.close()
+
+
+def test_a_request_past_its_deadline_leaves_the_batch_and_the_queue_and_the_next_one_runs():
+    model = model_for("default")
+    prompts = random_prompts([3, 4, 5])
+    want = greedy_alone(model, prompts[2], 5)[0]  # also warms the model up: two steps take far less than 1 s
+    engine = Engine(model, max_batch=1)  # stepped by hand: the deadlines pass between two steps
+    running = engine.submit(prompts[0], SamplingParams(max_tokens=100, temperature=0), timeout=1.0)
+    waiting = engine.submit(prompts[1], SamplingParams(max_tokens=100, temperature=0), timeout=1.0)
+    patient = engine.submit(prompts[2], SamplingParams(max_tokens=5, temperature=0))
+    engine.step()
+    engine.step()
+    assert running.finish_reason is None and len(running.tokens) == 3 and waiting.tokens == []  # prefill + 2 steps
+    time.sleep(max(0.0, waiting.deadline - time.monotonic()) + 0.01)
+    engine.step()  # both expire before this step decodes: the row goes to the patient one
+    assert (running.finish_reason, waiting.finish_reason) == ("timeout", "timeout")
+    assert len(running.tokens) == 3 and waiting.tokens == [] and list(running) == running.tokens
+    assert engine.stats()["running"] == 1 and engine.stats()["timed_out"] == 2
+    while not engine.idle():
+        engine.step()
+    assert patient.finish_reason == "length" and patient.tokens == want
+    assert engine.stats()["finished"] == 1 and engine.stats()["cancelled"] == 0
+    engine.close()

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ PROMPTS = ["def ", "class A", "x = ", "import os", "return", "for i in", "self."
            "while", "a + b", "é", "Point", "    ", ""]  # fmt: skip
 NEAR_TIE = 1e-4  # the engine's equality contract: batched greedy may differ from batch-1 only past a closer top-2
 MODEL = "tiny"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -397,6 +399,7 @@ def _nanollm_serve(*args: str, cwd: Path, env: dict[str, str]) -> Iterator[tuple
         for line in server.stderr:
             lines.append(line)
             if match := re.search(r"serving tiny at (http://127\.0\.0\.1:\d+)/v1 on cpu: batches of up to 4", line):
+                server.startup_log = "".join(lines)  # type: ignore[attr-defined]
                 yield server, match.group(1)
                 return
         raise AssertionError("nanollm serve exited:\n" + "".join(lines))
@@ -488,3 +491,299 @@ def test_a_tokenizer_from_another_run_is_refused_in_one_line(files, tmp_path, mo
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "pass the matching tokenizer" in lines[0]
+
+
+# ---------------------------------------------------------------------------- the door: key, queue, timeout, prompt cap
+
+KEY = "sk-test-door"
+STEP_S = 0.02  # the guarded server's model sleeps this long per forward: a 240-token request takes ~5 s
+TIMEOUT_S = 2.0  # its --request-timeout
+
+
+class CountingTokenizer:
+    """The real tokenizer, recording the UTF-8 size of every text it is asked to encode."""
+
+    def __init__(self, tok: Tokenizer):
+        self._tok, self.encoded_bytes = tok, []
+
+    def encode(self, text: str) -> list[int]:
+        self.encoded_bytes.append(len(text.encode("utf-8", "surrogatepass")))
+        return self._tok.encode(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tok, name)
+
+
+@dataclass
+class Guarded:
+    url: str
+    tok: CountingTokenizer
+    engine: object
+
+    def client(self, key: str | None = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
+
+    def health(self) -> dict:
+        return _get_json(self.url, "/health")[1]
+
+
+def _get_json(url: str, path: str, headers: dict | None = None) -> tuple[int, dict]:
+    with contextlib.closing(_connect(url)) as conn:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+
+
+def _send(url: str, body: dict, key: str | None = KEY) -> http.client.HTTPConnection:
+    """POST /v1/completions on a connection of its own, without waiting for the answer."""
+    conn = _connect(url)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers=headers)
+    return conn
+
+
+def _request(url: str, body: dict, key: str | None = KEY) -> http.client.HTTPResponse:
+    """POST /v1/completions on a connection of its own; returns the response once its headers arrive."""
+    return _send(url, body, key).getresponse()
+
+
+@pytest.fixture(scope="module")
+def guarded(files) -> Iterator[Guarded]:
+    """A server with one batch row, one queue place, a 2 s request timeout and an API key, on a slowed model.
+
+    The model is the real one with a sleep before each forward, so the engine stays busy for as
+    long as a test needs without racing the clock.
+    """
+    from nanollm.inference.engine import Engine
+    from nanollm.inference.server import create_app
+
+    checkpoint, _, tok = files
+    model = load_model(checkpoint)
+    model.pack_for_decode()
+    model.register_forward_pre_hook(lambda module, args: time.sleep(STEP_S))
+    engine = Engine(model, max_batch=1, max_queue=1, stop_id=tok.eot_id)
+    counting = CountingTokenizer(tok)
+    app = create_app(engine, counting, model_name=MODEL, api_key=KEY, request_timeout=TIMEOUT_S,
+                     max_body_bytes=8 << 20)  # fmt: skip
+    with _uvicorn(app) as url:
+        yield Guarded(url, counting, engine)
+
+
+def _wait_for(condition, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_v1_needs_the_api_key_and_health_and_metrics_stay_open(guarded):
+    assert guarded.client().completions.create(model=MODEL, prompt="def ", max_tokens=2).usage.completion_tokens > 0
+    assert [m.id for m in guarded.client().models.list()] == [MODEL]
+    for wrong in ("wrong", KEY[:-1], KEY + "x"):
+        with pytest.raises(openai.AuthenticationError, match="missing or incorrect API key"):
+            guarded.client(wrong).completions.create(model=MODEL, prompt="def ", max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            guarded.client(wrong).models.list()
+    for headers in ({}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}, {"Authorization": "Bearer "}):
+        for path in ("/v1/models", "/v1/nope"):
+            status, answer = _get_json(guarded.url, path, headers)
+            assert status == 401 and set(answer["error"]) == {"message", "type", "param", "code"}
+            assert answer["error"]["code"] == "invalid_api_key" and KEY not in json.dumps(answer)
+    response = _request(guarded.url, GOOD, key=None)
+    assert response.status == 401 and response.getheader("WWW-Authenticate") == "Bearer"
+    assert _get_json(guarded.url, "/health")[0] == 200
+    with contextlib.closing(_connect(guarded.url)) as conn:
+        conn.request("GET", "/metrics")
+        assert conn.getresponse().status == 200
+
+
+def test_a_full_queue_gets_503_with_retry_after_at_once(guarded):
+    long = {"model": MODEL, "prompt": "def ", "max_tokens": 240, "temperature": 0, "stream": True}
+    running = _request(guarded.url, long)  # takes the one row
+    assert running.status == 200 and running.readline().startswith(b"data: ")
+    waiting = _send(guarded.url, {**long, "stream": False})  # takes the one queue place
+    _wait_for(lambda: guarded.engine.stats()["waiting"] == 1, "the second request to queue")
+    start = time.monotonic()
+    refused = _request(guarded.url, {**GOOD, "temperature": 0})
+    answer = json.loads(refused.read())
+    assert time.monotonic() - start < 1.0  # at once, not after the queue drains
+    assert refused.status == 503 and refused.getheader("Retry-After") == "1"
+    assert answer["error"]["code"] == "server_overloaded" and answer["error"]["type"] == "server_error"
+    assert "1 requests run and 1 wait already" in answer["error"]["message"]
+    with pytest.raises(openai.InternalServerError, match="server is busy"):
+        guarded.client().completions.create(model=MODEL, prompt="x", max_tokens=2)
+    running.close()  # the client leaves (or the timeout ends it): its row goes to the waiting request
+    _wait_for(lambda: guarded.engine.stats()["waiting"] == 0, "the queued request to take the row")
+    waiting.sock.shutdown(socket.SHUT_RDWR)
+    waiting.close()
+    _wait_for(lambda: guarded.engine.stats()["running"] == 0, "the row to be free", timeout=TIMEOUT_S + 5)
+    assert guarded.client().completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].text is not None
+
+
+def test_a_request_past_the_timeout_gets_504_and_its_row_serves_the_next(guarded):
+    long = {"model": MODEL, "prompt": "def ", "max_tokens": 240, "temperature": 0}
+    timed_out = guarded.engine.stats()["timed_out"]
+    start = time.monotonic()
+    response = _request(guarded.url, long)
+    answer = json.loads(response.read())
+    assert response.status == 504 and answer["error"]["code"] == "timeout", answer
+    assert "limit of 2 s (--request-timeout)" in answer["error"]["message"]
+    assert TIMEOUT_S <= time.monotonic() - start < TIMEOUT_S + 1.5  # not after the 240 tokens (~5 s)
+    assert guarded.engine.stats()["timed_out"] == timed_out + 1
+    assert guarded.engine.stats()["running"] == 0  # the sequence left the batch
+
+    stream = _request(guarded.url, {**long, "stream": True})
+    events = [line[6:] for line in stream.read().splitlines() if line.startswith(b"data: ")]
+    assert json.loads(events[0])["choices"][0]["text"] is not None  # text came, then the error, and no [DONE]
+    assert json.loads(events[-1])["error"]["code"] == "timeout" and b"[DONE]" not in events
+    served = guarded.client().completions.create(model=MODEL, prompt="x", max_tokens=3, temperature=0)
+    assert served.usage.completion_tokens == 3 and guarded.health()["finished"]["timeout"] >= 2
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_it_is_tokenized(guarded, files):
+    _, _, tok = files
+    longest = int(tok.token_byte_lengths().max())
+    limit = 255 * longest  # bytes: (context - 1) tokens of the longest token
+    guarded.tok.encoded_bytes.clear()
+    huge = "def f(x):\n    return x\n" * 200_000  # ~4.6 MB
+    start = time.monotonic()
+    response = _request(guarded.url, {"model": MODEL, "prompt": huge, "max_tokens": 4})
+    answer = json.loads(response.read())
+    assert time.monotonic() - start < 2.0
+    assert response.status == 400 and answer["error"]["code"] == "context_length_exceeded"
+    assert answer["error"]["param"] == "prompt" and f"at most {limit} bytes" in answer["error"]["message"]
+    assert "context is 256 tokens" in answer["error"]["message"]
+    assert guarded.tok.encoded_bytes == []  # refused by its length alone
+    # just under the byte bound but over the context in tokens: tokenized (no more than the bound), then refused
+    near = "é" * (limit // 2)
+    response = _request(guarded.url, {"model": MODEL, "prompt": near, "max_tokens": 4})
+    answer = json.loads(response.read())
+    assert response.status == 400 and "context is 256 tokens, but" in answer["error"]["message"]
+    assert guarded.tok.encoded_bytes and max(guarded.tok.encoded_bytes) <= limit
+    with pytest.raises(openai.BadRequestError, match="context"):
+        guarded.client().completions.create(model=MODEL, prompt=huge, max_tokens=4)
+
+
+def _metrics(url: str) -> dict[tuple[str, tuple], float]:
+    """/metrics parsed by prometheus_client's own parser: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with contextlib.closing(_connect(url)) as conn:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("content-type").startswith("text/plain")
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+
+
+def test_metrics_parse_and_move_with_the_requests(served):
+    before = _metrics(served.url)
+    names = ["nanollm_queue_depth", "nanollm_running_sequences", "nanollm_generation_tokens_total",
+             "nanollm_time_to_first_token_seconds_count", "nanollm_time_per_output_token_seconds_count"]  # fmt: skip
+    for name in names:
+        assert (name, ()) in before, name
+    served.client().completions.create(model=MODEL, prompt="def ", max_tokens=10, temperature=0, stop="\0")
+    _post(served.url, {**GOOD, "n": 2})  # a 400
+    after = _metrics(served.url)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert moved("nanollm_http_requests_total", route="/v1/completions", code="200") == 1
+    assert moved("nanollm_http_requests_total", route="/v1/completions", code="400") == 1
+    assert moved("nanollm_http_requests_total", route="/metrics", code="200") == 1  # the first scrape
+    assert moved("nanollm_generation_tokens_total") == 10
+    assert moved("nanollm_time_to_first_token_seconds_count") == 1
+    assert moved("nanollm_time_per_output_token_seconds_count") == 1
+    assert moved("nanollm_time_per_output_token_seconds_sum") > 0
+    assert after[("nanollm_queue_depth", ())] == 0 and after[("nanollm_running_sequences", ())] == 0
+
+
+def _listening_addresses(port: int) -> list[str]:
+    """The local addresses listening on `port`, from /proc/net/tcp and tcp6 (in hex, as the kernel writes them)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            for line in list(lines)[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, _, hex_port = local.rpartition(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.append(address)
+    return found
+
+
+def test_nanollm_serve_binds_loopback_takes_its_key_from_the_environment_and_caps_connections(files, tmp_path):
+    checkpoint, tokenizer, _ = files
+    _params(tmp_path)
+    args = ["--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer), "--max-queue", "1",
+            "--max-connections", "6", "--request-timeout", "30"]  # fmt: skip
+    with _nanollm_serve(*args, cwd=tmp_path, env=tool_env(NANOLLM_API_KEY=KEY)) as (server, url):
+        port = int(url.rsplit(":", 1)[1])
+        assert _listening_addresses(port) == ["0100007F"]  # 127.0.0.1, and nothing else
+        with pytest.raises(openai.AuthenticationError):
+            _served_text(url, "def ", 4)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        assert client.completions.create(model=MODEL, prompt="def ", max_tokens=4).usage.completion_tokens > 0
+        assert _get_json(url, "/health")[1]["max_queue"] == 1
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]  # 5 open + the next = 6
+        try:
+            _wait_for(lambda: _get_status(url, "/health") == 503, "uvicorn to count the idle connections")
+        finally:
+            for sock in idle:
+                sock.close()
+        _wait_for(lambda: _get_status(url, "/health") == 200, "the connections to close")
+        server.send_signal(signal.SIGINT)
+        server.wait(30)
+        log = server.startup_log + server.stderr.read()
+    assert "queue 1, connections 6, request timeout 30 s, API key required on /v1" in log
+    assert KEY not in log
+
+
+def _get_status(url: str, path: str) -> int:
+    with contextlib.closing(_connect(url)) as conn:
+        conn.request("GET", path)
+        return conn.getresponse().status
+
+
+def test_max_connections_must_leave_room_beyond_the_engine(files, tmp_path, monkeypatch):
+    checkpoint, tokenizer, _ = files
+    monkeypatch.chdir(tmp_path)
+    _params(tmp_path)
+    result = _serve("--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer), "--max-batch", "4",
+                    "--max-queue", "8", "--max-connections", "12")  # fmt: skip
+    assert result.exit_code == 2 and "--max-connections 12 leaves no connection beyond the 12 requests" in result.stderr
+    monkeypatch.setenv("NANOLLM_API_KEY", " ")
+    result = _serve("--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer))
+    assert result.exit_code == 2 and "--api-key (or NANOLLM_API_KEY) is empty" in result.stderr
+
+
+RSS_GROWTH_MIB = 50  # bound on the server's RSS growth over the flood (a leak per request would pass it)
+
+
+def test_a_flood_gets_answers_not_hangs_and_health_and_memory_hold(files):
+    """1,000 greedy requests over 200 connections against 16 rows + 32 queue places (benchmarks/serve_flood.py).
+
+    Every request gets 200 or 503/429 (the script exits 1 on anything else, an unanswered request
+    included), the 200s' text equals batch-1 greedy decoding, /health answers within 1 s
+    throughout, and the server's RSS grows by less than RSS_GROWTH_MIB.
+    """
+    checkpoint, tokenizer, _ = files
+    command = [sys.executable, "benchmarks/serve_flood.py", "--checkpoint", str(checkpoint), "--tokenizer",
+               str(tokenizer), "--requests", "1000", "--connections", "200", "--max-batch", "16", "--max-queue", "32",
+               "--max-tokens", "8", "--request-timeout", "20"]  # fmt: skip
+    start = time.monotonic()
+    done = subprocess.run(command, cwd=ROOT, env=tool_env(), capture_output=True, text=True, timeout=120)
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr[-3000:]
+    assert time.monotonic() - start < 60, out
+    statuses = dict(re.findall(r"^\| (\d{3}) \| (\d+) \|$", out, flags=re.M))
+    assert set(statuses) <= {"200", "429", "503"} and sum(map(int, statuses.values())) == 1000, out
+    ok = int(statuses["200"])
+    assert ok >= 16 and f"200s equal to batch-1 greedy: {ok} of {ok} (0 differ after a near-tie)" in out, out
+    assert float(re.search(r"latency of the 200s: .* max ([\d.]+) s", out).group(1)) < 20, out
+    health = re.search(r"/health during the flood: (\d+) polls, slowest ([\d.]+|inf) s", out)
+    assert int(health.group(1)) >= 1 and float(health.group(2)) < 1.0, out
+    growth = float(re.search(r"server RSS: .* growth (-?[\d.]+) MiB", out).group(1))
+    assert growth < RSS_GROWTH_MIB, out
