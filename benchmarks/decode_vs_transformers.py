@@ -1,6 +1,6 @@
 """Batch-1 greedy decoding: ours (nanollm.inference.generate) beside transformers' generate on the same weights.
 
-For each model shape the model is exported with nanollm.hf.export_hf and loaded back with
+For each model shape the model is exported with nanollm.hf_folder.export_hf and loaded back with
 LlamaForCausalLM.from_pretrained, so both sides run the same weights in fp32 on the same
 torch threads. Each point generates exactly the same number of tokens greedily from the
 same random prompt: ours with and without the KV cache; transformers with its default

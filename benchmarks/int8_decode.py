@@ -11,7 +11,7 @@ native bf16: a batch-1 step streams the weights, and oneDNN's bf16 matmul reads 
 fp32's bytes (measured ~1.5x fp32 at 2 threads here). transformers has no int8 path offline
 (torchao, quanto and bitsandbytes are not installed). An architecture Llama cannot express
 (the pipeline's qk_norm and value_residual) meets transformers on its Llama counterpart of
-the same shape (nanollm.hf.llama_counterpart), as the bench stage does.
+the same shape (nanollm.hf_folder.llama_counterpart), as the bench stage does.
 
 Every round runs every column once at every thread count in --threads, nanollm first on even
 rounds and transformers first (in reverse order) on odd ones; tokens/s is end to end (new
@@ -44,7 +44,7 @@ import torch
 from nanollm.atomic import write_json
 from nanollm.config import Config, ModelConfig
 from nanollm.hardware import describe_machine
-from nanollm.hf import llama_counterpart, llama_incompatibility
+from nanollm.hf_folder import llama_counterpart, llama_incompatibility
 from nanollm.inference.bench.timing import round_orders
 from nanollm.inference.generate import generate
 from nanollm.inference.native import int8_gemm

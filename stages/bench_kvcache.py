@@ -159,7 +159,7 @@ def _peer_model(model, seed: int, device):
     import logging
 
     from nanollm.checkpoint import seeded_model
-    from nanollm.hf import llama_counterpart, llama_incompatibility
+    from nanollm.hf_folder import llama_counterpart, llama_incompatibility
 
     unportable = llama_incompatibility(model.cfg)
     if unportable is None:

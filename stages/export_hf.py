@@ -1,7 +1,9 @@
 """`nanollm export-hf`: write a checkpoint and its tokenizer as a Hugging Face model folder
-(Llama config.json + model.safetensors, generation_config.json, tokenizer.json and its configs).
+(config.json + model.safetensors, generation_config.json, tokenizer.json and its configs).
 
-Thin: loads the checkpoint and its tokenizer, checks they belong together, and calls nanollm.hf.
+Thin: loads the checkpoint and its tokenizer, checks they belong together, and calls
+nanollm.hf_folder, which picks the form (Llama, Qwen3, or the custom architecture shipped as
+remote code; docs/export.md); the command says which it wrote and why.
 Not a pipeline stage: run it by hand on the pipeline's output.
 """
 
@@ -25,9 +27,12 @@ from stages.cli import StageContext, pass_context, path_option
 )
 @pass_context
 def command(ctx: StageContext, checkpoint: Path, out: Path, tokenizer: Path) -> None:
-    """Export the checkpoint so that transformers' AutoTokenizer, LlamaForCausalLM and pipeline load OUT.
+    """Export the checkpoint so that transformers' AutoTokenizer, AutoModelForCausalLM and pipeline load OUT.
 
-    Without the tokenizer folder, the model alone is exported, with a warning.
+    The architecture decides the form: LlamaForCausalLM with every model option off,
+    Qwen3ForCausalLM with qk_norm alone, else a custom architecture whose code ships in OUT
+    (load it with trust_remote_code=True). Without the tokenizer folder, the model alone is
+    exported, with a warning.
     """
     # A warning, not an error: the weights alone serve logits comparisons and `import-hf`, and
     # refusing would leave a checkpoint whose tokenizer is elsewhere (copied alone, or trained
@@ -35,7 +40,7 @@ def command(ctx: StageContext, checkpoint: Path, out: Path, tokenizer: Path) -> 
     import logging
 
     from nanollm.checkpoint import check_tokenizer, load_model, read_checkpoint_info
-    from nanollm.hf import export_hf
+    from nanollm.hf_folder import export_form, export_hf
 
     info = read_checkpoint_info(checkpoint)
     tok = None
@@ -54,4 +59,5 @@ def command(ctx: StageContext, checkpoint: Path, out: Path, tokenizer: Path) -> 
     model = load_model(checkpoint)
     export_hf(model, out, tokenizer=tok)
     what = "with its tokenizer" if tok is not None else "without a tokenizer"
-    click.echo(f"wrote {out} ({model.num_params() / 1e6:.2f}M parameters, Llama format, {what})", err=True)
+    form = export_form(model.cfg).describe()
+    click.echo(f"wrote {out} ({model.num_params() / 1e6:.2f}M parameters, {what}); {form}", err=True)

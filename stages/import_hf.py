@@ -1,6 +1,6 @@
-"""`nanollm import-hf DIR`: turn a Hugging Face Llama folder into a nanollm checkpoint folder.
+"""`nanollm import-hf DIR`: turn a Hugging Face Llama, Qwen3 or nanollm-form folder into a nanollm checkpoint.
 
-Thin: nanollm.hf reads and checks the folder, nanollm.checkpoint writes ours. The result
+Thin: nanollm.hf_folder reads and checks the folder, nanollm.checkpoint writes ours. The result
 loads wherever a checkpoint does (`nanollm generate --checkpoint OUT`); it records no
 tokenizer, since a Hugging Face tokenizer is no nanollm one.
 """
@@ -21,10 +21,10 @@ _path = click.Path(path_type=Path)
 @path_option("--out", "models/imported", "Checkpoint to write.", folder=None)
 @pass_context
 def command(ctx: StageContext, hf_dir: Path | None, out: Path) -> None:
-    """Import DIR (config.json + safetensors of a LlamaForCausalLM) as a nanollm checkpoint."""
+    """Import DIR (config.json + safetensors of a Llama, Qwen3 or `export-hf` custom-form model) as a checkpoint."""
     from nanollm.checkpoint import save_checkpoint
     from nanollm.errors import NanollmError
-    from nanollm.hf import load_hf
+    from nanollm.hf_folder import load_hf
 
     if hf_dir is None:  # checked here, not by click, so that bad params are reported first
         raise NanollmError("import-hf needs the Hugging Face folder to read: nanollm import-hf DIR --out FOLDER")

@@ -4,10 +4,15 @@ refused in one line (export-hf and the bench's transformers peer alike); the exp
 exactly as tiktoken does, pipeline("text-generation") continues a prompt as `nanollm generate` does, the
 files get plain permissions; and the export-hf / import-hf commands."""
 
+import ast
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import stat
+import subprocess
+import sys
 
 import pytest
 import tiktoken
@@ -20,10 +25,12 @@ from hypothesis import strategies as st
 from nanollm.checkpoint import load_model, read_checkpoint_info, save_checkpoint
 from nanollm.config import ModelConfig, TokenizerConfig
 from nanollm.errors import NanollmError
-from nanollm.hf import (
+from nanollm.hf_folder import (
     HF_CONFIG,
     HF_GENERATION_CONFIG,
     HF_WEIGHTS,
+    REMOTE_CODE_FILES,
+    export_form,
     export_hf,
     from_hf_config,
     hf_key,
@@ -49,29 +56,151 @@ def _threads():
 
 
 def _model(**overrides) -> Transformer:
+    """A tiny random model whose norm gains and value mixes are random too: a gain or mix that an export
+    drops, swaps or misnames changes the logits (at their initial ones and halves it might not)."""
     torch.manual_seed(0)
     cfg = {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 16, "init_std": 0.2, **overrides}
-    return Transformer(ModelConfig(**cfg), VOCAB).eval()
+    model = Transformer(ModelConfig(**cfg), VOCAB).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.uniform_(0.5, 1.5)
+    return model
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [{"n_kv_head": 2, "tie_embeddings": True}, {"tie_embeddings": False, "rope_theta": 500.0, "mlp_hidden": 48}],
-    ids=["gqa-tied", "mha-untied-theta-hidden"],
-)
-def test_export_loads_in_transformers_with_equal_logits(tmp_path, overrides):
+def _load(folder, form: str):
+    """transformers' AutoModelForCausalLM over an exported folder: remote code for the custom form only."""
     transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoModelForCausalLM
+    return auto.from_pretrained(folder, local_files_only=True, trust_remote_code=form == "nanollm").eval()
+
+
+# (form, architecture options): each form, with GQA, untied heads, another RoPE base and eps on the way
+FORM_CASES = [
+    ("llama", {"n_kv_head": 2, "tie_embeddings": True}),
+    ("llama", {"tie_embeddings": False, "rope_theta": 500.0, "mlp_hidden": 48}),
+    ("qwen3", {"qk_norm": True, "n_kv_head": 2}),
+    ("qwen3", {"qk_norm": True, "tie_embeddings": False, "norm_eps": 0.5, "rope_theta": 500.0}),  # eps reaches q_norm
+    ("nanollm", {"qk_norm": True, "value_residual": True}),  # params.yaml's default options
+    ("nanollm", {"value_residual": True, "n_kv_head": 1, "tie_embeddings": False}),
+    ("nanollm", {"mlp": "relu2", "logit_softcap": 3.0, "tie_embeddings": False, "n_kv_head": 2}),
+    ("nanollm", {"mlp": "gelu", "qk_norm": True, "norm_eps": 0.5}),
+]
+CASE_IDS = [
+    "llama-gqa-tied",
+    "llama-untied-theta-hidden",
+    "qwen3-gqa-tied",
+    "qwen3-untied-eps",
+    "custom-default",
+    "custom-mqa-untied",
+    "custom-relu2-softcap",
+    "custom-gelu-qknorm",
+]
+ARCHITECTURE = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "nanollm": "NanollmForCausalLM"}
+
+
+@pytest.mark.parametrize("form,overrides", FORM_CASES, ids=CASE_IDS)
+def test_each_form_loads_in_transformers_with_equal_logits_and_imports_back(tmp_path, form, overrides):
     model = _model(**overrides)
+    assert export_form(model.cfg).name == form
     export_hf(model, tmp_path / "hf")  # no tokenizer: the model alone
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [HF_CONFIG, HF_WEIGHTS]
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
-    assert hf.config.num_key_value_heads == model.cfg.kv_heads
-    assert hf.config.eos_token_id is None
+    code = list(REMOTE_CODE_FILES) if form == "nanollm" else []
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == sorted([HF_CONFIG, HF_WEIGHTS, *code])
+    config = json.loads((tmp_path / "hf" / HF_CONFIG).read_text())
+    assert config["architectures"] == [ARCHITECTURE[form]] and ("auto_map" in config) == (form == "nanollm")
+    hf = _load(tmp_path / "hf", form)
+    assert type(hf).__name__ == ARCHITECTURE[form]
+    assert hf.config.num_key_value_heads == model.cfg.kv_heads and hf.config.eos_token_id is None
     tied = hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     assert tied == model.cfg.tie_embeddings
     idx = torch.randint(0, VOCAB, (2, 24))  # 24 > block_size 16: RoPE past the trained length agrees too
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits.float(), model(idx), atol=1e-4, rtol=1e-4)
+
+    back = load_hf(tmp_path / "hf")  # import-hf's reader: the same architecture and the same numbers
+    assert back.cfg == model.cfg and back.vocab_size == VOCAB
+    assert back.state_dict().keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_the_qwen3_form_is_transformers_own_class():
+    """No remote code: the stock class computes it, so it loads without trust_remote_code (and in vLLM/llama.cpp)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = to_hf_config(ModelConfig(n_layer=2, n_head=4, n_embd=32, qk_norm=True), VOCAB)
+    qwen3 = transformers.Qwen3Config(**cfg)
+    assert qwen3.head_dim == 8 and qwen3.rms_norm_eps == 1e-5 and not qwen3.attention_bias
+    assert qwen3.use_sliding_window is False and set(qwen3.layer_types) == {"full_attention"}
+    assert transformers.Qwen3ForCausalLM.__module__.startswith("transformers.models.qwen3")
+
+
+@pytest.mark.parametrize(
+    "form,overrides", [FORM_CASES[i] for i in (0, 2, 4, 6)], ids=["llama", "qwen3", "custom", "relu2"]
+)
+def test_generate_uses_the_kv_cache_and_equals_the_uncached_greedy(tmp_path, form, overrides):
+    """With use_cache every forward after the prompt gets one token and the cache grows to hold every position;
+    greedy tokens equal the uncached run's and nanollm's own greedy decoding."""
+    model = _model(**{**overrides, "init_std": 0.3})
+    export_hf(model, tmp_path / "hf")
+    hf = _load(tmp_path / "hf", form)
+    lengths = []
+    hf.register_forward_pre_hook(lambda _, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    prompt, new = [5, 17, 3, 60, 2], 12
+    ids = torch.tensor([prompt])
+    greedy = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
+    cached = hf.generate(ids, **greedy, use_cache=True, return_dict_in_generate=True)
+    assert lengths == [len(prompt)] + [1] * (new - 1)
+    cache = cached.cache if "cache" in type(cached).__dataclass_fields__ else cached.past_key_values  # 5.x / 4.x
+    assert cache.get_seq_length() == len(prompt) + new - 1  # the last token needs no forward
+    lengths.clear()
+    uncached = hf.generate(ids, **greedy, use_cache=False)
+    assert lengths == list(range(len(prompt), len(prompt) + new))  # the whole sequence, every step
+    assert cached.sequences.tolist() == uncached.tolist()
+    model.pack_for_decode()  # as `nanollm generate` decodes
+    assert list(generate(model, prompt, new, temperature=0.0)) == uncached[0, len(prompt) :].tolist()
+
+
+def test_the_custom_form_generates_a_left_padded_batch_as_each_prompt_alone(tmp_path):
+    """The 2-D padding mask hides the pads and positions count from each row's first real token."""
+    export_hf(_model(qk_norm=True, value_residual=True, init_std=0.3), tmp_path / "hf")
+    hf = _load(tmp_path / "hf", "nanollm")
+    prompts = [[5, 17, 3, 60, 2, 8, 9], [40, 41]]
+    greedy = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    alone = [hf.generate(torch.tensor([p]), **greedy)[0, len(p) :].tolist() for p in prompts]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    batch = hf.generate(ids, attention_mask=mask, **greedy)[:, width:].tolist()
+    assert batch == alone
+
+
+def test_the_custom_form_runs_where_nanollm_cannot_be_imported(tmp_path):
+    """The remote code imports torch and transformers only; a fresh interpreter with nanollm blocked loads it."""
+    model = _model(qk_norm=True, value_residual=True, mlp="relu2", logit_softcap=3.0, tie_embeddings=False)
+    export_hf(model, tmp_path / "hf")
+    for name in REMOTE_CODE_FILES:
+        tree = ast.parse((tmp_path / "hf" / name).read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+        assert imported <= {"__future__", "torch", "transformers"}, (name, imported)
+    idx = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        torch.save({"idx": idx, "logits": model(idx)}, tmp_path / "expected.pt")
+    script = (
+        "import sys; sys.modules['nanollm'] = None\n"  # `import nanollm` now raises ImportError
+        "import torch, transformers\n"
+        f"folder = {str(tmp_path / 'hf')!r}\n"
+        "m = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()\n"
+        f"e = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(m(e['idx']).logits, e['logits'], atol=1e-4, rtol=1e-4)\n"
+        "assert 'nanollm' not in {k.split('.')[0] for k, v in sys.modules.items() if v is not None}\n"
+        "print(type(m).__name__)\n"
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "NanollmForCausalLM"
 
 
 def test_greedy_generation_matches_transformers(tmp_path):
@@ -89,25 +218,47 @@ def test_greedy_generation_matches_transformers(tmp_path):
     assert ours == theirs[0, len(prompt) :].tolist()
 
 
-def test_import_reverses_export(tmp_path):
-    model = _model(n_kv_head=1, tie_embeddings=False)
-    export_hf(model, tmp_path / "hf")
-    back = load_hf(tmp_path / "hf")
-    assert back.cfg == model.cfg and back.vocab_size == VOCAB
-    for key, value in model.state_dict().items():
-        assert torch.equal(back.state_dict()[key], value), key
-
-
 def test_names_round_trip():
-    for key in _model(tie_embeddings=False).state_dict():
-        assert our_key(hf_key(key)) == key
+    for overrides in [{"tie_embeddings": False, "qk_norm": True, "value_residual": True}, {"mlp": "gelu"}]:
+        model = _model(**overrides)
+        gated = model.cfg.mlp == "swiglu"
+        for key in model.state_dict():
+            assert our_key(hf_key(key, gated), gated) == key
+    assert hf_key("layers.1.attention.value_mix") == "model.layers.1.self_attn.value_mix"
+    assert hf_key("layers.0.feed_forward.w1.weight", gated=False) == "model.layers.0.mlp.up_proj.weight"
+    assert our_key("model.layers.0.mlp.up_proj.weight", gated=False) == "layers.0.feed_forward.w1.weight"
     assert our_key("model.layers.0.self_attn.q_proj.bias") is None
     assert our_key("classifier.weight") is None
 
 
-def test_gelu_mlp_has_no_llama_form():
-    with pytest.raises(NanollmError, match="model.mlp is 'gelu'"):
-        to_hf_config(ModelConfig(mlp="gelu"), VOCAB)
+@pytest.mark.parametrize(
+    "overrides,form,why",
+    [
+        ({}, "llama", "no option Llama lacks is on"),
+        ({"zero_init_proj": True}, "llama", "no option Llama lacks is on"),
+        ({"qk_norm": True}, "qwen3", "qk_norm without value_residual"),
+        ({"qk_norm": True, "value_residual": True}, "nanollm", "value_residual: no stock architecture"),
+        ({"value_residual": True}, "nanollm", "value_residual: no stock architecture"),
+        ({"qk_norm": True, "logit_softcap": 15.0}, "nanollm", "logit_softcap: no stock architecture"),
+        ({"mlp": "gelu"}, "nanollm", "mlp gelu: no stock architecture"),
+        ({"mlp": "relu2", "qk_norm": True}, "nanollm", "mlp relu2: no stock architecture"),
+    ],
+)
+def test_the_form_is_chosen_by_architecture(overrides, form, why):
+    chosen = export_form(ModelConfig(**overrides))
+    assert chosen.name == form and chosen.why.startswith(why)
+    assert to_hf_config(ModelConfig(**overrides), VOCAB)["model_type"] == form
+
+
+def test_a_form_that_cannot_compute_the_model_is_a_one_line_error(tmp_path):
+    model = _model(qk_norm=True, value_residual=True)
+    for form, start in [("qwen3", "the qwen3 form needs qk_norm alone"), ("gguf", "unknown export form 'gguf'")]:
+        with pytest.raises(NanollmError) as err:
+            export_hf(model, tmp_path / "hf", form=form)
+        assert str(err.value).startswith(start) and "\n" not in str(err.value)
+    assert not (tmp_path / "hf").exists()
+    export_hf(_model(), tmp_path / "hf", form="nanollm")  # the custom form computes any architecture
+    assert json.loads((tmp_path / "hf" / HF_CONFIG).read_text())["model_type"] == "nanollm"
 
 
 NO_LLAMA_FORM = [
@@ -122,7 +273,7 @@ NO_LLAMA_FORM = [
 def test_options_without_a_llama_form_are_refused_in_one_line(tmp_path, overrides, start):
     model = _model(**overrides)
     with pytest.raises(NanollmError) as err:
-        export_hf(model, tmp_path / "hf")
+        export_hf(model, tmp_path / "hf", form="llama")  # as the bench's transformers peer asks
     message = str(err.value)
     assert message.startswith(start) and "\n" not in message
     assert message.endswith(("export a model trained without it", "train with model.mlp: swiglu to export it"))
@@ -193,6 +344,9 @@ def _hf_config(**changes):
         ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config"),
         ({"head_dim": 16}, "head_dim"),
         ({"hidden_act": "relu", "attention_bias": True}, "hidden_act"),  # the first one is named
+        ({"model_type": "qwen3", "use_sliding_window": True}, "use_sliding_window"),
+        ({"model_type": "qwen3", "layer_types": ["full_attention", "sliding_attention"]}, "use_sliding_window"),
+        ({"model_type": "nanollm", "mlp": "geglu"}, "mlp"),
     ],
 )
 def test_unsupported_config_fields_are_named_in_one_line(changes, field):
@@ -277,20 +431,31 @@ def test_export_then_import_commands_round_trip(project, caplog):
     assert read_checkpoint_info(project / "models" / "imported")["imported_from"] == "hf"
 
 
-def test_export_command_refuses_an_option_without_a_llama_form_in_one_line(project):
+@pytest.mark.parametrize(
+    "overrides,said",
+    [
+        ({}, "Llama form (LlamaForCausalLM): no option Llama lacks is on"),
+        ({"qk_norm": True}, "Qwen3 form (Qwen3ForCausalLM): qk_norm without value_residual"),
+        (
+            {"qk_norm": True, "value_residual": True},
+            "custom form (NanollmForCausalLM): value_residual: no stock architecture; load with trust_remote_code",
+        ),
+    ],
+    ids=["llama", "qwen3", "custom"],
+)
+def test_export_command_says_which_form_it_wrote_and_why(project, overrides, said):
     save_checkpoint(
         project / "models" / "checkpoint",
-        _model(value_residual=True),
+        _model(**overrides),
         train_state={"step": 3, "tokens_seen": 0},
         info={"tokenizer_sha256": None, "corpus_sha256": None},
     )
-    result = CliRunner().invoke(cli, ["export-hf", "--out", "hf"])
-    assert result.exit_code == 1
-    assert result.output.strip() == (
-        "Error: model.value_residual: true has no Llama equivalent (Llama's attention reads only its own "
-        "layer's values); export a model trained without it"
-    )
-    assert not (project / "hf").exists()
+    result = CliRunner().invoke(cli, ["export-hf", "--out", "hf"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().endswith(f"; {said}")
+    result = CliRunner().invoke(cli, ["import-hf", "hf", "--out", "models/imported"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert load_model(project / "models" / "imported").cfg == load_model(project / "models" / "checkpoint").cfg
 
 
 def test_import_command_errors_are_one_line(project):
@@ -516,19 +681,35 @@ def _stops_early(model: Transformer, eot_id: int, prompt_ids: list[int]) -> Tran
     return model
 
 
-@pytest.fixture
-def generation_project(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def generation_tokenizer(tmp_path_factory):
+    """(folder, tokenizer): trained once for the module, copied into each project."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    cfg = TokenizerConfig(vocab_size=600, special_tokens=("<|endoftext|>",))
+    return folder, create_tokenizer(cfg, CORPUS * 3, folder, progress=False)
+
+
+# the options of each export form: Llama, Qwen3, the custom form at params.yaml's default, and with relu2 + softcap
+GENERATION_FORMS = {
+    "llama": {},
+    "qwen3": {"qk_norm": True},
+    "custom": {"qk_norm": True, "value_residual": True},
+    "custom-relu2-softcap": {"value_residual": True, "mlp": "relu2", "logit_softcap": 4.0},
+}
+
+
+@pytest.fixture(params=list(GENERATION_FORMS))
+def generation_project(request, tmp_path, monkeypatch, generation_tokenizer):
     """A project folder with a tokenizer, a random checkpoint that stops early on PROMPTS[0], and its HF export."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tracking": {"enabled": False}}))
-    cfg = TokenizerConfig(vocab_size=600, special_tokens=("<|endoftext|>",))
-    tok = create_tokenizer(cfg, CORPUS * 3, tmp_path / "data" / "tokenizer", progress=False)
+    folder, tok = generation_tokenizer
+    shutil.copytree(folder, tmp_path / "data" / "tokenizer")
     torch.manual_seed(0)
     # untied, init_std 0.3: an untrained model whose greedy text varies instead of repeating one token
-    model = Transformer(
-        ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=64, tie_embeddings=False, init_std=0.3),
-        tok.vocab_size,
-    ).eval()
+    options = GENERATION_FORMS[request.param]
+    cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=64, tie_embeddings=False, init_std=0.3)
+    model = Transformer(dataclasses.replace(cfg, **options), tok.vocab_size).eval()
     _stops_early(model, tok.eot_id, [tok.eot_id, *tok.encode(PROMPTS[0])])
     _save(tmp_path / "models" / "checkpoint", model, tok)
     result = CliRunner().invoke(cli, ["export-hf", "--out", "hf"], catch_exceptions=False)
@@ -553,7 +734,8 @@ def test_pipeline_greedy_equals_nanollm_generate(generation_project):
     """
     transformers = pytest.importorskip("transformers")
     root, tok = generation_project
-    pipe = transformers.pipeline("text-generation", model=str(root / "hf"))
+    remote = json.loads((root / "hf" / HF_CONFIG).read_text())["model_type"] == "nanollm"
+    pipe = transformers.pipeline("text-generation", model=str(root / "hf"), trust_remote_code=remote)
     new_counts = []
     for prompt in PROMPTS:
         args = ["generate", "--prompt", prompt, "--temperature", "0", "--max-new-tokens", str(NEW_TOKENS)]

@@ -1,6 +1,6 @@
 """The peer our inference is measured against: transformers' LlamaForCausalLM over the very same weights.
 
-Owns building that twin (through nanollm.hf's Llama export, so both sides hold identical
+Owns building that twin (through nanollm.hf_folder's Llama export, so both sides hold identical
 numbers) and its greedy decoding call, with each cache setting a comparison must race.
 Timing is the caller's (nanollm.inference.bench, the scripts in benchmarks/). `transformers` is
 imported lazily, and only here.
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from nanollm.errors import NanollmError
-from nanollm.hf import export_hf
+from nanollm.hf_folder import export_hf
 from nanollm.model import Transformer
 
 __all__ = ["PEER_CACHES", "transformers_greedy", "transformers_settings", "transformers_twin"]
@@ -43,14 +43,14 @@ def _transformers() -> Any:
 def transformers_twin(model: Transformer) -> Any:
     """LlamaForCausalLM holding `model`'s weights, in its dtype, on its device, in eval mode.
 
-    The model is exported with nanollm.hf.export_hf to a temporary folder and loaded back
+    The model is exported with nanollm.hf_folder.export_hf (Llama form) to a temporary folder and loaded back
     with from_pretrained, which is the path a user of `nanollm export-hf` takes; its logits
     equal ours within 1e-4 (tests/test_hf.py). Attention is transformers' default (SDPA).
     """
     transformers = _transformers()
     weight = model.tok_embeddings.weight
     with tempfile.TemporaryDirectory(prefix="nanollm-peer-") as tmp:
-        export_hf(model, Path(tmp) / "hf")
+        export_hf(model, Path(tmp) / "hf", form="llama")  # llama_incompatibility names what Llama lacks
         twin = transformers.LlamaForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=weight.dtype)
     return twin.to(weight.device).eval()
 

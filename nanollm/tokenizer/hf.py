@@ -2,7 +2,7 @@
 ids tiktoken gives, plus the tokenizer_config.json that tells transformers how to load it.
 
 Owns the conversion and the <|endoftext|>-first convention on the Hugging Face side; the model
-folder these files join is nanollm.hf's. `tokenizers` is imported lazily (transformers needs it,
+folder these files join is nanollm.hf_folder's. `tokenizers` is imported lazily (transformers needs it,
 so it is there wherever the folder is useful).
 
 How the pieces map (the standard tiktoken -> HF conversion, as transformers' TikTokenConverter):
@@ -226,7 +226,7 @@ def hf_tokenizer(tok: Tokenizer) -> tokenizers.Tokenizer:
 def write_hf_tokenizer(tok: Tokenizer, folder: str | Path, *, model_max_length: int) -> list[str]:
     """Write tokenizer.json and tokenizer_config.json into `folder`; their names.
 
-    Plain writes: the caller makes the folder atomic (nanollm.hf writes it through atomic_path).
+    Plain writes: the caller makes the folder atomic (nanollm.hf_folder writes it through atomic_path).
     `model_max_length` is the context the model was trained at (HF warns past it; ours still runs).
     """
     folder = Path(folder)
