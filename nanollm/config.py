@@ -343,9 +343,10 @@ class TrackingConfig:
     system_metrics: bool = _spec(True, doc="sample CPU/memory/GPU into system/* metrics during pretrain")
     system_metrics_interval: float = _spec(10.0, doc="seconds between system-metric samples", gt=0.0)
     log_model: bool = _spec(
-        False,
+        True,
         doc="evaluate logs the checkpoint and tokenizer as the run's MLflow model `model` (a pyfunc that "
-        "mlflow models serve and `nanollm register` take)",
+        "mlflow models serve and `nanollm register` take), with nanollm's code inside it; false saves its "
+        "size per experiment in the store (docs/experiments.md)",
     )
 
 

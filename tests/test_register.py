@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -225,3 +226,126 @@ def test_mlflow_models_serve_answers_from_the_registry(project, champion, tmp_pa
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+# Run with `python -S`: no site-packages on the path, so no .pth file ran, and nanollm's editable
+# install is one (a finder a .pth installs). The packages' folder goes back on the path by hand, and
+# once mlflow is imported, an import finder refuses every installed package that the model's
+# requirements do not bring.
+_ONLY_THE_REQUIREMENTS = r"""
+import importlib.metadata, importlib.util, json, os, re, sys
+sys.path = [p for p in sys.path if p not in ("", os.getcwd())] + json.loads(os.environ["SITE_DIRS"])
+assert importlib.util.find_spec("nanollm") is None, "nanollm is importable before the model is loaded"
+allowed = set(json.loads(os.environ["ALLOWED_DISTRIBUTIONS"]))
+owners = importlib.metadata.packages_distributions()
+blocked = {top for top, dists in owners.items() if top != "nanollm"
+           and not {re.sub(r"[-_.]+", "-", d).lower() for d in dists} & allowed}
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in blocked:
+            raise ModuleNotFoundError(f"{name} is not among the model's requirements", name=name)  # as if absent
+        return None
+
+import mlflow  # what MLflow itself imports is mlflow's business (its metadata misses some: anyio's sniffio)
+import pandas as pd
+sys.meta_path.insert(0, Refuse())
+model = mlflow.pyfunc.load_model(sys.argv[1])
+import nanollm
+prompts, params = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+predictions = model.predict(pd.DataFrame({"prompt": prompts}), params=params)
+print(json.dumps({"nanollm": nanollm.__file__, "predictions": predictions}))
+"""
+
+
+def test_the_registered_model_loads_and_predicts_with_its_requirements_alone(project, champion, tmp_path):
+    """The model carries nanollm's code (code/nanollm). Loaded in an interpreter that cannot import the
+    installed nanollm, nor any package its requirements do not bring, it completes prompts as
+    `nanollm generate --temperature 0` does."""
+    import site
+
+    import mlflow.artifacts
+
+    folder = mlflow.artifacts.download_artifacts("models:/nanollm@champion", dst_path=str(tmp_path / "model"))
+    names = {line.split("==")[0] for line in (Path(folder) / "requirements.txt").read_text().split()}
+    prompts = ["def ", "class Parser:\n"]
+    env = tool_env(
+        MLFLOW_TRACKING_URI=project.uri,
+        OMP_NUM_THREADS="1",
+        SITE_DIRS=json.dumps(site.getsitepackages()),
+        ALLOWED_DISTRIBUTIONS=json.dumps(sorted(_with_dependencies(names))),
+    )
+    env.pop("PYTHONPATH", None)
+    command = [sys.executable, "-S", "-c", _ONLY_THE_REQUIREMENTS, "models:/nanollm@champion", json.dumps(prompts)]
+    done = subprocess.run(
+        [*command, json.dumps(GREEDY)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    repository = Path(__file__).resolve().parents[1]
+    assert "/code/nanollm/" in answer["nanollm"] and not answer["nanollm"].startswith(str(repository))  # the model's
+
+    for prompt, predicted in zip(prompts, answer["predictions"], strict=True):
+        generated = CliRunner().invoke(
+            cli,
+            ["--params", str(project.root / "params.yaml"), "generate", "--prompt", prompt, "--temperature", "0",
+             "--max-new-tokens", "10", "--threads", "1", "--checkpoint", str(project.root / "models" / "checkpoint"),
+             "--tokenizer", str(project.root / "data" / "tokenizer")],
+            catch_exceptions=False,
+        )  # fmt: skip
+        assert generated.exit_code == 0, generated.output
+        assert generated.stdout == prompt + predicted + "\n"
+
+
+def test_the_models_requirements_name_no_nanollm_and_pin_what_logged_it(project, tmp_path):
+    """requirements.txt, conda.yaml and python_env.yaml list the same pins, each at the installed version
+    as PyPI names it, and never a package called nanollm: the public index has an unrelated one."""
+    import importlib.metadata as md
+
+    import mlflow.artifacts
+    import yaml
+
+    folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{project.evaluated}/model", dst_path=str(tmp_path)))
+    requirements = (folder / "requirements.txt").read_text().split()
+    conda = yaml.safe_load((folder / "conda.yaml").read_text())
+    pip_in_conda = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    python_env = yaml.safe_load((folder / "python_env.yaml").read_text())
+    env_requirements = (folder / python_env["dependencies"][-1].removeprefix("-r ")).read_text().split()
+    for listed in (requirements, [r for r in pip_in_conda if "==" in r], env_requirements):
+        assert sorted(listed) == sorted(tracking_models.pip_requirements())
+    every_entry = [*requirements, *map(str, conda["dependencies"]), *pip_in_conda, *env_requirements]
+    assert not any("nanollm" in entry.lower() for entry in every_entry)
+    for requirement in requirements:  # no +cpu local tag: PyPI has none
+        name, pinned = requirement.split("==")
+        assert md.version(name).split("+")[0] == pinned
+    assert (folder / "code" / "nanollm" / "inference" / "pyfunc.py").is_file()  # the loader travels with it
+    assert not list((folder / "code").rglob("__pycache__"))
+
+
+def _canonical(name: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _with_dependencies(names: set[str]) -> set[str]:
+    """Installed distributions `names` bring, transitively (their required, non-extra dependencies)."""
+    import importlib.metadata as md
+    import re
+
+    seen: set[str] = set()
+    todo = [_canonical(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = md.requires(name) or []
+        except md.PackageNotFoundError:
+            continue
+        for line in requires:
+            if "extra ==" in line:
+                continue
+            todo.append(_canonical(re.split(r"[\s;<>=!~\[(]", line, maxsplit=1)[0]))
+    return seen

@@ -145,10 +145,12 @@ def log_model(
 def _log_pyfunc(run_id: str, uri: str, checkpoint_dir: Path, tokenizer_file: Path, defaults: Mapping[str, Any]) -> str:
     """Log the checkpoint and tokenizer as the pyfunc model `model` of run `run_id`; returns its model id."""
     import tempfile
+    import time
 
     import mlflow
     import pandas as pd
 
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nanollm-model-") as staging:
         folder = Path(staging) / MODEL_NAME  # becomes the model's data/model
         (folder / "checkpoint").mkdir(parents=True)
@@ -158,6 +160,7 @@ def _log_pyfunc(run_id: str, uri: str, checkpoint_dir: Path, tokenizer_file: Pat
         _link_or_copy(tokenizer_file, folder / "tokenizer" / tokenizer_file.name)
         (folder / "sampling.json").write_text(json.dumps(dict(defaults), indent=2) + "\n", encoding="utf-8")
         code = _stage_package(Path(staging) / "code")  # becomes the model's code/nanollm, first on sys.path at load
+        size = sum(f.stat().st_size for f in Path(staging).rglob("*") if f.is_file())
         # logging runs the example once through the loaded model: a check that costs a model load and 8 tokens
         example = (pd.DataFrame({"prompt": ["def "]}), {"max_tokens": 8})
         with _fluent_store(uri), mlflow.start_run(run_id=run_id):
@@ -170,7 +173,10 @@ def _log_pyfunc(run_id: str, uri: str, checkpoint_dir: Path, tokenizer_file: Pat
                 pip_requirements=pip_requirements(),
                 code_paths=[str(code)],
             )
-    log.info("logged model %s (%s) under run %s", info.model_id, info.model_uri, run_id)
+    log.info(
+        "logged model %s (%s) under run %s: %.1f MB of weights, tokenizer and code in %.1f s",
+        info.model_id, info.model_uri, run_id, size / 1e6, time.perf_counter() - start,
+    )  # fmt: skip
     return info.model_id
 
 
