@@ -179,7 +179,7 @@ class ModelConfig:
     qk_norm: bool = _spec(
         False,
         doc="RMSNorm each head's queries and keys (learned gain per head dimension) before RoPE: bounded "
-        "attention logits, steadier at high learning rates; no Llama export",
+        "attention logits, steadier at high learning rates; exports as Qwen3 (docs/export.md)",
     )
     zero_init_proj: bool = _spec(
         False, doc="start attention wo and MLP w2 at zero, so every block starts as the identity; exports to Llama"
@@ -187,13 +187,13 @@ class ModelConfig:
     logit_softcap: float | None = _spec(
         None,
         doc="squash the LM head's logits to cap * tanh(logits / cap) (modded-nanogpt: 15 to 30; null: off); "
-        "meant with tie_embeddings: false; no Llama export",
+        "meant with tie_embeddings: false; exports as the custom form only",
         gt=0.0,
     )
     value_residual: bool = _spec(
         False,
         doc="mix every later layer's attention values with the first layer's, v = a v + b v_first, "
-        "a and b learned per layer from 0.5 (ResFormer); no Llama export",
+        "a and b learned per layer from 0.5 (ResFormer); exports as the custom form only",
     )
 
     def __post_init__(self) -> None:
