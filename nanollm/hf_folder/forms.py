@@ -177,9 +177,9 @@ def to_hf_config(
     }
     if form == LLAMA:
         return {**stock, "mlp_bias": False}
-    layers = ["full_attention"] * cfg.n_layer  # no sliding window: every layer attends to the whole context
-    return {**stock, "use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layer,
-            "layer_types": layers}  # fmt: skip
+    # no sliding window: every layer attends to the whole context
+    window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layer}
+    return {**stock, **window, "layer_types": ["full_attention"] * cfg.n_layer}
 
 
 def _unsupported(hf: dict[str, Any]) -> tuple[str, str] | None:
