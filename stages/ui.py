@@ -1,14 +1,17 @@
 """`nanollm ui`: the MLflow UI over this project's store, on 127.0.0.1 unless told otherwise.
 
 It prints the page that lists the models' runs (creating the experiment first if the store has
-none, so the link always works) and supervises `mlflow server`. What the UI shows and the server's
-command line are nanollm.tracking's; this module owns the process: the server runs in a process
-group of its own, SIGINT and SIGTERM to `nanollm ui` go to that whole group (mlflow server and
-its uvicorn), and `nanollm ui` returns once they are gone, with 128 + the signal number as a
-shell reports it. Without that, a SIGTERM stopped `nanollm ui` and left uvicorn on the port.
+none, so the link always works) once the server answers, and supervises `mlflow server`. What
+the UI shows and the server's command line are nanollm.tracking's; this module owns the process:
+the server runs in a process group of its own, SIGINT and SIGTERM to `nanollm ui` go to that
+whole group (mlflow server and its uvicorn), and `nanollm ui` returns once they are gone, with
+128 + the signal number as a shell reports it. Without that, a SIGTERM stopped `nanollm ui` and
+left uvicorn on the port.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import click
 
@@ -26,7 +29,7 @@ def command(ctx: StageContext, host: str, port: int) -> None:
     """Browse and compare the project's MLflow runs (one per trained model)."""
     from nanollm.errors import NanollmError
     from nanollm.tracking.store import tracking_uri
-    from nanollm.tracking.ui import runs_url, ui_command, ui_environment, ui_experiment
+    from nanollm.tracking.ui import runs_url, ui_command, ui_environment, ui_experiment, wait_until_serving
 
     cfg = ctx.config.tracking
     uri = tracking_uri(cfg, ctx.root)
@@ -36,9 +39,15 @@ def command(ctx: StageContext, host: str, port: int) -> None:
             "(nanollm ui serves a local store; unset MLFLOW_TRACKING_URI/tracking.uri for the project's mlflow.db)"
         )
     experiment_id = ui_experiment(cfg, ctx.root)
-    click.echo(f"MLflow UI over {uri}", err=True)
-    click.echo(f"open {runs_url(f'http://{_browsable(host)}:{port}', experiment_id)} (Ctrl+C stops it)", err=True)
-    raise SystemExit(serve(ui_command(cfg, ctx.root, host=host, port=port), ui_environment()))
+    click.echo(f"MLflow UI over {uri}: starting on {host}:{port}", err=True)
+    base = f"http://{_browsable(host)}:{port}"
+
+    def announce(alive: Callable[[], bool]) -> None:
+        """The link, once the server answers: printed earlier, a browser opened at once is refused."""
+        if wait_until_serving(base, alive):
+            click.echo(f"open {runs_url(base, experiment_id)} (Ctrl+C stops it)", err=True)
+
+    raise SystemExit(serve(ui_command(cfg, ctx.root, host=host, port=port), ui_environment(), on_start=announce))
 
 
 def _browsable(host: str) -> str:
@@ -51,9 +60,10 @@ def _browsable(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def serve(command: list[str], env: dict[str, str]) -> int:
+def serve(command: list[str], env: dict[str, str], on_start: Callable[[Callable[[], bool]], None] | None = None) -> int:
     """Run `command` in a process group of its own until it exits or SIGINT/SIGTERM stops it.
 
+    on_start(alive) runs once the process is started (alive() says whether it still runs).
     Returns the command's exit code, or 128 + the signal number when a signal stopped it. Every
     process of the group is gone on return.
     """
@@ -74,6 +84,8 @@ def serve(command: list[str], env: dict[str, str]) -> int:
         group.append(server.pid)
         if received:  # a signal that came while the server was starting
             _signal_group(server.pid, received[0])
+        elif on_start is not None:
+            on_start(lambda: server.poll() is None and not received)
         code = server.wait()
         _wait_for_group(server.pid, _STOP_GRACE_S)  # uvicorn may outlive `mlflow server` by a moment
     finally:

@@ -240,3 +240,36 @@ def test_a_deleted_experiment_is_a_one_line_error(tmp_path):
         Tracker(uri, "unit")
     assert "is deleted" in str(info.value) and "mlflow experiments restore" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_copied_project_says_its_store_keeps_artifacts_in_the_original(tmp_path, monkeypatch, caplog):
+    """mlflow.db records the experiment's artifact folder as an absolute path: a `cp -a` of the project
+    would log its models into the original's mlartifacts/. Said in one warning; the original is quiet."""
+    import shutil
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    with caplog.at_level("WARNING", logger="nanollm.tracking.store"):
+        make_tracker(TrackingConfig(), original)
+        shutil.copytree(original, copy)
+        make_tracker(TrackingConfig(), original)
+        assert not caplog.records
+        make_tracker(TrackingConfig(), copy)
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "\n" not in message and f"keeps its artifacts in {original.resolve() / 'mlartifacts'}" in message
+    assert f"outside this project's {copy.resolve() / 'mlartifacts'}" in message and "set tracking.uri" in message
+
+
+def test_the_run_record_names_the_run_and_its_store(tmp_path):
+    from nanollm.tracking.runs import read_run_record, write_run_record
+
+    tracker = make_tracker(TrackingConfig(), tmp_path)
+    tracker.start("r")
+    write_run_record(tmp_path / "models" / "run.json", tracker)
+    assert read_run_record(tmp_path / "models" / "run.json") == {"run_id": tracker.run_id, "tracking_uri": tracker.uri}
+    write_run_record(tmp_path / "off.json", make_tracker(TrackingConfig(enabled=False), tmp_path))
+    assert read_run_record(tmp_path / "off.json") == {"run_id": None, "tracking_uri": None}
+    with pytest.raises(NanollmError, match=r"missing.json is missing; re-run pretrain \(dvc repro -f pretrain\)"):
+        read_run_record(tmp_path / "missing.json")

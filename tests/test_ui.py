@@ -76,7 +76,7 @@ def _log_runs(project: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def running_ui(project: Path):
-    """`nanollm ui` started for real in `project`; yields (its process, the URL it printed) once /health answers."""
+    """`nanollm ui` started for real in `project`; yields (its process, the URL it printed), which answers at once."""
     (project / "params.yaml").write_text("seed: 1\n")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -88,17 +88,13 @@ def running_ui(project: Path):
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 90
-        while True:
-            printed = re.search(r"^open (http://\S+)", log.read_text(), re.M)
-            try:
-                if printed:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-                    break
-            except OSError:
-                pass
+        while not (printed := re.search(r"^open (http://\S+)", log.read_text(), re.M)):
             assert ui.poll() is None, log.read_text()[-2000:]
             assert time.monotonic() < deadline, "MLflow UI did not come up"
-            time.sleep(0.5)
+            time.sleep(0.2)
+        # at once, no retry: the link is printed only once the server answers (a browser opened on it
+        # at once was refused when it was printed first)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
         yield ui, printed.group(1)
     finally:
         if ui.poll() is None:
