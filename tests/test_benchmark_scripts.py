@@ -289,6 +289,27 @@ def test_serve_throughput_races_batch_1_against_concurrent_clients_of_nanollm_se
     assert re.search(r"^2 concurrent clients: [\d.]+x the tokens/s of batch 1", out, flags=re.M), out
 
 
+@smoke("log_model_cost.py")
+def test_log_model_cost_logs_the_model_as_evaluate_does_and_reports_its_time_and_size(tmp_path):
+    from nanollm.checkpoint import save_checkpoint, seeded_model
+    from nanollm.config import ModelConfig, TokenizerConfig
+    from nanollm.tokenizer import create_tokenizer
+
+    tok = create_tokenizer(TokenizerConfig(vocab_size=300), ["def f(x):\n    return x\n"] * 4, tmp_path / "tok",
+                           progress=False)  # fmt: skip
+    model = seeded_model(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64), tok.vocab_size, seed=0)
+    save_checkpoint(tmp_path / "ckpt", model, train_state={"step": 1, "tokens_seen": 0},
+                    info={"tokenizer_sha256": tok.sha256})  # fmt: skip
+    out = _run("log_model_cost.py", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", str(tmp_path / "tok"),
+               "--repeats", "2")  # fmt: skip
+    header, rows = _table(out, "what")
+    values = {r[0]: r[1] for r in rows}
+    weights = (tmp_path / "ckpt" / "model.pt").stat().st_size / 1e6
+    assert _number(values["of which checkpoint + tokenizer + sampling (data/)"]) >= weights
+    assert 0.05 < _number(values["of which nanollm's code (code/)"]) < 5  # the package's sources, no caches
+    assert _number(values["time (median of 2; min-max)"]) > 0 and _number(values["artifacts"]) > weights
+
+
 @smoke("serve_flood.py")
 def test_serve_flood_runs_on_a_fresh_model_when_no_trained_one_exists(tmp_path):
     """Smoke size, no --checkpoint: the fresh-model path. tests/test_serve.py runs the full flood and its bounds."""

@@ -158,3 +158,18 @@ def test_the_closure_sees_lazy_imports_and_skips_type_checking_ones():
     assert "nanollm/__init__.py" in closure and "nanollm/data/__init__.py" in closure
     assert "nanollm/config.py" in closure  # through stages.cli
     assert "nanollm/inference/int8_gemm.c" in closure  # read by nanollm/inference/native.py, not imported
+
+
+def test_every_package_of_the_source_tree_is_one_the_wheel_lists():
+    """pyproject.toml names its packages one by one: a new subpackage left off would be missing from a
+    wheel (and from an MLflow model's environment built from one) while an editable install still works."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for top in ("nanollm", "stages")
+        for init in (ROOT / top).rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert found <= listed, f"pyproject.toml lacks packages {sorted(found - listed)}"
