@@ -49,8 +49,9 @@ __all__ = ["create_app", "TextStream", "DEFAULT_MAX_BODY_BYTES", "RETRY_AFTER_S"
 
 log = logging.getLogger(__name__)
 
-# A prompt must fit the model's context (256 tokens by default, ~1 KB of code), so 1 MiB leaves
-# room for any JSON escaping of a prompt that fits while refusing a runaway upload before it is parsed.
+# A prompt must fit the model's context, a few hundred tokens of a few bytes each, so 1 MiB leaves room
+# for any JSON escaping (up to 6 bytes a character) of a prompt that fits, while refusing a runaway
+# upload before it is parsed.
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 # Prompts longer than this are tokenized in a worker thread: a prompt that fits a small context
 # costs the loop less than a decode step, while a long one (a large vocabulary's longest tokens
