@@ -114,7 +114,8 @@ def command(
     with tracker:
         tracker.resume(read_run_record(run_record)["run_id"] if run_record.is_file() else None)
         tracker.log_metrics(sectioned("bench", summary))
-        tracker.set_tags({"bench.device": summary["device"], "bench.machine": summary["machine"]})
+        described = ("device", "machine", "timed_weights", "int8_kernel")  # MLflow metrics are numbers: these are tags
+        tracker.set_tags({f"bench.{key}": summary[key] for key in described if key in summary})
         tracker.log_artifact(table, "bench_kvcache")
         tracker.log_artifact(chart, "bench_kvcache")
         tracker.log_artifact(batch_table, "bench_kvcache")

@@ -1,5 +1,7 @@
 """int8 weight-only quantization (nanollm.inference.quantize): the format, both matmul paths, the converted model."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,6 @@ from nanollm.inference.native import int8_gemm
 from nanollm.inference.quantize import (
     Int8Linear,
     Int8Transformer,
-    int8_bits_per_byte,
     int8_kernel_rows,
     int8_native_kernel,
     quantize_int8,
@@ -196,8 +197,13 @@ def test_int8_bits_per_byte_scores_fp32_and_int8_on_the_same_tokens():
     tokens = np.random.default_rng(0).integers(0, VOCAB, 400).astype(np.uint16)
     token_bytes = np.full(VOCAB, 2)
     args = {"block_size": 32, "batch_size": 4, "token_bytes": token_bytes}
-    result = int8_bits_per_byte(model, tokens, **args)
-    assert set(result) == {"fp32", "int8", "int8_kernel", "int8_aten_kernel"}
+    # as the evaluate stage scores int8 (eval.int8), and through each kernel decoding may use
+    int8 = quantize_int8(copy.deepcopy(model))
+    result = {"fp32": evaluate_lm(model, tokens, **args), "int8": evaluate_lm(int8, tokens, **args)}
+    with int8_kernel_rows(int8, max_rows=args["batch_size"] * args["block_size"]):
+        result["int8_kernel"] = evaluate_lm(int8, tokens, **args)
+        with int8_native_kernel(int8, False):
+            result["int8_aten_kernel"] = evaluate_lm(int8, tokens, **args)
     assert result["fp32"] == evaluate_lm(model, tokens, **args)  # the model itself is left fp32
     assert all(r["tokens"] == 399 for r in result.values())
     assert abs(result["int8"]["bits_per_byte"] - result["fp32"]["bits_per_byte"]) < 0.01

@@ -140,6 +140,8 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
         assert run.data.metrics[name] == pytest.approx(value)
     assert run.data.tags["bench.device"] == described["device"] == "cpu"
     assert run.data.tags["bench.machine"] == described["machine"] and described["machine"]
+    assert run.data.tags["bench.timed_weights"] == described["timed_weights"]  # what the figures are of
+    assert ("bench.int8_kernel" in run.data.tags) == ("int8_kernel" in described)
     artifacts = {a.path for a in client.list_artifacts(tracker.run_id, "bench_kvcache")}
     assert artifacts == {f"bench_kvcache/{name}" for name in ("bench_kvcache.csv", "bench_kvcache.png")} | {
         "bench_kvcache/bench_kvcache_batching.csv"

@@ -3,8 +3,8 @@
 Owns the int8 format (one symmetric scale per output channel), the choice of matmul that
 reads it and the conversion of a model in place. What to quantize is decided here; the
 architecture stays transformer.py's and attention.py's, which see ordinary modules with the
-same call signature. `int8_bits_per_byte` measures the cost in bits per byte; the speed,
-benchmarks/int8_decode.py's.
+same call signature. What int8 costs in bits per byte is the evaluate stage's to measure
+(eval.int8); the speed, benchmarks/int8_decode.py's.
 
 Why it pays: a batch-1 decode step reads every weight once, so its time is the time to
 stream the weights, and int8 is a quarter of fp32's bytes. It pays as far as the kernel
@@ -15,24 +15,20 @@ which serves where ours cannot run. benchmarks/README.md has the figures and com
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanollm.evaluate import evaluate_lm
 from nanollm.inference.native import int8_kernel
 from nanollm.model.transformer import Transformer
 
 __all__ = [
     "Int8Linear",
     "Int8Transformer",
-    "int8_bits_per_byte",
     "int8_kernel_rows",
     "int8_native_kernel",
     "quantize_int8",
@@ -289,25 +285,3 @@ def int8_native_kernel(model: nn.Module, enabled: bool) -> AbstractContextManage
     For measurements: benchmarks/int8_decode.py races the two; tests compare their outputs.
     """
     return _int8_setting(model, "native_kernel", enabled)
-
-
-def int8_bits_per_byte(model: nn.Module, tokens: np.ndarray, **evaluate_args: Any) -> dict[str, dict[str, float]]:
-    """evaluate_lm of `model` and of an int8 copy  on the same tokens: what int8 costs.
-
-    `evaluate_args` are evaluate_lm's (block_size, batch_size and token_bytes at least). Returns
-    {"fp32": ..., "int8": ..., "int8_kernel": ..., "int8_aten_kernel": ...}, each
-    evaluate_lm's dict. "int8" runs as evaluation's batches do, through dequantize-then-matmul
-    (int8 weights, fp32 activations); "int8_kernel" forces every matmul through the int8
-    kernel that decoding uses here (nanollm's where it runs: fp32 activations), and
-    "int8_aten_kernel" through aten's, which rounds the activations and its outputs to bf16.
-    `model` itself is left as it is (the copy is quantized), and is expected in fp32 on the
-    CPU, in eval mode.
-    """
-    results = {"fp32": evaluate_lm(model, tokens, **evaluate_args)}
-    int8 = quantize_int8(copy.deepcopy(model))
-    results["int8"] = evaluate_lm(int8, tokens, **evaluate_args)
-    with int8_kernel_rows(int8, max_rows=evaluate_args["batch_size"] * evaluate_args["block_size"]):
-        results["int8_kernel"] = evaluate_lm(int8, tokens, **evaluate_args)
-        with int8_native_kernel(int8, False):
-            results["int8_aten_kernel"] = evaluate_lm(int8, tokens, **evaluate_args)
-    return results
