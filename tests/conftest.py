@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# transformers copies a trust_remote_code model's code (export-hf's custom form) into this folder:
+# a temporary one per session, not the user's ~/.cache/huggingface/modules
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="nanollm-tests-hf-modules-"))
 
 
 def tool_env(**overrides: str) -> dict[str, str]:
