@@ -105,14 +105,27 @@ class StageContext:
     threads: int  # CPU threads this stage may use (already applied to torch and OpenMP)
 
 
-def pass_context(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a stage command so it receives a StageContext as first argument."""
+def pass_context(fn: Callable[..., Any] | None = None, *, params_optional: bool = False) -> Any:
+    """Decorate a stage command so it receives a StageContext as first argument.
+
+    params_optional: a command that also runs outside a project (`nanollm serve --model-uri`, `nanollm
+    register` against a tracking server) takes the defaults when no --params is given and there is no
+    params.yaml in the current folder; the project root is then the current folder.
+    """
+    if fn is None:
+        return functools.partial(pass_context, params_optional=params_optional)
 
     @functools.wraps(fn)
     @click.pass_context
     def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
-        params_path: Path = ctx.find_root().params["params"]
-        config = Config.from_dict(read_params(params_path))
+        root_ctx = ctx.find_root()
+        params_path: Path = root_ctx.params["params"]
+        defaulted = root_ctx.get_parameter_source("params") == click.core.ParameterSource.DEFAULT
+        if params_optional and defaulted and not params_path.exists():
+            log.info("no %s here: using the default settings", params_path)
+            config = Config.from_dict({})
+        else:
+            config = Config.from_dict(read_params(params_path))
         root = Path(os.environ.get("DVC_ROOT") or params_path.resolve().parent)
         threads, why = (config.threads, "threads in params.yaml") if config.threads else default_threads()
         apply_threads(threads)

@@ -25,7 +25,7 @@ from stages.cli import StageContext, pass_context
 @click.option("--maximize", is_flag=True, help="With --best: the highest METRIC wins (e.g. eval/accuracy).")
 @click.option("--alias", default="champion", show_default=True, help="Alias to point at the new version.")
 @click.option("--name", default="nanollm", show_default=True, help="Registered model name.")
-@pass_context
+@pass_context(params_optional=True)
 def command(ctx: StageContext, run_id: str | None, metric: str | None, maximize: bool, alias: str, name: str) -> None:
     """Register a run's model as a new version of --name and set --alias to it."""
     if (run_id is None) == (metric is None):

@@ -94,7 +94,7 @@ _MIN_CONNECTIONS = 256
 @click.option(
     "--device", default=None, help="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N. [default: eval.device]"
 )
-@pass_context
+@pass_context(params_optional=True)
 def command(
     ctx: StageContext,
     checkpoint: Path,

@@ -176,3 +176,15 @@ def test_mutated_params_through_the_cli_never_print_a_traceback(tmp_path_factory
     assert "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (project / "tokens").exists()
+
+
+def test_commands_that_run_outside_a_project_take_the_defaults_without_params_yaml(tmp_path, monkeypatch):
+    """`nanollm register` (and `nanollm serve --model-uri`) work from any folder against a store; the
+    pipeline's stages still need the params file, and so does an explicit --params that is missing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = CliRunner().invoke(cli, ["register", "--run-id", "0123"])
+    assert result.exit_code == 1 and "MLflow run 0123 is not in" in result.output  # it got as far as the store
+    assert "params file not found" in CliRunner().invoke(cli, ["evaluate"]).output
+    result = CliRunner().invoke(cli, ["--params", "elsewhere.yaml", "register", "--run-id", "0123"])
+    assert result.exit_code == 2 and "params file not found" in result.output
