@@ -219,7 +219,7 @@ def main() -> None:
     from nanollm.hardware import describe_machine
 
     with tempfile.TemporaryDirectory(prefix="serve-flood-") as tmp:
-        checkpoint, tokenizer = args.checkpoint, args.tokenizer
+        checkpoint, tokenizer = args.checkpoint.resolve(), args.tokenizer.resolve()  # the server runs elsewhere
         if checkpoint.exists() and tokenizer.exists():
             what = f"{checkpoint} with {tokenizer}"
         else:
