@@ -1,13 +1,14 @@
 """The OpenAI-compatible HTTP face of the engine: POST /v1/completions (whole or streamed), GET /v1/models,
 GET /health, GET /metrics.
 
-Owns the HTTP side only: the door (an API key on /v1/*, a capped body, a prompt refused by its
-length before it is tokenized), reading a request (what it may say is protocol.py's), turning its
-prompt into ids and the engine's ids back into text (incrementally over bytes, so a character
-split across tokens is sent whole), stop strings, OpenAI's response, stream and error shapes, so
-the official clients work unchanged, and the Prometheus metrics of one app. Batching, the bounded
-queue, deadlines and sampling are the engine's (nanollm.inference.engine); loading the weights,
-the connection limit and running uvicorn are `nanollm serve`'s.
+Owns the protocol side of HTTP: reading a request (what it may say is protocol.py's), refusing a
+prompt by its length before it is tokenized, turning its prompt into ids and the engine's ids back
+into text (incrementally over bytes, so a character split across tokens is sent whole), stop
+strings, OpenAI's response, stream and error shapes, so the official clients work unchanged. The
+doors an operator sets and watches (the API key on /v1/*, the body cap, response counting and the
+Prometheus metrics) are server_guards.py's. Batching, the bounded queue, deadlines and sampling
+are the engine's (nanollm.inference.engine); loading the weights, the connection limit and running
+uvicorn are `nanollm serve`'s.
 
 Nothing here blocks the event loop on the engine: each request is submitted with the loop and its
 tokens awaited (Request.__aiter__), so one process serves many clients while the engine's own
@@ -20,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -33,26 +33,25 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
-from prometheus_client import Counter as PromCounter
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nanollm.inference.engine import Engine, QueueFull
 from nanollm.inference.engine import Request as EngineRequest
 from nanollm.inference.loading import document_prompt
 from nanollm.inference.protocol import ApiError, parse_completion_request
+from nanollm.inference.server_guards import (
+    DEFAULT_MAX_BODY_BYTES,
+    CountResponses,
+    RequireApiKey,
+    ServerMetrics,
+    read_capped_body,
+)
 from nanollm.tokenizer import Tokenizer
 
 __all__ = ["create_app", "TextStream", "DEFAULT_MAX_BODY_BYTES", "RETRY_AFTER_S"]
 
 log = logging.getLogger(__name__)
 
-# A prompt must fit the model's context, a few hundred tokens of a few bytes each, so 1 MiB leaves room
-# for any JSON escaping (up to 6 bytes a character) of a prompt that fits, while refusing a runaway
-# upload before it is parsed.
-DEFAULT_MAX_BODY_BYTES = 1 << 20
 # Prompts longer than this are tokenized in a worker thread: a prompt that fits a small context
 # costs the loop less than a decode step, while a long one (a large vocabulary's longest tokens
 # let the prompt cap reach tens of KB) would stall every other client's stream.
@@ -61,28 +60,6 @@ _ENCODE_INLINE_CHARS = 2048
 # requests finish (a row frees with every finished request), so a short wait is right; the
 # official clients back off further on their own when refused again.
 RETRY_AFTER_S = 1
-# Buckets of the latency histograms, in seconds: first token from a few ms (idle server, short
-# prompt) to a minute (a long queue); per output token from 1 ms (small model) to 1 s.
-_FIRST_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-_ROUTES = ("/v1/completions", "/v1/models", "/health", "/metrics")  # label values; any other path is "other"
-
-
-async def _read_body(request: HttpRequest, limit: int) -> bytes:
-    """The request's body; 413 past `limit` bytes, found from Content-Length or while reading (then read no further)."""
-    too_large = ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
-    except ClientDisconnect:
-        raise ApiError(400, "the client disconnected before the end of the body") from None  # read by nobody
-    return bytes(body)
 
 
 # ---------------------------------------------------------------------------- ids to text
@@ -168,94 +145,6 @@ class _SubmittedRequests:
                 del self._live[key]
 
 
-class _Metrics:
-    """The app's Prometheus metrics, in a registry of its own (several apps in one process never collide).
-
-    Requests by route and status code (counted by _CountResponses, so refusals at the door
-    count too), the engine's queue depth and running sequences (read when scraped), generated
-    tokens, time to the first token (from submission, the wait in the queue included) and the
-    mean time per output token after the first, one observation per request.
-    """
-
-    def __init__(self, engine: Engine):
-        self.registry = CollectorRegistry()
-        registry = self.registry
-        self.requests = PromCounter(
-            "nanollm_http_requests", "HTTP requests answered, by route and status code", ["route", "code"],
-            registry=registry,
-        )  # fmt: skip
-        queue_depth = Gauge("nanollm_queue_depth", "Requests waiting for a batch row", registry=registry)
-        queue_depth.set_function(lambda: engine.stats()["waiting"])
-        running = Gauge("nanollm_running_sequences", "Sequences in the batch being decoded", registry=registry)
-        running.set_function(lambda: engine.stats()["running"])
-        self.tokens = PromCounter("nanollm_generation_tokens", "Completion tokens generated", registry=registry)
-        self.first_token = Histogram(
-            "nanollm_time_to_first_token_seconds", "Seconds from submission to the first completion token",
-            buckets=_FIRST_TOKEN_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.per_token = Histogram(
-            "nanollm_time_per_output_token_seconds", "A request's mean seconds per completion token after the first",
-            buckets=_PER_TOKEN_BUCKETS, registry=registry,
-        )  # fmt: skip
-
-    def exposition(self) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-class _CountResponses:
-    """ASGI middleware: counts every HTTP response by route and status code into _Metrics.requests."""
-
-    def __init__(self, app: ASGIApp, metrics: _Metrics):
-        self.app, self._requests = app, metrics.requests
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500  # what the client gets if the app fails before answering
-
-        async def send_counted(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_counted)
-        finally:
-            route = scope["path"] if scope["path"] in _ROUTES else "other"
-            self._requests.labels(route, str(status)).inc()
-
-
-class _RequireApiKey:
-    """ASGI middleware: a request to /v1/* without `Authorization: Bearer <key>` gets 401 in OpenAI's shape.
-
-    Other paths (/health, /metrics) stay open, as in vLLM. The key is compared in constant time
-    and appears in no message or log.
-    """
-
-    def __init__(self, app: ASGIApp, api_key: str):
-        self.app, self._key = app, api_key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")) and not self._allowed(scope):
-            refusal = ApiError(
-                401,
-                "missing or incorrect API key: send the header `Authorization: Bearer <key>` with the server's key",
-                code="invalid_api_key",
-            )
-            response = JSONResponse(refusal.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def _allowed(self, scope: Scope) -> bool:
-        value = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = value.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
-
-
 @dataclass
 class _Job:
     """One completion in flight: what was asked and how it is going."""
@@ -266,7 +155,7 @@ class _Job:
     prompt_tokens: int
     request: EngineRequest
     text: TextStream
-    metrics: _Metrics
+    metrics: ServerMetrics
     timeout: float | None  # the server's --request-timeout, for the message when the engine drops the request
     submitted: float  # time.perf_counter() at submission
     completion_tokens: int = 0
@@ -351,7 +240,7 @@ def create_app(
     (Engine(max_queue=...)) answers 503 with Retry-After at once.
     """
     submitted = _SubmittedRequests()
-    metrics = _Metrics(engine)
+    metrics = ServerMetrics(engine)
     started = int(time.time())
     longest_token = max(1, int(tokenizer.token_byte_lengths().max()))  # bytes the longest token stands for
 
@@ -365,8 +254,8 @@ def create_app(
 
     app = FastAPI(title="nanollm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     if api_key is not None:
-        app.add_middleware(_RequireApiKey, api_key=api_key)
-    app.add_middleware(_CountResponses, metrics=metrics)  # added last: outermost, so it counts the 401s too
+        app.add_middleware(RequireApiKey, api_key=api_key)
+    app.add_middleware(CountResponses, metrics=metrics)  # added last: outermost, so it counts the 401s too
 
     @app.exception_handler(ApiError)
     async def api_error(request: HttpRequest, err: ApiError) -> JSONResponse:
@@ -399,7 +288,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest) -> Response:
-        completion = parse_completion_request(await _read_body(http, max_body_bytes))
+        completion = parse_completion_request(await read_capped_body(http, max_body_bytes))
         _check_model(completion.model, model_name)
         prompt, stops, params = completion.prompt_text(), completion.stop_strings(), completion.sampling()
         _refuse_prompt_longer_than_context(prompt, engine.max_seq_len, longest_token)
