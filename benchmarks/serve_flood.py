@@ -30,15 +30,16 @@ import http.client
 import itertools
 import json
 import re
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from pathlib import Path
+
+from _server import start_server, stop_server  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "flood"
@@ -91,22 +92,11 @@ def greedy_references(checkpoint: Path, tokenizer: Path, max_tokens: int) -> dic
     return out
 
 
-def start_server(args: argparse.Namespace, checkpoint: Path, tokenizer: Path) -> tuple[subprocess.Popen, str]:
-    """`nanollm serve` on a free port of 127.0.0.1; returns (process, base URL) once it listens."""
-    command = [sys.executable, "-c", "from stages.cli import main; main()", "serve", "--checkpoint", str(checkpoint),
-               "--tokenizer", str(tokenizer), "--port", "0", "--model-name", MODEL, "--threads", str(args.threads),
-               "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-               "--request-timeout", str(args.request_timeout)]  # fmt: skip
-    server = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    log: deque[str] = deque(maxlen=50)
-    for line in server.stderr:
-        log.append(line)
-        if match := re.search(r"serving \S+ at (http://\S+)/v1 ", line):
-            # keep reading its log (an access line per request), or a full pipe would block the server
-            threading.Thread(target=deque(maxlen=0).extend, args=(server.stderr,), daemon=True).start()
-            return server, match.group(1)
-    server.wait()
-    sys.exit(f"nanollm serve exited with {server.returncode}:\n{''.join(log)}")
+def serve_flags(args: argparse.Namespace, checkpoint: Path, tokenizer: Path) -> list[str]:
+    """The flags of `nanollm serve` for this flood: the server's limits under test."""
+    return ["--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer), "--model-name", MODEL,
+            "--threads", str(args.threads), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
+            "--request-timeout", str(args.request_timeout)]  # fmt: skip
 
 
 def rss_mib(pid: int) -> float:
@@ -228,7 +218,7 @@ def main() -> None:
         print(f"machine: {describe_machine()}")
         print(f"model: {what}")
         wanted = greedy_references(checkpoint, tokenizer, args.max_tokens)
-        server, url = start_server(args, checkpoint, tokenizer)
+        server, url, _ = start_server(serve_flags(args, checkpoint, tokenizer))
         try:
             warm = Client(url, timeout=60)
             for prompt in PROMPTS[:4]:  # the first requests pay for lazy initialisation
@@ -243,11 +233,7 @@ def main() -> None:
             health = [float(line) for line in poller.communicate("", timeout=30)[0].split()]
             rss_after = rss_mib(server.pid)
         finally:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server)
 
     statuses = Counter(str(status) for status, _, _, _ in results)
     ok = [(seconds, text, prompt) for status, seconds, text, prompt in results if status == 200]

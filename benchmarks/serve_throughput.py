@@ -27,16 +27,13 @@ import argparse
 import http.client
 import json
 import os
-import re
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from _server import start_server, stop_server  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench"
@@ -45,24 +42,14 @@ PROMPTS = ["import ", "def main():\n", "class Parser:\n    def ", "    return ",
            "@property\ndef ", "print(f\"", "while True:\n", "async def "]  # fmt: skip
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, deque[str]]:
-    """`nanollm serve` on a free port; returns (process, base URL, its last log lines, kept as they come)."""
-    command = [sys.executable, "-c", "from stages.cli import main; main()", "serve",
-               "--checkpoint", str(args.checkpoint), "--tokenizer", str(args.tokenizer), "--port", "0",
-               "--model-name", MODEL, "--max-batch", str(args.concurrency)]  # fmt: skip
+def serve_flags(args: argparse.Namespace) -> list[str]:
+    """The flags of `nanollm serve` for this race: a batch as wide as the concurrent clients."""
+    flags = ["--checkpoint", str(args.checkpoint), "--tokenizer", str(args.tokenizer), "--model-name", MODEL,
+             "--max-batch", str(args.concurrency)]  # fmt: skip
     for flag in ("threads", "device", "quantize"):
         if getattr(args, flag) is not None:
-            command += [f"--{flag}", str(getattr(args, flag))]
-    server = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    log: deque[str] = deque(maxlen=100)
-    for line in server.stderr:
-        log.append(line)
-        if match := re.search(r"serving \S+ at (http://\S+)/v1 ", line):
-            # keep reading its log (the access lines), or a full pipe would block the server
-            threading.Thread(target=log.extend, args=(server.stderr,), daemon=True).start()
-            return server, match.group(1), log
-    server.wait()
-    sys.exit(f"nanollm serve exited with {server.returncode}:\n{''.join(log)}")
+            flags += [f"--{flag}", str(getattr(args, flag))]
+    return flags
 
 
 def complete(url: str, prompt: str, max_tokens: int, stream: bool) -> tuple[int, float | None]:
@@ -134,7 +121,7 @@ def main() -> None:
     shape = f"{model['model']['n_layer']}L/{model['model']['n_embd']}d/{model['vocab_size']}v"
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {describe_machine()}; load average before: {_load()}")
-    server, url, log = start_server(args)
+    server, url, log = start_server(serve_flags(args))
     try:
         complete(url, PROMPTS[0], 8, stream=False)  # warm-up: the first request pays for lazy initialisation
         print(f"server: nanollm serve at {url}, model {args.checkpoint} ({shape}), batches of up to {args.concurrency}")
@@ -152,11 +139,7 @@ def main() -> None:
         print("".join(log), file=sys.stderr)
         raise
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
 
     def median(name: str, key: str) -> float:
         return statistics.median(run[key] for run in results[name])

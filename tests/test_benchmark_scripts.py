@@ -265,7 +265,7 @@ def test_split_leaks_scores_both_splits_against_exact_near_copies():
     assert re.search(r"corpus: stdlib, 120 documents; \d+ pairs with exact Jaccard >= 0.5", out), out
 
 
-@smoke("serve_throughput.py")
+@smoke("serve_throughput.py", "_server.py")
 def test_serve_throughput_races_batch_1_against_concurrent_clients_of_nanollm_serve(tmp_path):
     from nanollm.checkpoint import save_checkpoint, seeded_model
     from nanollm.config import ModelConfig, TokenizerConfig
