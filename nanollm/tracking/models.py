@@ -22,7 +22,7 @@ from typing import Any
 from nanollm.config import EvalConfig
 from nanollm.errors import NanollmError, first_line
 from nanollm.tracking.runs import NullTracker
-from nanollm.tracking.store import store_client, unusable_store
+from nanollm.tracking.store import store_client, unusable_store, without_password
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,8 @@ def fetch_model(model_uri: str, tracking_uri: str, dst: Path) -> tuple[Path, Pat
             data = Path(dst) / flavor["data"]
     except MlflowException as err:
         raise NanollmError(
-            f"{model_uri} cannot be fetched from {tracking_uri} ({first_line(err)}); check the name and alias "
+            f"{model_uri} cannot be fetched from {without_password(tracking_uri)} ({first_line(err)}); "
+            "check the name and alias "
             f"(register one with `nanollm register --run-id ID --alias champion`)"
         ) from None
     return data / "checkpoint", data / "tokenizer"

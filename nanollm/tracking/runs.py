@@ -28,9 +28,10 @@ from nanollm.tracking.store import (
     RunsView,
     artifact_folder,
     open_experiment,
-    probe_server,
+    probe_store,
     tracking_uri,
     unusable_store,
+    without_password,
 )
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ class Tracker(NullTracker):
     def start(self, run_name: str | None = None, tags: Mapping[str, str] | None = None) -> None:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
         self.run_id = run.info.run_id
-        log.info("MLflow run %s (%s) in %s", run.info.run_name, self.run_id, self.uri)
+        log.info("MLflow run %s (%s) in %s", run.info.run_name, self.run_id, without_password(self.uri))
 
     def resume(self, run_id: str | None) -> None:
         if run_id is None:
@@ -265,8 +266,8 @@ def make_tracker(cfg: TrackingConfig, root: Path, *, runs: RunsView = MODEL_RUNS
         return NullTracker()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = tracking_uri(cfg, root)
+    probe_store(uri)
     if uri.startswith(("http://", "https://")):
-        probe_server(uri)
         # MLflow's client retries a failed request 7 times with exponential backoff (minutes);
         # a server that goes away mid-training should cost seconds before we carry on without it.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")

@@ -1,9 +1,9 @@
 """Where the runs live: the tracking URI, the project's store and its artifacts, and the experiments' views.
 
 Owns the choice of store (MLFLOW_TRACKING_URI, tracking.uri, else `mlflow.db` at the project
-root), its artifact folder, the fast failure on an unreachable server, the one-line error for an
-unusable store, and the two experiments (models, tokenizers) with the runs-table view each opens
-with. What is logged into a run is runs.py's; models and the registry are models.py's.
+root), its artifact folder, the fast failure on an unreachable server or database, the one-line error
+(password hidden) for an unusable store, and the two experiments (models, tokenizers) with the
+runs-table view each opens with. What is logged into a run is runs.py's; models and the registry are models.py's.
 """
 
 from __future__ import annotations
@@ -142,13 +142,35 @@ def _check_artifact_location(experiment: Any, artifact_root: Path, uri: str) -> 
         )  # fmt: skip
 
 
+def without_password(uri: str, text: str | None = None) -> str:
+    """`text` (default: `uri` itself) with the password of `uri`, if it has one, shown as ***.
+
+    A database URI (postgresql+psycopg2://user:PASSWORD@host/db) carries its password; messages and
+    logs name the store, and a terminal, a CI log or an issue is no place for that password.
+    """
+    import urllib.parse
+
+    text = uri if text is None else text
+    password = urllib.parse.urlsplit(uri).password
+    if not password:
+        return text
+    for shown in {password, urllib.parse.unquote(password)}:
+        text = text.replace(f":{shown}@", ":***@")
+        if len(shown) >= 6:  # quoted in another library's message; a shorter one would mask ordinary words
+            text = text.replace(shown, "***")
+    return text
+
+
 def unusable_store(uri: str, err: Exception) -> NanollmError:
-    """A one-line NanollmError for a store that failed (a bad URI, a database MLflow cannot use)."""
+    """A one-line NanollmError for a store that failed (a bad URI, a database MLflow cannot use), password hidden."""
     if isinstance(err, NanollmError):
-        return err
+        return NanollmError(without_password(uri, str(err)))
     return NanollmError(
-        f"MLflow store {uri} is unusable ({first_line(err)}); "
-        "fix MLFLOW_TRACKING_URI/tracking.uri or set tracking.enabled: false"
+        without_password(
+            uri,
+            f"MLflow store {uri} is unusable ({first_line(err)}); "
+            "fix MLFLOW_TRACKING_URI/tracking.uri or set tracking.enabled: false",
+        )
     )
 
 
@@ -167,6 +189,33 @@ def probe_server(uri: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def probe_database(uri: str) -> None:
+    """Fail fast on a database that refuses the connection (MLflow's own store retries it for ~100 s)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        engine.connect().close()
+    except Exception as err:  # sqlalchemy's OperationalError (bad password, no server), a missing driver
+        raise NanollmError(
+            without_password(
+                uri,
+                f"MLflow database {uri} refuses the connection ({first_line(err)}); fix the user, password, host "
+                "or database in MLFLOW_TRACKING_URI/tracking.uri, or set tracking.enabled: false",
+            )
+        ) from None
+    finally:
+        engine.dispose()
+
+
+def probe_store(uri: str) -> None:
+    """Fail fast on a tracking server or database that cannot be used; a sqlite file or folder needs no probe."""
+    if uri.startswith(("http://", "https://")):
+        probe_server(uri)
+    elif uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
+        probe_database(uri)
+
+
 def artifact_folder(uri: str, root: Path) -> Path | None:
     """The project's mlartifacts/ for a sqlite store; a server or database keeps its own."""
     return Path(root) / "mlartifacts" if uri.startswith("sqlite:") else None
@@ -177,6 +226,5 @@ def store_client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    if uri.startswith(("http://", "https://")):
-        probe_server(uri)
+    probe_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
