@@ -86,17 +86,22 @@ def _ran_stages(output: str) -> list[str]:
     return [name for name in PIPELINE if f"Running stage '{name}'" in output]
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("project")
+def copy_project(repo: Path, overrides: dict) -> None:
+    """This project's code, pipeline and DVC config into `repo`, with params.yaml merged with `overrides`."""
     for name in ["nanollm", "stages", "dvc.yaml", ".dvc", ".dvcignore", ".gitignore", "pyproject.toml"]:
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
         else:
             shutil.copy2(src, repo / name)
-    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("project")
+    copy_project(repo, TINY)
     _run(["git", "init", "-q"], repo)
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "init"], repo)
