@@ -159,10 +159,10 @@ class Tracker(NullTracker):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
         self.run_id = None
         self.lost = False  # set once the store failed mid-run; later calls then do nothing
         try:
+            self.client = MlflowClient(tracking_uri=uri)  # a database store connects here
             self.experiment_id = open_experiment(self.client, experiment, view, artifact_root)
         except Exception as err:  # MlflowException, or sqlalchemy errors from a bad database
             raise unusable_store(uri, err) from None
