@@ -1,8 +1,13 @@
 """Test-wide settings: everything offline, no telemetry, no hub access."""
 
 import os
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,6 +42,36 @@ def tool_env(**overrides: str) -> dict[str, str]:
     )
     env.update(overrides)
     return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, log: Path, seconds: float = 120) -> None:
+    """Poll `url` until it answers; fail with the end of `log` if `process` exits or `seconds` pass first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, log.read_text()[-3000:]
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:  # URLError included
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM to the session `process` leads (started with start_new_session=True), SIGKILL after `grace_s`."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 @pytest.fixture(scope="module")

@@ -265,8 +265,8 @@ def test_split_leaks_scores_both_splits_against_exact_near_copies():
     assert re.search(r"corpus: stdlib, 120 documents; \d+ pairs with exact Jaccard >= 0.5", out), out
 
 
-@smoke("serve_throughput.py", "_server.py")
-def test_serve_throughput_races_batch_1_against_concurrent_clients_of_nanollm_serve(tmp_path):
+def _tiny_checkpoint(tmp_path: Path) -> None:
+    """tmp_path/ckpt (1 layer, 32 wide, seeded weights) and its tokenizer tmp_path/tok (300 tokens)."""
     from nanollm.checkpoint import save_checkpoint, seeded_model
     from nanollm.config import ModelConfig, TokenizerConfig
     from nanollm.tokenizer import create_tokenizer
@@ -276,6 +276,11 @@ def test_serve_throughput_races_batch_1_against_concurrent_clients_of_nanollm_se
     model = seeded_model(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64), tok.vocab_size, seed=0)
     save_checkpoint(tmp_path / "ckpt", model, train_state={"step": 1, "tokens_seen": 0},
                     info={"tokenizer_sha256": tok.sha256})  # fmt: skip
+
+
+@smoke("serve_throughput.py", "_server.py")
+def test_serve_throughput_races_batch_1_against_concurrent_clients_of_nanollm_serve(tmp_path):
+    _tiny_checkpoint(tmp_path)
     out = _run("serve_throughput.py", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", str(tmp_path / "tok"),
                "--max-tokens", "4", "--sequential", "2", "--requests", "4", "--concurrency", "2", "--rounds", "1",
                "--threads", "1")  # fmt: skip
@@ -291,15 +296,7 @@ def test_serve_throughput_races_batch_1_against_concurrent_clients_of_nanollm_se
 
 @smoke("log_model_cost.py")
 def test_log_model_cost_logs_the_model_as_evaluate_does_and_reports_its_time_and_size(tmp_path):
-    from nanollm.checkpoint import save_checkpoint, seeded_model
-    from nanollm.config import ModelConfig, TokenizerConfig
-    from nanollm.tokenizer import create_tokenizer
-
-    tok = create_tokenizer(TokenizerConfig(vocab_size=300), ["def f(x):\n    return x\n"] * 4, tmp_path / "tok",
-                           progress=False)  # fmt: skip
-    model = seeded_model(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64), tok.vocab_size, seed=0)
-    save_checkpoint(tmp_path / "ckpt", model, train_state={"step": 1, "tokens_seen": 0},
-                    info={"tokenizer_sha256": tok.sha256})  # fmt: skip
+    _tiny_checkpoint(tmp_path)
     out = _run("log_model_cost.py", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", str(tmp_path / "tok"),
                "--repeats", "2")  # fmt: skip
     header, rows = _table(out, "what")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import tool_env
+from conftest import free_port, stop_process_group, tool_env, wait_for_http
 
 from nanollm.data.tokens import open_split, read_meta
 
@@ -183,42 +183,27 @@ def test_the_default_run_registers_and_serves_with_no_params_edit(project, first
     """After `dvc repro` with the shipped tracking settings: `nanollm register --best eval/bits_per_byte`,
     then `nanollm serve --model-uri models:/nanollm@champion` from another folder answers the openai client
     with the text `nanollm generate --temperature 0` writes."""
-    import socket
-    import urllib.request
-
     import openai
 
     registered = _run(["nanollm", "register", "--best", "eval/bits_per_byte"], project)
     assert "models:/nanollm@champion" in registered
     generated = _run(["nanollm", "generate", "--prompt", "def ", "--temperature", "0",
                       "--max-new-tokens", "12", "--threads", "1"], project, stdout_only=True)  # fmt: skip
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     env = tool_env(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}", OMP_NUM_THREADS="1")
     elsewhere = tmp_path / "elsewhere"  # no params.yaml, no checkpoint: the registry is all it has
     elsewhere.mkdir()
-    log = open(tmp_path / "serve.log", "wb")
-    command = ["nanollm", "serve", "--model-uri", "models:/nanollm@champion"]
-    server = subprocess.Popen([*command, "--port", str(port), "--threads", "1"], cwd=elsewhere, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    command = ["nanollm", "serve", "--model-uri", "models:/nanollm@champion", "--port", str(port), "--threads", "1"]
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen(command, cwd=elsewhere, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/health", server, tmp_path / "serve.log")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         answer = client.completions.create(model="nanollm", prompt="def ", max_tokens=12, temperature=0)
         assert "def " + answer.choices[0].text + "\n" == generated
     finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+        stop_process_group(server, grace_s=30)
 
 
 def test_second_repro_is_a_noop_and_model_edit_reruns_exactly_downstream(project, first_repro):

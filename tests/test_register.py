@@ -6,13 +6,9 @@ lowest of all but no model, so `--best` must pass it over.
 """
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tool_env
+from conftest import free_port, stop_process_group, tool_env, wait_for_http
 from test_stage_evaluate import PARAMS, _pretrain_run, _run, make_project
 
 from nanollm.checkpoint import load_model
@@ -183,32 +179,18 @@ def test_fetch_model_downloads_the_checkpoint_and_tokenizer_an_alias_names(proje
     assert (checkpoint / "model.pt").is_file()  # a failed fetch leaves the previous one
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_from_the_registry(project, champion, tmp_path):
     """MLflow's own server, outside the repo, with only the installed nanollm to load the model."""
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/nanollm@champion"]
     command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
     env = tool_env(MLFLOW_TRACKING_URI=project.uri, OMP_NUM_THREADS="1")
-    log = open(tmp_path / "serve.log", "wb")
-    server = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
-                break
-            except (urllib.error.URLError, OSError):
-                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log")
         body = {"dataframe_records": [{"prompt": "def "}, {"prompt": "class Parser:\n"}], "params": GREEDY}
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
@@ -219,13 +201,7 @@ def test_mlflow_models_serve_answers_from_the_registry(project, champion, tmp_pa
             answer = json.loads(response.read())
         assert answer == {"predictions": [_greedy(project.root, p, 10) for p in ("def ", "class Parser:\n")]}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+        stop_process_group(server, grace_s=15)
 
 
 # Run with `python -S`: no site-packages on the path, so no .pth file ran, and nanollm's editable

@@ -9,21 +9,18 @@ import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tool_env
-from test_register import LOGGED, _free_port, _run_with
+from conftest import free_port, stop_process_group, tool_env, wait_for_http
+from test_register import LOGGED, _run_with
 from test_stage_evaluate import _pretrain_run, _run, make_project
 
 from nanollm.config import TrackingConfig
@@ -47,18 +44,6 @@ def _as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
-def _wait_for(url: str, process: subprocess.Popen, log: Path, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        assert process.poll() is None, log.read_text()[-3000:]
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except (urllib.error.URLError, OSError):
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.3)
-
-
 @pytest.fixture(scope="module")
 def postgres():
     """A PostgreSQL on 127.0.0.1 with role `nanollm` (password PASSWORD) owning database `mlflow`."""
@@ -69,7 +54,7 @@ def postgres():
     base = Path(tempfile.mkdtemp(prefix="nanollm-pg-"))
     if os.geteuid() == 0:
         shutil.chown(base, "postgres", "postgres")
-    data, sockets, port = base / "data", base / "sockets", _free_port()
+    data, sockets, port = base / "data", base / "sockets", free_port()
     bin_dir, run = initdb.parent, dict(check=True, capture_output=True, text=True)
     pg_ctl = str(bin_dir / "pg_ctl")
     try:
@@ -98,7 +83,7 @@ def _db_uri(password: str, port: int) -> str:
 def server(postgres, tmp_path_factory):
     """`mlflow server` on the database, serving (proxying) the artifacts it keeps in its own folder."""
     where = tmp_path_factory.mktemp("mlflow-server")
-    artifacts, port, log = where / "artifacts", _free_port(), where / "server.log"
+    artifacts, port, log = where / "artifacts", free_port(), where / "server.log"
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres.uri(PASSWORD)]
     command += ["--artifacts-destination", str(artifacts), "--serve-artifacts"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
@@ -108,15 +93,10 @@ def server(postgres, tmp_path_factory):
             command, cwd=where, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        _wait_for(f"http://127.0.0.1:{port}/health", process, log, 90)
+        wait_for_http(f"http://127.0.0.1:{port}/health", process, log, 90)
         yield SimpleNamespace(uri=f"http://127.0.0.1:{port}", artifacts=artifacts, log=log)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process)
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,13 @@ import copy
 import math
 import os
 import signal
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port
 
 from nanollm.config import ModelConfig, TrainConfig
 from nanollm.errors import NanollmError
@@ -131,12 +131,6 @@ def _accumulate_on_rank(rank: int, world_size: int, port: int, batch: torch.Tens
         dist.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world_size", [1, 2], ids=["1-process", "2-processes"])
 def test_accumulated_gradients_equal_the_full_batch_gradient(world_size, tmp_path):
     """GRAD_ACCUM micro-batches (split over the processes) leave in .grad the gradient of one full-batch backward.
@@ -155,7 +149,7 @@ def test_accumulated_gradients_equal_the_full_batch_gradient(world_size, tmp_pat
         grads, loss, grad_norm = _accumulate(tiny_model(), batch, Distributed())
         ranks = [(grads, loss, grad_norm)]
     else:
-        mp.spawn(_accumulate_on_rank, args=(world_size, _free_port(), batch, str(tmp_path)), nprocs=world_size)
+        mp.spawn(_accumulate_on_rank, args=(world_size, free_port(), batch, str(tmp_path)), nprocs=world_size)
         saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
         ranks = [(s["grads"], s["loss"], s["grad_norm"]) for s in saved]
 

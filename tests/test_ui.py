@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from nanollm.config import TrackingConfig
 from nanollm.tracking.runs import make_tracker, sectioned
@@ -23,12 +24,6 @@ from nanollm.tracking.ui import ui_command
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LINUX_PROC = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets and processes from /proc")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listening_addresses(port: int) -> set[str]:
@@ -78,7 +73,7 @@ def _log_runs(project: Path) -> dict[str, str]:
 def running_ui(project: Path):
     """`nanollm ui` started for real in `project`; yields (its process, the URL it printed), which answers at once."""
     (project / "params.yaml").write_text("seed: 1\n")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     log = project / "ui.log"  # a file, not a pipe: nobody reads uvicorn's access log, and a full pipe blocks it
     with open(log, "wb") as out:
