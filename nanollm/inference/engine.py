@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from nanollm.inference.compiled import CompiledDecoder
 from nanollm.inference.generate import sample_next
 from nanollm.model.attention import RaggedStep
 
@@ -228,6 +229,9 @@ class Engine:
     Memory: the cache holds max_batch * max_seq_len positions (Transformer.cache_bytes).
     max_queue bounds the requests waiting for a row (None: no bound, for callers that submit
     a known list, like generate_batch); submit() raises QueueFull past max_batch + max_queue.
+    compile=True decodes through a CompiledDecoder (compiled.py) over the same rows: each
+    step is one call into code compiled per batch bucket, prefill stays eager; warmup()
+    compiles every bucket before the first request needs one.
     """
 
     def __init__(
@@ -239,6 +243,7 @@ class Engine:
         max_queue: int | None = None,
         stop_id: int | None = None,
         seed: int = 0,
+        compile: bool = False,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -259,8 +264,17 @@ class Engine:
         self.finished = 0
         self.cancelled = 0
         self.timed_out = 0
-        with torch.inference_mode():
-            model.setup_cache(max_batch, self.max_seq_len)
+        self.decoder: CompiledDecoder | None = None
+        if compile:
+            self.decoder = CompiledDecoder(model, max_batch=max_batch, max_seq_len=self.max_seq_len)
+        else:
+            with torch.inference_mode():
+                model.setup_cache(max_batch, self.max_seq_len)
+
+    def warmup(self, buckets: Sequence[int] | None = None) -> float:
+        """Compile the decode step for every batch bucket (or those named) now; returns the seconds (0 without
+        compile)."""
+        return self.decoder.warmup(buckets) if self.decoder is not None else 0.0
 
     # ------------------------------------------------------------------ public
 
@@ -336,7 +350,10 @@ class Engine:
         self._waiting.clear()
         self._slots.clear()
         self._flush()
-        self.model.clear_cache()
+        if self.decoder is not None:
+            self.decoder.close()
+        else:
+            self.model.clear_cache()
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -356,13 +373,17 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self) -> None:
+        if self.decoder is not None:
+            self.decoder.attach()  # another user of the model (eager decoding, another engine) may have replaced it
         self._drop_leavers()
         self._admit()
         if not self._slots:
             return
         tokens = torch.tensor([[slot.last] for slot in self._slots], dtype=torch.long, device=self.device)  # (B, 1)
         positions = [slot.pos for slot in self._slots]
-        if len(set(positions)) == 1:
+        if self.decoder is not None:
+            logits = self.decoder(tokens, positions)  # (B, V)
+        elif len(set(positions)) == 1:
             # every row at one position (always so at batch 1): the plain cached step, no mask to build or apply
             logits = self.model(tokens, positions[0])[:, -1, :]  # (B, V)
         else:
@@ -510,12 +531,13 @@ def generate_batch(
     max_batch: int | None = None,
     max_seq_len: int | None = None,
     stop_id: int | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """Decode several prompts together in the caller's thread; returns each one's new token ids, in order.
 
     params is one SamplingParams for all or one per prompt. The cache is sized for the
     longest prompt plus its max_tokens unless max_seq_len says otherwise; max_batch defaults
-    to all the prompts at once.
+    to all the prompts at once. compile: decode through the compiled step (Engine's compile).
     """
     per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if len(per_prompt) != len(prompts):
@@ -523,7 +545,9 @@ def generate_batch(
     if not prompts:
         return []
     need = max(len(p) + sp.max_tokens for p, sp in zip(prompts, per_prompt, strict=True))
-    engine = Engine(model, max_batch=max_batch or len(prompts), max_seq_len=max_seq_len or need, stop_id=stop_id)
+    engine = Engine(
+        model, max_batch=max_batch or len(prompts), max_seq_len=max_seq_len or need, stop_id=stop_id, compile=compile
+    )
     try:
         requests = [engine.submit(p, sp) for p, sp in zip(prompts, per_prompt, strict=True)]
         while not engine.idle():

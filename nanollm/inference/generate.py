@@ -8,9 +8,13 @@ leaves the weights' layout to its caller (Transformer.pack_for_decode).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from nanollm.inference.compiled import CompiledDecoder
 
 __all__ = ["sample_next", "prefill", "decode_step", "generate"]
 
@@ -84,6 +88,7 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     stop_id: int | None = None,
+    decoder: CompiledDecoder | None = None,
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` token ids continuing `prompt_ids`, one at a time as they are drawn.
 
@@ -98,6 +103,11 @@ def generate(
     The weights are read in whatever layout they have: call model.pack_for_decode() first
     for the one batch-1 decoding streams fastest on a CPU (~1.6x; the stages and the
     benchmark do). generate never moves them itself.
+
+    With a `decoder` (nanollm.inference.compiled.CompiledDecoder over this model) the prompt is
+    prefilled eagerly into the decoder's static cache and every decode step is its compiled
+    step; the cache stays the decoder's (sized once, for every call), so prompt +
+    max_new_tokens must fit its max_seq_len. use_cache=False ignores it.
     """
     device = next(model.parameters()).device
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).view(1, -1)  # (1, T)
@@ -120,7 +130,15 @@ def generate(
             seq = torch.cat([seq, token.view(1, 1)], dim=1)  # (1, T+1)
         return
 
-    model.setup_cache(1, prompt.size(1) + max_new_tokens)
+    need = prompt.size(1) + max_new_tokens
+    if decoder is not None and need > decoder.max_seq_len:
+        raise ValueError(
+            f"prompt + max_new_tokens is {need} positions; the compiled decoder holds {decoder.max_seq_len}"
+        )
+    if decoder is None:
+        model.setup_cache(1, need)
+    else:
+        decoder.attach()
     try:
         logits = prefill(model, prompt)
         pos = prompt.size(1)
@@ -131,7 +149,11 @@ def generate(
                 return
             yield token_id
             if i + 1 < max_new_tokens:  # the last token needs no forward of its own
-                logits = decode_step(model, token.view(1, 1), pos)
+                if decoder is None:
+                    logits = decode_step(model, token.view(1, 1), pos)
+                else:
+                    logits = decoder(token.view(1, 1), [pos])
                 pos += 1
     finally:
-        model.clear_cache()
+        if decoder is None:
+            model.clear_cache()

@@ -99,6 +99,10 @@ def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, sc
     shape as a tuple, as in view(x.shape[:-1] + (n,)), costs 5 us; unpacked, 1-3 us.)
     """
     K = x.shape[-1]
+    if torch.compiler.is_compiling():
+        # Inside a compiled graph: dequantize-then-matmul, which inductor fuses into one pass that
+        # reads the int8 weights (a one-row matmul becomes a product and a sum; compiled.py)
+        return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)  # (..., N)
     if native and x.dtype == torch.float32 and x.is_cpu:
         if x.numel() <= (NATIVE_MAX_ROWS if max_rows is None else max_rows) * K:
             kernel = int8_kernel()
@@ -182,7 +186,9 @@ class Int8Fused:
         return self.linears[0].weight.data_ptr() == self.weight.data_ptr()
 
     def usable(self) -> bool:
-        return self.intact()  # int8 weights never train: grad mode does not matter
+        """int8 weights never train, so grad mode does not matter; a compiled graph trusts the fusion
+        (it cannot read data pointers; packing.py's packs are trusted alike)."""
+        return torch.compiler.is_compiling() or self.intact()
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x (..., in) -> one output per layer, (..., out_i) each, from a single int8 matmul."""

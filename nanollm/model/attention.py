@@ -118,6 +118,17 @@ class RaggedStep(NamedTuple):
         mask = torch.arange(span, device=device)[None, :] <= pos[:, None]  # (B, S)
         return cls(pos, span, mask[:, None, None, :])  # mask (B, 1, 1, S)
 
+    @classmethod
+    def over_cache(cls, positions: torch.Tensor, span: int) -> RaggedStep:
+        """The step over a whole static cache of `span` positions, built from device tensors only.
+
+        What a compiled decode step uses (nanollm.inference.compiled): every shape is fixed by the
+        cache, whatever the rows' positions, so one compiled graph serves every step; the mask hides
+        the positions not yet written. positions (B,) int64.
+        """
+        mask = torch.arange(span, device=positions.device)[None, :] <= positions[:, None]  # (B, S)
+        return cls(positions, span, mask[:, None, None, :])  # mask (B, 1, 1, S)
+
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, nkv, S, hs) -> (B, nkv * n_rep, S, hs): query head h reads kv head h // n_rep (as HF)."""
@@ -170,6 +181,25 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     mask = causal_mask(start_pos, T, q.device)  # (T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row against its keys, spelled out: q (B, nh, 1, hs), k, v (B, nkv, S, hs), mask (B, 1, 1, S).
+
+    The form a compiled decode step takes. Written as products and sums, inductor fuses the
+    scores, the mask, the softmax and the weighted sum into a couple of loops over the cache;
+    SDPA is one opaque call that the compiled graph must make as it is, and on the CPU its
+    kernel for one masked query over a whole static cache costs more than the layer's
+    matmuls (docs/kv_cache.md has the profile). Grouped-query heads share their K/V through
+    a view, never a copy. Softmax in fp32 whatever the input dtype.
+    """
+    B, nh, _, hs = q.shape
+    nkv, S = k.size(1), k.size(2)
+    q = q.view(B, nkv, nh // nkv, hs)  # (B, nkv, rep, hs): query heads grouped by the kv head they read
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(hs)  # (B, nkv, rep, S)
+    scores = scores.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))
+    y = scores.softmax(dim=-1).to(v.dtype) @ v  # (B, nkv, rep, hs)
+    return y.view(B, nh, 1, hs)
 
 
 def flash_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -265,8 +295,13 @@ class Attention(nn.Module):
             if self.cache is None:
                 raise RuntimeError("a ragged decode step needs setup_cache() first")
             k, v = self.cache.update_ragged(start_pos, k, v)  # (B, nkv, S, hs)
-            # Whatever the backend: the fused kernel with a per-row mask is the one that takes ragged rows.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=start_pos.mask, enable_gqa=q.size(1) != k.size(1))
+            if torch.compiler.is_compiling():
+                y = decode_attention(q, k, v, start_pos.mask)  # (B, nh, 1, hs), fused by inductor
+            else:
+                # Whatever the backend: the fused kernel with a per-row mask is the one that takes ragged rows.
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=start_pos.mask, enable_gqa=q.size(1) != k.size(1)
+                )  # (B, nh, 1, hs)
             y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, 1, nh * hs)
             return self.wo(y), values
         if start_pos is None:

@@ -58,7 +58,13 @@ class PackedLinears:
         return self._current_pointers() == self._pointers
 
     def usable(self) -> bool:
-        """True when a fused call is valid: no autograd wanted and the pack intact."""
+        """True when a fused call is valid: no autograd wanted and the pack intact.
+
+        A compiled graph cannot read data pointers, so while compiling the pack is trusted: the
+        compiled decode step (nanollm.inference.compiled) packs the model just before it compiles.
+        """
+        if torch.compiler.is_compiling():
+            return not torch.is_grad_enabled()
         return not torch.is_grad_enabled() and self.intact()
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

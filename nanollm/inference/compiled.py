@@ -1,0 +1,149 @@
+"""The compiled decode step: one call into generated code per token, over a static KV cache.
+
+Owns the static cache's shape (max_batch rows of max_seq_len positions, set up once), the
+compiled step over it, the batch buckets it is compiled for and the compile-time ledger.
+What a step computes is the model's (Transformer.forward with a RaggedStep over the whole
+cache); prefill stays eager and is its callers' (generate.py, engine.py), as is sampling.
+
+Why: a decode step of the default model is a few hundred thousand multiply-adds spread over
+~100 small ops, so eager mode spends most of a token in dispatch. torch.compile (inductor)
+turns the step into fused C++/OpenMP loops. Fixed shapes are what make one compiled graph
+serve every step: the cache is read whole, masked past each row's position
+(RaggedStep.over_cache), so the position is data, not a shape. A batch of B rows runs in the
+smallest bucket >= B (powers of two up to max_batch), the spare rows computing into cache
+rows nobody reads, so a server compiles a handful of graphs, not one per batch size.
+
+Two inductor settings are ours, passed per compile and never set globally:
+- decompose_mm_pass: a matmul of one row (batch-1 decoding) becomes a product and a sum,
+  which inductor fuses with the norms, RoPE and the value mix around it instead of calling
+  BLAS once per weight;
+- the compile is fullgraph: a graph break is an error here, not a silent slowdown
+  (tests/test_compiled.py checks there is none with torch._dynamo.explain).
+
+Compiling costs seconds per bucket the first time on a machine; inductor keeps its cache
+(under /tmp/torchinductor_<user>, or TORCHINDUCTOR_CACHE_DIR) so a second process pays far
+less. compile_seconds records what each bucket cost in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import types
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from nanollm.model.attention import RaggedStep
+
+__all__ = ["CompiledDecoder", "INDUCTOR_OPTIONS", "batch_buckets"]
+
+log = logging.getLogger(__name__)
+
+INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "realize_opcount_threshold": 16}
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """The batch sizes a step is compiled for: powers of two below max_batch, and max_batch itself."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    buckets, b = [], 1
+    while b < max_batch:
+        buckets.append(b)
+        b *= 2
+    return [*buckets, max_batch]
+
+
+def _step(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """tokens (B, 1), positions (B,) int64 -> logits (B, V): one token per row against the whole cache."""
+    span = model.layers[0].attention.cache.k.size(2)
+    return model(tokens, RaggedStep.over_cache(positions, span))[:, -1, :]  # (B, V)
+
+
+def _own_step() -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """_step under a code object of its own.
+
+    Dynamo keeps compiled graphs per code object and stops compiling one past its recompile
+    limit (8), running it eagerly from then on. Every decoder specialises on its model and
+    cache shape, so a process holding several (the bench, a test session) would share one
+    count; a copy per decoder keeps each one's graphs its own.
+    """
+    code = _step.__code__.replace()  # a new code object, the same bytecode
+    return types.FunctionType(code, _step.__globals__, _step.__name__, _step.__defaults__, _step.__closure__)
+
+
+class CompiledDecoder:
+    """A model's static KV cache and its compiled decode step; call it as decoder(tokens, positions).
+
+    Setting it up allocates a cache (Transformer.setup_cache(max_batch, max_seq_len)) that the
+    decoder keeps until close(), and moves the weights to their decode layout. The model has
+    one cache slot, which eager decoding (generate without a decoder) replaces and clears:
+    attach() puts the decoder's cache back, the same objects each time, so the compiled
+    graph's guards still hold; generate and the engine attach before they prefill. Rows are
+    the cache's: a caller prefills row r eagerly (model.cache_rows(r, r + 1), or rows [0, B)
+    at batch B) and then decodes it here. Greedy tokens equal the eager path's up to
+    floating-point rounding (fused loops add in another order), the same contract as the
+    batching engine's.
+    """
+
+    def __init__(self, model: nn.Module, *, max_batch: int = 1, max_seq_len: int | None = None):
+        self.model = model
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len or model.cfg.block_size
+        self.buckets = batch_buckets(max_batch)
+        self.device = next(model.parameters()).device
+        self.compile_seconds: dict[int, float] = {}  # bucket -> seconds its first call took
+        with torch.inference_mode():
+            model.pack_for_decode()  # the compiled graph trusts the packs (packing.py): pack first
+            model.setup_cache(max_batch, self.max_seq_len)
+        self._caches = [layer.attention.cache for layer in model.layers]
+        self._compiled = torch.compile(_own_step(), fullgraph=True, dynamic=False, options=INDUCTOR_OPTIONS)
+
+    def attach(self) -> None:
+        """Make the decoder's cache the model's again (eager decoding in between replaces it)."""
+        for layer, cache in zip(self.model.layers, self._caches, strict=True):
+            if layer.attention.cache is not cache:
+                layer.attention.cache = cache
+
+    def bucket(self, rows: int) -> int:
+        """The smallest bucket that holds `rows` rows."""
+        for b in self.buckets:
+            if b >= rows:
+                return b
+        raise ValueError(f"{rows} rows exceed the decoder's max_batch of {self.max_batch}")
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """tokens (B, 1) at positions (B,) in rows [0, B) -> logits (B, V) fp32, B <= max_batch."""
+        rows = tokens.size(0)
+        positions = torch.as_tensor(positions, dtype=torch.long, device=self.device).view(rows)
+        b = self.bucket(rows)
+        if b != rows:  # spare rows decode token 0 at position 0 of rows nobody reads
+            tokens = torch.cat([tokens, tokens.new_zeros(b - rows, 1)])
+            positions = torch.cat([positions, positions.new_zeros(b - rows)])
+        if b not in self.compile_seconds:
+            start = time.perf_counter()
+            logits = self._compiled(self.model, tokens, positions)
+            self.compile_seconds[b] = time.perf_counter() - start
+            log.info("compiled the decode step for batch %d in %.1f s", b, self.compile_seconds[b])
+            return logits[:rows]
+        return self._compiled(self.model, tokens, positions)[:rows]
+
+    def warmup(self, buckets: Sequence[int] | None = None) -> float:
+        """Compile every bucket now (a server does, so no request waits for a compile); returns the seconds.
+
+        Each compile runs a real step on row 0 at position 0, which a prefill then overwrites.
+        """
+        self.attach()
+        start = time.perf_counter()
+        for b in buckets or self.buckets:
+            if b not in self.compile_seconds:
+                self(torch.zeros(b, 1, dtype=torch.long, device=self.device), [0] * b)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Free the cache (the model's too, when it holds the decoder's)."""
+        if all(layer.attention.cache is cache for layer, cache in zip(self.model.layers, self._caches, strict=True)):
+            self.model.clear_cache()
+        self._caches = []
