@@ -3,11 +3,13 @@
 For each model shape the model is exported with nanollm.hf_folder.export_hf and loaded back with
 LlamaForCausalLM.from_pretrained, so both sides run the same weights in fp32 on the same
 torch threads. Each point generates exactly the same number of tokens greedily from the
-same random prompt: ours with and without the KV cache; transformers with its default
+same random prompt: ours with and without the KV cache, and through the compiled decode step
+(nanollm.inference.compiled, one CompiledDecoder per point); transformers with its default
 dynamic cache, with a static cache sized to the call (`cache_implementation="static"`'s
-cache, nanollm.inference.peers) and without a cache. The peer is the faster of transformers' two
-caches at each point (median over rounds): a comparison counts only against the peer's
-best settings. Every round runs every column once, ours first on even rounds and
+cache, nanollm.inference.peers), with that static cache and its forward compiled, and without
+a cache. The peer is the fastest of transformers' cached settings at each point (median over
+rounds): a comparison counts only against the peer's best settings. The compiled columns
+compile in the warm-up round (keep --warmup >= 1). Every round runs every column once, ours first on even rounds and
 transformers first (in reverse order) on odd ones, so that ordering effects and load
 spikes weigh on both sides alike; tokens/s is end to end (new tokens over the time of the
 whole call, prefill included; wall time unless --clock cpu), the median over rounds. The
@@ -18,7 +20,8 @@ against a large tensor copy.
     python benchmarks/decode_vs_transformers.py --checkpoint models/checkpoint
     python benchmarks/decode_vs_transformers.py --checkpoint models/checkpoint --threads 1
 
-Target (issue 11): ours cached >= 1.5x the peer at every point.
+Targets: ours cached >= 1.5x the peer at every point (issue 11); ours compiled >= 3x ours cached
+and >= 2x the peer, compiled static cache included (issue 19).
 """
 
 from __future__ import annotations
@@ -37,13 +40,14 @@ import torch
 from nanollm.config import Config, ModelConfig
 from nanollm.hardware import describe_machine
 from nanollm.inference.bench.bandwidth import memory_bandwidth, weight_bytes_per_token
+from nanollm.inference.compiled import CompiledDecoder
 from nanollm.inference.generate import generate
 from nanollm.inference.peers import PEER_CACHES, transformers_greedy
 from nanollm.model import Transformer
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = CLOCKS["wall"]  # --clock sets it
-CACHED = ("ours_cached", *(f"hf_{cache}" for cache in PEER_CACHES))  # timed every round
+CACHED = ("ours_cached", "ours_compiled", *(f"hf_{cache}" for cache in PEER_CACHES))  # timed every round
 UNCACHED = ("ours_uncached", "hf_uncached")  # the slow baselines, timed in the first --uncached-repeats rounds
 
 
@@ -95,8 +99,16 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 def deciders(model: Transformer, hf: Callable[..., list[int]]) -> dict[str, Callable[[torch.Tensor, int], list[int]]]:
     """Each column's greedy call: (prompt, n) -> n ids."""
+    decoders: dict[int, CompiledDecoder] = {}  # one per cache length, as the bench stage keeps one per point
+
+    def compiled(p: torch.Tensor, n: int) -> list[int]:
+        if p.numel() + n not in decoders:
+            decoders[p.numel() + n] = CompiledDecoder(model, max_seq_len=p.numel() + n)
+        return list(generate(model, p, n, temperature=0.0, decoder=decoders[p.numel() + n]))
+
     calls = {
         "ours_cached": lambda p, n: list(generate(model, p, n, temperature=0.0)),
+        "ours_compiled": compiled,
         "ours_uncached": lambda p, n: list(generate(model, p, n, temperature=0.0, use_cache=False)),
         "hf_uncached": lambda p, n: hf(p, n, cache=None),
     }
@@ -114,7 +126,7 @@ def run_point(calls: dict, prompt: torch.Tensor, n_new: int, args: argparse.Name
         calls[key](prompt, min(n_new, 8))
     rates: dict[str, list[float]] = {key: [] for key in calls}
     tokens: dict[str, list[int]] = {}
-    order = ["ours_cached", "ours_uncached", *CACHED[1:], "hf_uncached"]
+    order = ["ours_cached", "ours_compiled", "ours_uncached", *CACHED[2:], "hf_uncached"]
     for round_ in range(args.repeats):
         keys = order if round_ < args.uncached_repeats else [k for k in order if k not in UNCACHED]
         for key in keys if round_ % 2 == 0 else keys[::-1]:  # ours first on even rounds, transformers on odd
@@ -137,11 +149,13 @@ def run_shape(name: str, model: Transformer, args: argparse.Namespace) -> list[d
         row = {"model": name, "point": f"{prompt_len} + {n_new}", "peer": peer, **medians}
         row["hf_best"] = medians[f"hf_{peer}"]
         parted = {c: first_difference(tokens["ours_cached"], tokens[f"hf_{c}"]) for c in PEER_CACHES}
+        parted["ours compiled"] = first_difference(tokens["ours_cached"], tokens["ours_compiled"])
         row["tokens"] = "; ".join(f"{c}: {'identical' if i is None else f'differ from {i}'}" for c, i in parted.items())
         # without uncached rounds there is nothing to check against
         row["self_check"] = first_difference(tokens["ours_cached"], tokens.get("ours_uncached", tokens["ours_cached"]))
         print(
             f"  {name}, prompt {prompt_len} + {n_new}: ours {row['ours_cached']:.0f} / {row['ours_uncached']:.1f}, "
+            f"compiled {row['ours_compiled']:.0f}, "
             + ", ".join(f"transformers {c} {medians[f'hf_{c}']:.0f}" for c in PEER_CACHES)
             + f" / {row['hf_uncached']:.1f} tok/s (cached / uncached)",
             file=sys.stderr,
@@ -157,12 +171,15 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def print_tables(rows: list[dict], bandwidth: list[tuple], copy: float, copy_mb: int) -> None:
     header = ["model", "prompt + new", *(f"transformers {c} cache" for c in PEER_CACHES), "peer", "ours cached"]
-    header += ["ours / peer", "transformers uncached", "ours uncached", "cache speedup, transformers (peer)"]
-    header += ["cache speedup, ours", "greedy tokens vs transformers"]
+    header += ["ours / peer", "ours compiled", "compiled / ours cached", "compiled / peer"]
+    header += ["transformers uncached", "ours uncached", "cache speedup, transformers (peer)"]
+    header += ["cache speedup, ours compiled", "greedy tokens vs ours cached"]
     body = [
         [r["model"], r["point"], *(f"{r[f'hf_{c}']:.0f}" for c in PEER_CACHES), r["peer"], f"{r['ours_cached']:.0f}"]
-        + [f"x{r['ours_cached'] / r['hf_best']:.2f}", f"{r['hf_uncached']:.1f}", f"{r['ours_uncached']:.1f}"]
-        + [f"x{r['hf_best'] / r['hf_uncached']:.1f}", f"x{r['ours_cached'] / r['ours_uncached']:.1f}", r["tokens"]]
+        + [f"x{r['ours_cached'] / r['hf_best']:.2f}", f"{r['ours_compiled']:.0f}"]
+        + [f"x{r['ours_compiled'] / r['ours_cached']:.2f}", f"x{r['ours_compiled'] / r['hf_best']:.2f}"]
+        + [f"{r['hf_uncached']:.1f}", f"{r['ours_uncached']:.1f}"]
+        + [f"x{r['hf_best'] / r['hf_uncached']:.1f}", f"x{r['ours_compiled'] / r['ours_uncached']:.1f}", r["tokens"]]
         for r in rows
     ]
     print(table(header, body))

@@ -25,7 +25,12 @@ is its best thread count (the same choices for every column), and the ratios com
 averages: docs/figures/int8_decode.json is one such run, which docs/results.py puts in the
 README beside the default model's int8 ratio.
 
+The compiled columns run the compiled decode step (nanollm.inference.compiled; int8 there is
+dequantize-then-matmul fused by inductor), each compiled in the warm-up round; transformers'
+"compiled" setting is its static cache with the forward compiled (nanollm.inference.peers).
+
 Targets (issue 13): at the 124M shape, int8 >= 1.6x nanollm fp32 and >= 2.0x transformers.
+(issue 19): int8 compiled >= 2.5x transformers at its best and >= 2.7x nanollm fp32 eager.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from nanollm.config import Config, ModelConfig
 from nanollm.hardware import describe_machine
 from nanollm.hf_folder import llama_counterpart, llama_incompatibility
 from nanollm.inference.bench.timing import round_orders
+from nanollm.inference.compiled import CompiledDecoder
 from nanollm.inference.generate import generate
 from nanollm.inference.native import int8_gemm
 from nanollm.inference.peers import PEER_CACHES, transformers_greedy
@@ -115,6 +121,15 @@ def deciders(model: Transformer, peer_dtypes: list[str]) -> tuple[dict[str, Deco
     model.pack_for_decode()  # nanollm fp32 in its best batch-1 layout, as `nanollm generate` runs it
     calls["nanollm fp32"] = lambda p, n: list(generate(model, p, n, temperature=0.0))
     calls["nanollm int8"] = lambda p, n: list(generate(int8, p, n, temperature=0.0))
+    for kind, m in (("fp32", model), ("int8", int8)):  # the compiled decode step (compiles in the warm-up)
+        decoders: dict[int, CompiledDecoder] = {}
+
+        def compiled(p: torch.Tensor, n: int, m: Transformer = m, decoders: dict = decoders) -> list[int]:
+            if p.numel() + n not in decoders:
+                decoders[p.numel() + n] = CompiledDecoder(m, max_seq_len=p.numel() + n)
+            return list(generate(m, p, n, temperature=0.0, decoder=decoders[p.numel() + n]))
+
+        calls[f"nanollm {kind} compiled"] = compiled
     if int8_gemm() is not None:  # the same model through torch's kernel: what nanollm's own buys
 
         def aten(p: torch.Tensor, n: int) -> list[int]:
@@ -199,7 +214,7 @@ def main() -> int:
     print(f"batch 1, greedy, {args.prompt}-token prompt + {args.new} new tokens, end to end; nanollm int8: "
           f"int8 weights, fp32 activations ({kernel_words()}); others: the dtype named; "
           f"median of {args.repeats} rounds after {args.warmup} warm-up, threads {args.threads}")  # fmt: skip
-    per_threads, best_rows, figures = [], [], []
+    per_threads, best_rows, figures, compiled_rows = [], [], [], []
     gen = torch.Generator().manual_seed(0)
     for name, cfg, vocab in shapes(args.shapes.split(","), args.params, args.tiny):
         model = seeded(cfg, vocab)
@@ -232,7 +247,17 @@ def main() -> int:
             "int8_vs_fp32": round(rate["nanollm int8"] / rate["nanollm fp32"], 4),
             "int8_vs_transformers": round(rate["nanollm int8"] / rate[peer], 4),
             "int8_tokens_vs_fp32": agreement(tokens["nanollm fp32"], tokens["nanollm int8"]),
+            "int8_compiled_vs_fp32": round(rate["nanollm int8 compiled"] / rate["nanollm fp32"], 4),
+            "int8_compiled_vs_transformers": round(rate["nanollm int8 compiled"] / rate[peer], 4),
+            "int8_compiled_tokens_vs_int8": agreement(tokens["nanollm int8"], tokens["nanollm int8 compiled"]),
         })  # fmt: skip
+        compiled_rows.append([
+            name, f"{rate['nanollm fp32 compiled']:.1f}", f"{rate['nanollm int8 compiled']:.1f}",
+            f"{rate['nanollm int8 compiled'] / rate['nanollm fp32']:.2f}x",
+            f"{rate['nanollm int8 compiled'] / rate['nanollm fp32 compiled']:.2f}x",
+            f"{rate['nanollm int8 compiled'] / rate[peer]:.2f}x",
+            agreement(tokens["nanollm int8"], tokens["nanollm int8 compiled"]),
+        ])  # fmt: skip
         names = columns(calls)
         del calls, model
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
@@ -242,6 +267,11 @@ def main() -> int:
               "int8 / transformers", "weights read per token, MB (fp32 / int8)", "int8 GB/s",
               "int8 greedy tokens vs fp32"]  # fmt: skip
     print(table(header, best_rows))
+    print("\nthe compiled decode step (nanollm.inference.compiled), each at its best thread count:\n")
+    header = ["model", "nanollm fp32 compiled", "nanollm int8 compiled", "int8 compiled / fp32 eager",
+              "int8 compiled / fp32 compiled", "int8 compiled / transformers (best)",
+              "greedy tokens vs int8 eager"]  # fmt: skip
+    print(table(header, compiled_rows))
     if args.out is not None:
         write_json(args.out, {
             "command": command, "machine": describe_machine(), "torch": torch.__version__,

@@ -9,13 +9,20 @@ tokens) and thread count, the time of the whole set, the median over --repeats:
 - aten: torch.ops.aten._weight_int8pack_mm (bf16 activations, as quantize.py feeds it);
 - dequantize: F.linear(x, w.float()) * scales, quantize.py's path above NATIVE_MAX_ROWS (ATEN_MAX_ROWS on aten's);
 - fp32: F.linear over fp32 weights in the decode layout (packing.py's column-major
-  transpose), the same matmuls without int8.
+  transpose), the same matmuls without int8;
+- inductor: dequantize-then-matmul of every matrix in one torch.compile'd function with the
+  compiled decode step's settings (nanollm.inference.compiled.INDUCTOR_OPTIONS): the int8 path
+  of `nanollm serve`'s compiled step, where a one-row matmul becomes a fused product and sum;
+- torchao: torchao's Int8WeightOnlyConfig on nn.Linear layers of the same (dequantized)
+  weights, compiled the same way (only with torchao installed: pip install torchao).
+The last two compile once per M before timing (untimed).
 
 GB/s is the weights' bytes (int8, or fp32 for the last column) over the time: for M = 1 the
 speed at which each path streams them.
 
     python benchmarks/int8_matmul.py                     # GPT-2 124M shape, M = 1, 4, 16, 64
     python benchmarks/int8_matmul.py --rows 1 --threads 1,2
+    python benchmarks/int8_matmul.py --rows 1,4,16,128 --threads 2 --shape 4x128x4096   # nanollm's default
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch.nn.functional as F
 
 from nanollm.config import ModelConfig
 from nanollm.hardware import describe_machine
+from nanollm.inference.compiled import INDUCTOR_OPTIONS
 from nanollm.inference.native import int8_gemm
 from nanollm.inference.quantize import quantize_rows
 from nanollm.model import Transformer
@@ -75,7 +83,32 @@ def main() -> int:
         weights.append((q, scales, scales.bfloat16(), fp32))
     int8_bytes = sum(q.numel() for q, *_ in weights)
 
+    def dequantize_all(xs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        pairs = zip(shapes, weights, strict=True)
+        return [F.linear(xs[k], q.to(xs[k].dtype)) * scales for (k, _), (q, scales, *_) in pairs]
+
+    compiled = {"inductor": torch.compile(dequantize_all, dynamic=False, options=INDUCTOR_OPTIONS)}
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        print("torchao is not installed: its column is left out (pip install torchao)")
+    else:
+        linears = torch.nn.ModuleList(torch.nn.Linear(k, n, bias=False) for k, n in shapes)
+        with torch.no_grad():
+            for linear, (_, _, _, fp32) in zip(linears, weights, strict=True):
+                linear.weight.copy_(fp32)
+        quantize_(linears, Int8WeightOnlyConfig())
+
+        def torchao_all(xs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+            return [linear(xs[k]) for (k, _), linear in zip(shapes, linears, strict=True)]
+
+        compiled["torchao"] = torch.compile(torchao_all, dynamic=False, options=INDUCTOR_OPTIONS)
+
     def run_all(path: str, xs: dict[int, torch.Tensor]) -> None:
+        if path in compiled:
+            with torch.inference_mode():
+                compiled[path](xs)
+            return
         for (k, _), (q, scales, scales_bf16, fp32) in zip(shapes, weights, strict=True):
             x = xs[k]
             if path == "nanollm":
@@ -87,14 +120,16 @@ def main() -> int:
             else:
                 F.linear(x, fp32)
 
-    paths = (["nanollm"] if kernel is not None else []) + ["aten", "dequantize", "fp32"]
+    paths = (["nanollm"] if kernel is not None else []) + ["aten", "dequantize", "fp32", *compiled]
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {describe_machine()}, torch {torch.__version__}; nanollm kernel: "
           f"{kernel.isa if kernel else 'cannot run here'}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     print(f"{len(shapes)} matmuls per step, {int8_bytes / 1e6:.0f} MB of int8 weights "
           f"({4 * int8_bytes / 1e6:.0f} MB in fp32); median of {args.repeats} passes\n")  # fmt: skip
-    print("| M | threads | " + " | ".join(f"{p} ms (GB/s)" for p in paths) + " | nanollm vs aten | nanollm vs fp32 |")
-    print("| ---: | ---: | " + " | ".join("---:" for _ in paths) + " | ---: | ---: |")
+    versus = [p for p in ("aten", "fp32", *compiled) if p in paths]
+    print("| M | threads | " + " | ".join(f"{p} ms (GB/s)" for p in paths) + " | "
+          + " | ".join(f"{p} / nanollm" for p in versus) + " |")  # fmt: skip
+    print("| ---: | ---: | " + " | ".join("---:" for _ in paths) + " | " + " | ".join("---:" for _ in versus) + " |")
     before = torch.get_num_threads()
     for m in (int(v) for v in args.rows.split(",")):
         xs = {k: torch.randn(m, k) for k in {k for k, _ in shapes}}
@@ -110,11 +145,7 @@ def main() -> int:
                     times[p].append(time.perf_counter() - t0)
             med = {p: statistics.median(v) for p, v in times.items()}
             cells = [f"{med[p] * 1e3:.2f} ({(4 if p == 'fp32' else 1) * int8_bytes / med[p] / 1e9:.1f})" for p in paths]
-            ratios = (
-                [f"{med['aten'] / med['nanollm']:.2f}x", f"{med['fp32'] / med['nanollm']:.2f}x"]
-                if kernel
-                else ["-"] * 2
-            )
+            ratios = [f"{med[p] / med['nanollm']:.2f}x" if kernel else "-" for p in versus]
             print(f"| {m} | {t} | " + " | ".join(cells + ratios) + " |")
     torch.set_num_threads(before)
     return 0

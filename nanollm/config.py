@@ -316,6 +316,11 @@ class BenchConfig:
         True, doc="also time transformers' generate on the same weights (LlamaForCausalLM) in every round"
     )
     int8: bool = _spec(True, doc="also time the batched measurements with int8 weights (nanollm.inference.quantize)")
+    compile: bool = _spec(
+        True,
+        doc="also time the compiled decode step (nanollm.inference.compiled) at every point and batch size; "
+        "its first call at each shape compiles, in the untimed warm-up (compile_s reports it)",
+    )
     batch_sizes: tuple[int, ...] = _spec(
         factory=lambda: (1, 4, 16),
         doc="sequences the batching engine decodes at once, one measurement each ([]: none)",

@@ -59,7 +59,12 @@ def command(
     from nanollm.inference.bench.bandwidth import bandwidth, memory_bandwidth, weight_bytes_per_token
     from nanollm.inference.bench.chart import plot
     from nanollm.inference.bench.results import summarize, summarize_serving, write_batch_table, write_table
-    from nanollm.inference.bench.timing import COUNTERPART_COLUMN, PEER_COLUMNS, bench_kvcache
+    from nanollm.inference.bench.timing import (
+        COMPILED_COUNTERPART_COLUMN,
+        COUNTERPART_COLUMN,
+        PEER_COLUMNS,
+        bench_kvcache,
+    )
     from nanollm.tracking.runs import make_tracker, read_run_record, sectioned
 
     cfg = ctx.config.bench
@@ -73,12 +78,16 @@ def command(
         peer = transformers_settings(peer_model)
     rounds = dict(repeats=cfg.repeats, warmup=cfg.warmup, seed=ctx.config.seed, device=device)
     timing = dict(prompt_lengths=cfg.prompt_lengths, new_tokens=cfg.new_tokens, **rounds)
-    rows = bench_kvcache(model, transformers=peer if peer_model is model else None, **timing)
+    rows = bench_kvcache(model, transformers=peer if peer_model is model else None, compiled=cfg.compile, **timing)
     if peer is not None and peer_model is not model:  # the engines, compared on the counterpart alone
-        for row, theirs in zip(
-            rows, bench_kvcache(peer_model, transformers=peer, uncached=False, **timing), strict=True
-        ):
+        theirs_rows = bench_kvcache(peer_model, transformers=peer, uncached=False, compiled=cfg.compile, **timing)
+        for row, theirs in zip(rows, theirs_rows, strict=True):
             row.update({c: theirs[c] for c in PEER_COLUMNS}, **{COUNTERPART_COLUMN: theirs["cached_tok_s"]})
+            if cfg.compile:  # ours compiled over the peer at its best, both on the counterpart
+                row.update(
+                    compiled_vs_transformers=theirs["compiled_vs_transformers"],
+                    **{COMPILED_COUNTERPART_COLUMN: theirs["compiled_tok_s"]},
+                )
     batch_rows = _serving(model, architecture, ctx.config.bench, rounds)
     summary = summarize(rows)
     summary.update(summarize_serving(batch_rows))
@@ -146,7 +155,12 @@ def _serving(model, architecture: Path, cfg, rounds: dict) -> list[dict]:
 
         models["int8"] = quantize_int8(architecture_model(architecture, seed=rounds["seed"], device=rounds["device"]))
     return bench_batching(
-        models, batch_sizes=cfg.batch_sizes, prompt_len=cfg.batch_prompt_len, new_tokens=cfg.batch_new_tokens, **rounds
+        models,
+        batch_sizes=cfg.batch_sizes,
+        prompt_len=cfg.batch_prompt_len,
+        new_tokens=cfg.batch_new_tokens,
+        compiled=cfg.compile,
+        **rounds,
     )
 
 

@@ -49,6 +49,14 @@ from stages.cli import StageContext, pass_context, path_option, quantize_option
     "node's nanollm processes]",
 )
 @quantize_option
+@click.option(
+    "--compile/--no-compile",
+    "compile_",
+    default=False,
+    show_default=True,
+    help="Decode through a torch.compile'd step: seconds of compiling first (less with a warm compile cache), "
+    "then each token several times faster (docs/kv_cache.md). Pays off for long outputs.",
+)
 @pass_context
 def command(
     ctx: StageContext,
@@ -63,6 +71,7 @@ def command(
     device: str | None,
     threads: int | None,
     quantize: str,
+    compile_: bool,
 ) -> None:
     """Sample up to --max-new-tokens tokens after each --prompt; each stops early at <|endoftext|>."""
     import codecs
@@ -96,7 +105,9 @@ def command(
             SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + i)
             for i in range(len(prompts))
         ]
-        outputs = generate_batch(model, [document_prompt(tok, p) for p in prompts], params, stop_id=tok.eot_id)
+        outputs = generate_batch(
+            model, [document_prompt(tok, p) for p in prompts], params, stop_id=tok.eot_id, compile=compile_
+        )
         for i, (prompt, new) in enumerate(zip(prompts, outputs, strict=True)):
             if i:
                 click.echo()
@@ -107,15 +118,22 @@ def command(
         return
 
     [prompt] = prompts
+    ids = document_prompt(tok, prompt)
+    compiled = None
+    if compile_:
+        from nanollm.inference.compiled import CompiledDecoder
+
+        compiled = CompiledDecoder(model, max_seq_len=len(ids) + max_new_tokens)
     stream = generate(
         model,
-        document_prompt(tok, prompt),
+        ids,
         max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         generator=torch.Generator().manual_seed(seed),
         stop_id=tok.eot_id,
+        decoder=compiled,
     )
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     click.echo(prompt, nl=False)

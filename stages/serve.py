@@ -85,6 +85,14 @@ _MIN_CONNECTIONS = 256
 )
 @quantize_option
 @click.option(
+    "--compile/--no-compile",
+    "compile_",
+    default=None,
+    help="Decode through a torch.compile'd step (one graph per batch bucket, compiled before the server "
+    "listens: seconds to minutes with a cold compile cache, docs/serving.md). [default: on for the CPU, "
+    "where it was measured; off elsewhere]",
+)
+@click.option(
     "--threads",
     type=click.IntRange(min=1),
     default=None,
@@ -109,6 +117,7 @@ def command(
     request_timeout: float,
     api_key: str | None,
     quantize: str,
+    compile_: bool | None,
     threads: int | None,
     device: str | None,
 ) -> None:
@@ -166,10 +175,16 @@ def command(
     from nanollm.inference.engine import Engine
     from nanollm.inference.server import create_app
 
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, stop_id=tok.eot_id)
+    log = logging.getLogger(__name__)
+    if compile_ is None:
+        compile_ = device.type == "cpu"
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, stop_id=tok.eot_id, compile=compile_)
+    if compile_:
+        log.info("compiling the decode step for batches of %s", ", ".join(map(str, engine.decoder.buckets)))
+        log.info("compiled the decode step in %.1f s", engine.warmup())
     app = create_app(engine, tok, model_name=model_name, api_key=api_key, request_timeout=request_timeout or None)
     url = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}/v1"
-    logging.getLogger(__name__).info(
+    log.info(
         "serving %s at %s on %s: batches of up to %d, context %d tokens, queue %d, connections %d, "
         "request timeout %s, %s (Ctrl+C stops)",
         model_name,

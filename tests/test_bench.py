@@ -25,7 +25,7 @@ from nanollm.inference.bench.results import (
     write_batch_table,
     write_table,
 )
-from nanollm.inference.bench.timing import COLUMNS, PEER_COLUMNS, bench_kvcache, speedup
+from nanollm.inference.bench.timing import COLUMNS, COMPILED_COLUMNS, PEER_COLUMNS, bench_kvcache, speedup
 from nanollm.model import Transformer
 
 
@@ -90,7 +90,7 @@ def test_rows_have_one_point_per_pair_and_sane_numbers():
     rows = bench_kvcache(model, prompt_lengths=[4, 12], new_tokens=[3, 6], repeats=2, warmup=1, seed=0)
     assert [(r["prompt_len"], r["new_tokens"]) for r in rows] == [(4, 3), (4, 6), (12, 3), (12, 6)]
     for r in rows:
-        assert set(r) == set(COLUMNS) - set(PEER_COLUMNS)  # no peer asked for
+        assert set(r) == set(COLUMNS) - set(PEER_COLUMNS) - set(COMPILED_COLUMNS)  # no peer, no compiled step
         assert r["cached_tok_s"] > 0 and r["uncached_tok_s"] > 0
         assert r["speedup"] == pytest.approx(r["cached_tok_s"] / r["uncached_tok_s"])
         assert 0 < r["cached_ttft_ms"] and 0 < r["uncached_ttft_ms"]
@@ -181,7 +181,7 @@ def test_summary_csv_and_chart(tmp_path):
     write_table(rows, tmp_path / "t.csv")
     with open(tmp_path / "t.csv", newline="") as f:
         back = list(csv.DictReader(f))
-    base = [c for c in COLUMNS if c not in PEER_COLUMNS]
+    base = [c for c in COLUMNS if c not in PEER_COLUMNS and c not in COMPILED_COLUMNS]
     assert list(back[0]) == base
     assert [(int(r["prompt_len"]), int(r["new_tokens"])) for r in back] == [(16, 8), (16, 32), (128, 8), (128, 32)]
 
@@ -246,12 +246,14 @@ def test_report_is_rendered_between_the_markers(tmp_path):
     assert err.value.code == 1
 
 
-def test_both_transformers_caches_race_in_alternating_rounds_and_the_faster_is_the_peer(tmp_path, monkeypatch, caplog):
+def test_every_transformers_setting_races_in_alternating_rounds_and_the_fastest_is_the_peer(
+    tmp_path, monkeypatch, caplog
+):
     from nanollm.inference.peers import PEER_CACHES, transformers_settings
 
     model = _model()
     settings = transformers_settings(model)
-    assert set(settings) == set(PEER_CACHES) == {"dynamic", "static"}
+    assert set(settings) == set(PEER_CACHES) == {"dynamic", "static", "compiled"}
     calls = []
     real = timing.timed_greedy
 
@@ -271,14 +273,16 @@ def test_both_transformers_caches_race_in_alternating_rounds_and_the_faster_is_t
     peers = {cache: counted(cache) for cache in PEER_CACHES}
     with caplog.at_level(logging.WARNING, logger="nanollm.inference.bench"):
         rows = bench_kvcache(model, **points, repeats=2, warmup=1, seed=0, transformers=peers)
-    ours_first, peer_first = ["cached", "uncached", "dynamic", "static"], ["static", "dynamic", "uncached", "cached"]
+    ours_first = ["cached", "uncached", "dynamic", "static", "compiled"]
+    peer_first = ours_first[::-1]
     for prompt_len in (4, 9):
         rounds = [name for name, p, n in calls if p == prompt_len and n == 5]
         # warm-up, then the timed rounds: ours leads the first timed round, the peer the next
         assert rounds == peer_first + ours_first + peer_first
     assert not [r for r in caplog.records if "part from ours" in r.getMessage()]  # same weights, same tokens
     for r in rows:
-        assert set(r) == set(COLUMNS) and r["transformers_dynamic_tok_s"] > 0 and r["transformers_static_tok_s"] > 0
+        assert set(r) == set(COLUMNS) - set(COMPILED_COLUMNS)
+        assert all(r[f"transformers_{cache}_tok_s"] > 0 for cache in PEER_CACHES)
         best = max(PEER_CACHES, key=lambda cache: r[f"transformers_{cache}_tok_s"])
         assert r["transformers_peer"] == best and r["transformers_tok_s"] == r[f"transformers_{best}_tok_s"]
         assert r["vs_transformers"] == pytest.approx(r["cached_tok_s"] / r["transformers_tok_s"])
@@ -291,16 +295,19 @@ def test_both_transformers_caches_race_in_alternating_rounds_and_the_faster_is_t
 
     write_table(rows, tmp_path / "t.csv")
     back = read_table(tmp_path / "t.csv")
-    assert [list(r) for r in back] == [list(COLUMNS)] * 2
+    assert [list(r) for r in back] == [[c for c in COLUMNS if c not in COMPILED_COLUMNS]] * 2
     assert [r["transformers_peer"] for r in back] == [r["transformers_peer"] for r in rows]
     report = render_report(summary, rows)
     header = report.splitlines()[0]
-    assert "| transformers dynamic cache tok/s | transformers static cache tok/s | peer | ours / peer |" in header
+    assert (
+        "| transformers dynamic cache tok/s | transformers static cache tok/s | transformers compiled cache tok/s "
+        "| peer | ours / peer |" in header
+    )
     assert f"| {rows[0]['transformers_peer']} | x{rows[0]['vs_transformers']:.2f} |" in report.splitlines()[2]
     low, high = sorted(r["vs_transformers"] for r in rows)
-    assert f"our cached decoding is x{low:.2f} to x{high:.2f} as fast" in report
-    static = sum(r["transformers_peer"] == "static" for r in rows)
-    assert f"the faster of the two at each point (the static one at {static} of 2)" in report
+    assert f"our eager cached decoding is x{low:.2f} to x{high:.2f} as fast" in report
+    static, compiled = (sum(r["transformers_peer"] == cache for r in rows) for cache in ("static", "compiled"))
+    assert f"the fastest at each point (the static one at {static} of 2, the compiled one at {compiled})" in report
     plot(rows, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -433,3 +440,27 @@ def test_report_names_the_weights_timed_and_the_int8_kernel_when_the_metrics_do(
     text = render_report(summary, _rows(), batch_rows)
     assert "Weights timed: seeded random weights (seed 3) of the trained architecture." in text
     assert "each leading every other round; int8 matmuls on torch's aten._weight_int8pack_mm)." in text
+
+
+def test_compiled_rows_time_the_compiled_step_beside_the_eager_ones():
+    model = _model()
+    rows = bench_kvcache(model, prompt_lengths=[6], new_tokens=[10], repeats=2, warmup=1, seed=0, compiled=True)
+    [r] = rows
+    assert set(r) == set(COLUMNS) - set(PEER_COLUMNS) - {"compiled_vs_transformers"}
+    assert r["compiled_tok_s"] > 0 and r["compile_s"] > 0 and r["compiled_ttft_ms"] > 0
+    assert r["compiled_vs_cached"] == pytest.approx(r["compiled_tok_s"] / r["cached_tok_s"])
+    assert r["compiled_speedup"] == pytest.approx(r["compiled_tok_s"] / r["uncached_tok_s"])
+    assert model.cache_bytes() == 0
+    with pytest.raises(ValueError, match="warmup >= 1"):
+        bench_kvcache(model, prompt_lengths=[6], new_tokens=[10], repeats=1, warmup=0, seed=0, compiled=True)
+
+
+def test_a_compiled_step_that_reads_unwritten_positions_is_caught(monkeypatch):
+    """The compiled step's tokens are checked as the cached path's are: drop its mask and it attends over the
+    whole static cache, written or not."""
+    import nanollm.model.attention as attention
+
+    real = attention.decode_attention
+    monkeypatch.setattr(attention, "decode_attention", lambda q, k, v, mask: real(q, k, v, torch.ones_like(mask)))
+    with pytest.raises(KVCacheMismatchError, match=r"prompt_len=6, new_tokens=10: .* at new token \d+"):
+        bench_kvcache(_model(), prompt_lengths=[6], new_tokens=[10], repeats=1, warmup=1, seed=0, compiled=True)

@@ -6,6 +6,7 @@ positive numbers. test_every_benchmark_script_has_a_smoke_test fails for a scrip
 """
 
 import importlib
+import importlib.util
 import random
 import re
 import subprocess
@@ -159,26 +160,34 @@ def test_tokenize_throughput_times_the_stage_path_against_raw_tiktoken(tiny_corp
 
 
 @smoke("decode_vs_transformers.py")
-def test_decode_vs_transformers_races_both_caches_and_compares_with_the_faster(tmp_path):
+def test_decode_vs_transformers_races_every_setting_and_compares_with_the_fastest(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("model: {n_layer: 1, n_head: 2, n_embd: 32, block_size: 16}\ntokenizer: {vocab_size: 300}\n")
     args = ["--params", str(params), "--reference", "none", "--points", "4+3,6+2", "--repeats", "2"]
     out = _run("decode_vs_transformers.py", *args, "--uncached-repeats", "2", "--copy-mb", "16", "--threads", "1")
     header, rows = _table(out, "model")
-    assert header[2:7] == [
+    assert header[2:11] == [
         "transformers dynamic cache",
         "transformers static cache",
+        "transformers compiled cache",
         "peer",
         "ours cached",
         "ours / peer",
+        "ours compiled",
+        "compiled / ours cached",
+        "compiled / peer",
     ]
     assert [(r[0], r[1]) for r in rows] == [("pipeline 1L/32d/300v", "4 + 3"), ("pipeline 1L/32d/300v", "6 + 2")]
     for r in rows:
-        dynamic, static, ours = _number(r[2]), _number(r[3]), _number(r[5])
-        assert min(dynamic, static, ours, _number(r[7]), _number(r[8])) > 0
-        assert r[4] == ("static" if static > dynamic else "dynamic") or static == dynamic  # printed rounded
-        assert _number(r[6]) == pytest.approx(ours / max(dynamic, static), rel=0.05, abs=0.01)
-        assert r[11] == "dynamic: identical; static: identical"  # same weights, same greedy tokens
+        theirs = {"dynamic": _number(r[2]), "static": _number(r[3]), "compiled": _number(r[4])}
+        ours, compiled = _number(r[6]), _number(r[8])
+        assert min(*theirs.values(), ours, compiled, _number(r[11]), _number(r[12])) > 0
+        assert theirs[r[5]] == max(theirs.values())  # printed rounded: a tie may name either
+        assert _number(r[7]) == pytest.approx(ours / max(theirs.values()), rel=0.05, abs=0.01)
+        assert _number(r[9]) == pytest.approx(compiled / ours, rel=0.05, abs=0.01)
+        assert _number(r[10]) == pytest.approx(compiled / max(theirs.values()), rel=0.05, abs=0.01)
+        # same weights, same greedy tokens, on every path
+        assert r[15] == "dynamic: identical; static: identical; compiled: identical; ours compiled: identical"
     header, bandwidth = _table(out, "model | weights read per token (MB)")
     assert header[2:] == ["ours: GB/s (share of copy)", "peer: GB/s (share)"]
     assert len(bandwidth) == 1 and _number(bandwidth[0][1]) > 0  # MB per token; GB/s may print 0.0 this small
@@ -195,8 +204,10 @@ def test_decode_vs_transformers_alternates_which_side_runs_first(monkeypatch):
     args = argparse.Namespace(repeats=3, uncached_repeats=2, warmup=0)
     medians, _ = script.run_point(calls, None, 4, args)
     timed = order[len(script.UNCACHED) :]  # after the short uncached warm-up
-    ours_first = ["ours_cached", "ours_uncached", "hf_dynamic", "hf_static", "hf_uncached"]
-    assert timed == ours_first + ours_first[::-1] + ["ours_cached", "hf_dynamic", "hf_static"]
+    ours_first = ["ours_cached", "ours_compiled", "ours_uncached"]
+    ours_first += ["hf_dynamic", "hf_static", "hf_compiled", "hf_uncached"]
+    cached_only = [k for k in ours_first if k not in script.UNCACHED]
+    assert timed == ours_first + ours_first[::-1] + cached_only
     assert all(rate > 0 for rate in medians.values())
 
 
@@ -325,19 +336,25 @@ def test_int8_decode_races_int8_against_fp32_and_transformers_at_each_thread_cou
                "--threads", "1,2", "--repeats", "2", "--warmup", "0", "--peer-dtypes", "float32")  # fmt: skip
     assert re.search(r"^machine: .+; load average before [\d. ]+$", out, flags=re.M) and "batch 1, greedy" in out
     header, rows = _table(out, "model | threads")
-    ours = ["nanollm fp32", "nanollm int8"] + (["nanollm int8 aten kernel"] if int8_gemm() is not None else [])
-    assert header[2:] == [*ours, "transformers dynamic float32", "transformers static float32",
-                          "peer", "int8 / fp32", "int8 / peer"]  # fmt: skip
+    ours = ["nanollm fp32", "nanollm int8", "nanollm fp32 compiled", "nanollm int8 compiled"]
+    ours += ["nanollm int8 aten kernel"] if int8_gemm() is not None else []
+    theirs = ["transformers dynamic float32", "transformers static float32", "transformers compiled float32"]
+    assert header[2:] == [*ours, *theirs, "peer", "int8 / fp32", "int8 / peer"]
     assert [r[:2] for r in rows] == [["tiny 1L/32d/300v", "1"], ["tiny 1L/32d/300v", "2"]]
     for r in rows:
-        rates = [_number(c) for c in r[2 : 4 + len(ours)]]
-        peer, ratio = r[2 + len(ours) + 2 :][:2]
-        assert min(rates) > 0 and peer in ("dynamic float32", "static float32")
+        rates = [_number(c) for c in r[2 : 2 + len(ours) + len(theirs)]]
+        peer, ratio = r[2 + len(ours) + len(theirs) :][:2]
+        assert min(rates) > 0 and peer in [t.removeprefix("transformers ") for t in theirs]
         assert _number(ratio) == pytest.approx(rates[1] / rates[0], rel=0.05, abs=0.01)
     header, best = _table(out, "model | nanollm fp32")
     assert header[3:6] == ["transformers, best setting", "int8 / fp32", "int8 / transformers"]
     assert len(best) == 1 and re.fullmatch(r"[\d.]+ \([12]\)", best[0][1]) and _number(best[0][4]) > 0
-    assert re.fullmatch(r"[\d.]+ \((dynamic|static) float32, [12]\)", best[0][3])
+    assert re.fullmatch(r"[\d.]+ \((dynamic|static|compiled) float32, [12]\)", best[0][3])
+    header, compiled = _table(out, "model | nanollm fp32 compiled")
+    ratios = ["int8 compiled / fp32 eager", "int8 compiled / fp32 compiled", "int8 compiled / transformers (best)"]
+    assert header[3:6] == ratios
+    assert len(compiled) == 1 and all(_number(c) > 0 for c in compiled[0][1:6])
+    assert compiled[0][6] == "identical"  # the compiled int8 step draws the eager int8 step's greedy tokens
 
 
 @smoke("int8_matmul.py")
@@ -346,12 +363,15 @@ def test_int8_matmul_times_every_path_at_each_row_count_and_thread_count():
     assert re.search(r"^machine: .+; nanollm kernel: .+; load average [\d.]+$", out, flags=re.M), out
     assert "5 matmuls per step" in out
     header, rows = _table(out, "M | threads")
-    paths = (["nanollm"] if int8_gemm() is not None else []) + ["aten", "dequantize", "fp32"]
-    assert header[2:] == [f"{p} ms (GB/s)" for p in paths] + ["nanollm vs aten", "nanollm vs fp32"]
+    compiled = ["inductor"] + (["torchao"] if importlib.util.find_spec("torchao") else [])
+    paths = (["nanollm"] if int8_gemm() is not None else []) + ["aten", "dequantize", "fp32", *compiled]
+    versus = ["aten", "fp32", *compiled]
+    assert header[2:] == [f"{p} ms (GB/s)" for p in paths] + [f"{p} / nanollm" for p in versus]
     assert [r[:2] for r in rows] == [["1", "1"], ["1", "2"], ["5", "1"], ["5", "2"]]
     for r in rows:
         assert all(re.fullmatch(r"[\d.]+ \([\d.]+\)", c) and _number(c) > 0 for c in r[2 : 2 + len(paths)])
-        assert all(_number(c) > 0 for c in r[-2:]) if int8_gemm() is not None else r[-2:] == ["-", "-"]
+        ratios = r[2 + len(paths) :]
+        assert all(_number(c) > 0 for c in ratios) if int8_gemm() is not None else set(ratios) == {"-"}
 
 
 def test_every_benchmark_script_has_a_smoke_test():

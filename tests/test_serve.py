@@ -390,9 +390,15 @@ def _params(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def _nanollm_serve(*args: str, cwd: Path, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`nanollm serve --port 0 ARGS` in a subprocess; yields (the process, its base URL) once it listens."""
+def _nanollm_serve(
+    *args: str, cwd: Path, env: dict[str, str], compiled: bool = False
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`nanollm serve --port 0 ARGS` in a subprocess; yields (the process, its base URL) once it listens.
+
+    compiled=False passes --no-compile: only the tests of the compiled path pay for compiling."""
     command = ["nanollm", "serve", "--port", "0", "--model-name", MODEL, "--threads", "1", "--max-batch", "4", *args]
+    if not compiled:
+        command.append("--no-compile")
     server = subprocess.Popen(command, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
     try:
         lines = []
@@ -426,11 +432,19 @@ def _greedy_text(checkpoint: Path, tok: Tokenizer, prompt: str, max_tokens: int,
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_nanollm_serve_answers_the_openai_client_and_stops_on_ctrl_c(files, tmp_path, quantize):
+    """With its default on the CPU, the compiled decode step: every bucket compiled before it listens, and
+    the greedy text of eager decoding, alone and in a batch."""
     checkpoint, tokenizer, tok = files
     _params(tmp_path)
     args = ["--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer), "--quantize", quantize]
-    with _nanollm_serve(*args, cwd=tmp_path, env=tool_env()) as (server, url):
+    with _nanollm_serve(*args, cwd=tmp_path, env=tool_env(), compiled=True) as (server, url):
+        assert re.search(r"compiling the decode step for batches of 1, 2, 4\n.*compiled the decode step in [\d.]+ s",
+                         server.startup_log, re.DOTALL)  # fmt: skip
         assert _served_text(url, "def ", 12) == _greedy_text(checkpoint, tok, "def ", 12, quantize)
+        prompts = ["def ", "class A", "import os\n"]
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            served = list(pool.map(lambda p: _served_text(url, p, 12), prompts))
+        assert served == [_greedy_text(checkpoint, tok, p, 12, quantize) for p in prompts]
         server.send_signal(signal.SIGINT)
         assert server.wait(30) == 130
         rest = server.stderr.read()

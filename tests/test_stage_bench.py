@@ -28,7 +28,8 @@ PARAMS = {
     },
     "tracking": {"experiment": "stage-test"},
 }
-UNTRACKED = {**PARAMS, "tracking": {"enabled": False}}
+# the tests of other things than the compiled step spare themselves its compiles
+UNTRACKED = {**PARAMS, "bench": {**PARAMS["bench"], "compile": False}, "tracking": {"enabled": False}}
 OUTPUTS = (
     "metrics/bench_kvcache.json",
     "reports/bench_kvcache.csv",
@@ -85,19 +86,29 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
     assert described["int8_kernel"] == ("nanollm" if int8_gemm() is not None else "aten")  # 1 thread: any build serves
     points = [(p, n) for p in (4, 16) for n in (3, 5)]
     per_point = ("speedup", "cached_tok_s", "uncached_tok_s", "transformers_tok_s", "vs_transformers")
-    per_point += ("transformers_dynamic_tok_s", "transformers_static_tok_s")  # both caches raced; the faster counts
+    per_point += ("transformers_dynamic_tok_s", "transformers_static_tok_s", "transformers_compiled_tok_s")  # raced
+    per_point += ("compiled_tok_s", "compiled_ttft_ms", "compile_s", "compiled_vs_cached", "compiled_speedup")
+    per_point += ("compiled_vs_transformers",)
     expected = {f"p{p}_n{n}_{k}" for p, n in points for k in per_point}
     which = {f"p{p}_n{n}_transformers_static_is_peer" for p, n in points}
     bandwidth = {"weight_mb", "weight_read_gb_s", "memory_copy_gb_s", "bandwidth_utilisation"}
     extremes = {"max_speedup", "cache_mb_max", "min_vs_transformers", "threads", "peer_on_llama_counterpart"}
-    serving = {"decode_fp32_tok_s", "decode_int8_tok_s", "int8_vs_fp32", "max_batch_vs_batch1"}
-    serving |= {f"batch{b}_{w}_{k}" for b in (1, 3) for w in ("fp32", "int8") for k in ("tok_s", "vs_batch1")}
+    extremes |= {"min_compiled_vs_cached", "max_compiled_speedup", "min_compiled_vs_transformers", "compile_s_max"}
+    kinds = ("fp32", "int8", "fp32_compiled", "int8_compiled")
+    serving = {f"decode_{w}_tok_s" for w in kinds} | {"int8_vs_fp32", "max_batch_vs_batch1"}
+    serving |= {"int8_vs_fp32_compiled", "max_batch_vs_batch1_compiled"}
+    serving |= {f"batch{b}_{w}_{k}" for b in (1, 3) for w in kinds for k in ("tok_s", "vs_batch1")}
     assert set(summary) == expected | which | bandwidth | extremes | serving
     assert summary.pop("peer_on_llama_counterpart") == 0.0  # a Llama architecture meets the peer itself
     assert all(isinstance(v, (int, float)) and v > 0 for k, v in summary.items() if k not in which)
     for p, n in points:
-        theirs = max(summary[f"p{p}_n{n}_transformers_{cache}_tok_s"] for cache in ("dynamic", "static"))
+        theirs = max(summary[f"p{p}_n{n}_transformers_{cache}_tok_s"] for cache in ("dynamic", "static", "compiled"))
         assert summary[f"p{p}_n{n}_transformers_tok_s"] == theirs
+        ours = summary[f"p{p}_n{n}_compiled_tok_s"]
+        assert summary[f"p{p}_n{n}_compiled_vs_transformers"] == pytest.approx(ours / theirs, rel=1e-3)
+        assert summary[f"p{p}_n{n}_compiled_vs_cached"] == pytest.approx(
+            ours / summary[f"p{p}_n{n}_cached_tok_s"], rel=1e-3
+        )
         static_won = summary[f"p{p}_n{n}_transformers_static_tok_s"] == theirs
         assert summary[f"p{p}_n{n}_transformers_static_is_peer"] == float(static_won)
     assert summary["threads"] == torch.get_num_threads()
@@ -116,15 +127,18 @@ def test_bench_writes_summary_table_chart_and_extends_the_pretrain_run(project):
     assert list(rows[0]) == [
         "prompt_len", "new_tokens", "cached_tok_s", "uncached_tok_s", "speedup",
         "cached_ttft_ms", "uncached_ttft_ms", "cache_mb", "transformers_dynamic_tok_s",
-        "transformers_static_tok_s", "transformers_peer", "transformers_tok_s", "vs_transformers",
+        "transformers_static_tok_s", "transformers_compiled_tok_s", "transformers_peer", "transformers_tok_s",
+        "vs_transformers", "compiled_tok_s", "compiled_ttft_ms", "compile_s", "compiled_vs_cached", "compiled_speedup",
+        "compiled_vs_transformers",
     ]  # fmt: skip
-    assert {r["transformers_peer"] for r in rows} <= {"dynamic", "static"}
+    assert {r["transformers_peer"] for r in rows} <= {"dynamic", "static", "compiled"}
     assert (project / OUTPUTS[2]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(project / OUTPUTS[3], newline="") as f:
         batching = list(csv.DictReader(f))
-    assert [(r["weights"], int(r["batch"])) for r in batching] == [("fp32", 1), ("fp32", 3), ("int8", 1), ("int8", 3)]
+    assert [(r["weights"], int(r["batch"])) for r in batching] == [(w, b) for w in kinds for b in (1, 3)]
     assert summary["int8_vs_fp32"] == pytest.approx(summary["decode_int8_tok_s"] / summary["decode_fp32_tok_s"], 1e-3)
     assert summary["max_batch_vs_batch1"] == summary["batch3_fp32_vs_batch1"]
+    assert summary["max_batch_vs_batch1_compiled"] == summary["batch3_fp32_compiled_vs_batch1"]
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     run = client.get_run(tracker.run_id)

@@ -75,10 +75,17 @@ def render_report(summary: dict[str, Any], rows: Sequence[Row], batch_rows: Sequ
                 else ""
             )
             + "Against transformers' generate on the same weights (LlamaForCausalLM, greedy, same prompts, same "
-            "rounds), run with its default dynamic cache and with a static cache sized to the call, the faster of "
-            f"the two at each point (the static one at {static} of {len(rows)}), our cached decoding is "
-            f"x{min(ratios):.2f} to x{max(ratios):.2f} as fast.",
+            "rounds), run with its default dynamic cache, with a static cache sized to the call"
+            + (" and with that static cache and its forward compiled" if "compiled" in PEER_CACHES else "")
+            + f", the fastest at each point (the static one at {static} of {len(rows)}"
+            + (
+                f", the compiled one at {sum(r['transformers_peer'] == 'compiled' for r in rows)}"
+                if "compiled" in PEER_CACHES
+                else ""
+            )  # fmt: skip
+            + f"), our eager cached decoding is x{min(ratios):.2f} to x{max(ratios):.2f} as fast.",
         ]
+    out += _compiled(rows, counterpart=summary.get("peer_on_llama_counterpart") == 1.0)
     if "weight_read_gb_s" in summary:
         out += [
             "",
@@ -89,6 +96,44 @@ def render_report(summary: dict[str, Any], rows: Sequence[Row], batch_rows: Sequ
             + (f" ({_threads(summary['threads'])})." if "threads" in summary else "."),
         ]
     return "\n".join(out + _serving(summary, batch_rows)) + "\n"
+
+
+def _compiled(rows: Sequence[Row], counterpart: bool) -> list[str]:
+    """The compiled decode step's table (nanollm.inference.compiled), where the rows have its columns."""
+    if not all("compiled_tok_s" in r for r in rows):
+        return []
+    peer = all("compiled_vs_transformers" in r for r in rows)
+    uncached = all("compiled_speedup" in r for r in rows)
+    out = [
+        "",
+        "The compiled decode step (nanollm.inference.compiled: torch.compile over a static cache, prefill eager), "
+        "timed in the same rounds as the eager paths above; its first call at each point compiles, in the "
+        "untimed warm-up round:",
+        "",
+        "| prompt | new tokens | eager cached tok/s | compiled tok/s | compiled / eager |"
+        + (" compiled / uncached |" if uncached else "")
+        + " compile (s) |"
+        + (" compiled / peer" + (" (counterpart)" if counterpart else "") + " |" if peer else ""),
+        "| ---: | ---: | ---: | ---: | ---: |" + " ---: |" * (1 + uncached + peer),
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['prompt_len']} | {r['new_tokens']} | {r['cached_tok_s']:.0f} | {r['compiled_tok_s']:.0f} "
+            f"| x{r['compiled_vs_cached']:.2f} |"
+            + (f" x{r['compiled_speedup']:.1f} |" if uncached else "")
+            + f" {r['compile_s']:.1f} |"
+            + (f" x{r['compiled_vs_transformers']:.2f} |" if peer else "")
+        )
+    if counterpart and all("counterpart_compiled_tok_s" in r for r in rows):
+        ratios = [r["compiled_tok_s"] / r["counterpart_compiled_tok_s"] for r in rows]
+        out += [
+            "",
+            f"Compiled, the model decodes at x{min(ratios):.2f} to x{max(ratios):.2f} the speed of its Llama "
+            "counterpart (the same shape without its options), against "
+            f"x{min(r['cached_tok_s'] / r['counterpart_cached_tok_s'] for r in rows):.2f} to "
+            f"x{max(r['cached_tok_s'] / r['counterpart_cached_tok_s'] for r in rows):.2f} eager.",
+        ]
+    return out
 
 
 def _serving(summary: dict[str, Any], batch_rows: Sequence[Row]) -> list[str]:

@@ -13,7 +13,15 @@ from pathlib import Path
 from nanollm.atomic import atomic_path
 from nanollm.errors import NanollmError
 from nanollm.inference.bench.serving import BATCH_COLUMNS
-from nanollm.inference.bench.timing import COLUMNS, COUNTERPART_COLUMN, PEER_COLUMNS, TEXT_COLUMNS, Row
+from nanollm.inference.bench.timing import (
+    COLUMNS,
+    COMPILED_COLUMNS,
+    COMPILED_COUNTERPART_COLUMN,
+    COUNTERPART_COLUMN,
+    PEER_COLUMNS,
+    TEXT_COLUMNS,
+    Row,
+)
 
 __all__ = ["read_batch_table", "read_table", "summarize", "summarize_serving", "write_batch_table", "write_table"]
 
@@ -28,9 +36,21 @@ def summarize(rows: Sequence[Row]) -> dict[str, float]:
     min_vs_transformers (the least favourable point: the figure to hold a target to). Where the
     peer ran on the Llama counterpart of the architecture, p{L}_n{N}_counterpart_cached_tok_s
     is ours on that counterpart, the figure vs_transformers divides.
+
+    With the compiled step, per point its COMPILED_COLUMNS (and counterpart_compiled_tok_s), and
+    over the points min_compiled_vs_cached, max_compiled_speedup, min_compiled_vs_transformers
+    and compile_s_max (the longest compile of one point's step).
     """
     out: dict[str, float] = {}
-    per_point = ("speedup", "cached_tok_s", "uncached_tok_s", *PEER_COLUMNS, COUNTERPART_COLUMN)
+    per_point = (
+        "speedup",
+        "cached_tok_s",
+        "uncached_tok_s",
+        *PEER_COLUMNS,
+        COUNTERPART_COLUMN,
+        *COMPILED_COLUMNS,
+        COMPILED_COUNTERPART_COLUMN,
+    )
     for r in rows:
         key = f"p{r['prompt_len']}_n{r['new_tokens']}"
         for name in (n for n in per_point if n in r and n not in TEXT_COLUMNS):
@@ -41,6 +61,15 @@ def summarize(rows: Sequence[Row]) -> dict[str, float]:
     out["cache_mb_max"] = round(max(r["cache_mb"] for r in rows), 4)
     if all("vs_transformers" in r for r in rows):
         out["min_vs_transformers"] = round(min(r["vs_transformers"] for r in rows), 4)
+    extremes = (
+        ("min_compiled_vs_cached", min, "compiled_vs_cached"),
+        ("max_compiled_speedup", max, "compiled_speedup"),
+        ("min_compiled_vs_transformers", min, "compiled_vs_transformers"),
+        ("compile_s_max", max, "compile_s"),
+    )
+    for name, pick, column in extremes:
+        if all(column in r for r in rows):
+            out[name] = round(pick(r[column] for r in rows), 4)
     return out
 
 
@@ -50,6 +79,8 @@ def summarize_serving(batch_rows: Sequence[Row]) -> dict[str, float]:
     batch{B}_{weights}_tok_s and batch{B}_{weights}_vs_batch1: the batching engine's tokens/s at
     batch B and its gain over batch 1; decode_{weights}_tok_s: batch 1 alone, and int8_vs_fp32
     their ratio; max_batch_vs_batch1: the gain at the largest batch for the first kind of weights.
+    With the compiled engine's rows (weights "fp32_compiled", "int8_compiled"), also
+    int8_vs_fp32_compiled and max_batch_vs_batch1_compiled, the same two figures compiled.
     """
     out: dict[str, float] = {}
     for r in batch_rows:
@@ -60,9 +91,14 @@ def summarize_serving(batch_rows: Sequence[Row]) -> dict[str, float]:
     out.update({f"decode_{name}_tok_s": round(rate, 4) for name, rate in single.items()})
     if "int8" in single and "fp32" in single:
         out["int8_vs_fp32"] = round(single["int8"] / single["fp32"], 4)
+    if "int8_compiled" in single and "fp32_compiled" in single:
+        out["int8_vs_fp32_compiled"] = round(single["int8_compiled"] / single["fp32_compiled"], 4)
     if batch_rows and "vs_batch1" in batch_rows[0]:
         first = [r for r in batch_rows if r["weights"] == batch_rows[0]["weights"]]
         out["max_batch_vs_batch1"] = round(max(first, key=lambda r: r["batch"])["vs_batch1"], 4)
+        compiled = [r for r in batch_rows if r["weights"] == "fp32_compiled"]
+        if compiled:
+            out["max_batch_vs_batch1_compiled"] = round(max(compiled, key=lambda r: r["batch"])["vs_batch1"], 4)
     return out
 
 
@@ -81,7 +117,8 @@ def read_batch_table(path: str | Path) -> list[Row]:
 
 def write_table(rows: Sequence[Row], path: str | Path) -> None:
     """Write the rows as CSV (one line per point; the COLUMNS the rows have, in that order), atomically."""
-    _write_csv(rows, [c for c in (*COLUMNS, COUNTERPART_COLUMN) if all(c in r for r in rows)], path)
+    columns = (*COLUMNS, COUNTERPART_COLUMN, COMPILED_COUNTERPART_COLUMN)
+    _write_csv(rows, [c for c in columns if all(c in r for r in rows)], path)
 
 
 def _write_csv(rows: Sequence[Row], columns: Sequence[str], path: str | Path) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from nanollm.inference.bench.timing import Row, round_orders, sync
-from nanollm.inference.engine import SamplingParams, generate_batch
+from nanollm.inference.engine import Engine, SamplingParams, generate_batch
 
 __all__ = ["BATCH_COLUMNS", "bench_batching"]
 
@@ -54,6 +54,7 @@ def bench_batching(
     warmup: int,
     seed: int,
     device: torch.device,
+    compiled: bool = False,
 ) -> list[Row]:
     """Tokens/s of the batching engine decoding `batch` sequences at once, for every model and batch size.
 
@@ -62,6 +63,11 @@ def bench_batching(
     (one per sequence, as they join) and every batched decode step. tok_s counts every
     sequence's tokens; vs_batch1 divides it by the same weights' rate at batch 1 (when 1
     is among the batch sizes).
+
+    compiled=True adds, for every kind of weights, "<weights>_compiled": the engine decoding
+    through its compiled step. That engine is made once per batch size and compiled in full
+    before the rounds (its compile time is not a server's steady state; compiled.py reports
+    it), and each round submits the batch's requests to it and steps until they are done.
     """
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, 2**31 - 1, (max(batch_sizes), prompt_len), generator=gen)
@@ -79,11 +85,37 @@ def bench_batching(
 
         return once
 
+    engines: list[Engine] = []
+
+    def run_compiled(model: nn.Module, batch: int) -> Callable[[], float]:
+        ids = (prompts[:batch] % model.vocab_size).tolist()
+        engine = Engine(model, max_batch=batch, max_seq_len=prompt_len + new_tokens, compile=True)
+        engine.warmup([batch])  # a full batch decodes in the largest bucket: the one to compile up front
+        engines.append(engine)
+
+        def once() -> float:
+            sync(device)
+            t0 = time.perf_counter()
+            requests = [engine.submit(p, params) for p in ids]
+            while not engine.idle():
+                engine.step()
+            sync(device)
+            return sum(len(r.tokens) for r in requests) / (time.perf_counter() - t0)
+
+        return once
+
+    kinds = {**{w: (m, run) for w, m in models.items()}}
+    if compiled:
+        kinds.update({f"{w}_compiled": (m, run_compiled) for w, m in models.items()})
     # (weights, batch) -> its timed call; at each batch size the kinds of weights are neighbours
-    runs = {(weights, b): run(model, b) for b in batch_sizes for weights, model in models.items()}
-    rates = _alternating(runs, warmup, repeats)
+    runs = {(weights, b): make(model, b) for b in batch_sizes for weights, (model, make) in kinds.items()}
+    try:
+        rates = _alternating(runs, warmup, repeats)
+    finally:
+        for engine in engines:
+            engine.close()
     rows = []
-    for weights in models:
+    for weights in kinds:
         for b in batch_sizes:
             rate = rates[weights, b]
             row: Row = {"weights": weights, "batch": b, "tok_s": rate, "per_sequence_tok_s": rate / b}

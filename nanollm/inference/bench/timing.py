@@ -20,11 +20,14 @@ from torch import nn
 from tqdm import tqdm
 
 from nanollm.inference.bench.equality import check_same, first_difference
+from nanollm.inference.compiled import CompiledDecoder
 from nanollm.inference.generate import generate
 from nanollm.inference.peers import PEER_CACHES
 
 __all__ = [
     "COLUMNS",
+    "COMPILED_COLUMNS",
+    "COMPILED_COUNTERPART_COLUMN",
     "COUNTERPART_COLUMN",
     "PEER_COLUMNS",
     "TEXT_COLUMNS",
@@ -55,6 +58,19 @@ TEXT_COLUMNS = ("transformers_peer",)
 # Added by the bench stage where the peer ran on the model's Llama counterpart (an architecture
 # transformers cannot express): our cached tokens/s on that counterpart, which vs_transformers divides.
 COUNTERPART_COLUMN = "counterpart_cached_tok_s"
+# ...and, with the compiled step, our compiled tokens/s on that counterpart (compiled_vs_transformers' numerator)
+COMPILED_COUNTERPART_COLUMN = "counterpart_compiled_tok_s"
+# Only with the compiled decode step (compiled.py): its tokens/s and time to first token, the
+# seconds its first call at the point took (the compile), its gain over the eager cached path and,
+# with the peer, over the peer.
+COMPILED_COLUMNS = (
+    "compiled_tok_s",
+    "compiled_ttft_ms",
+    "compile_s",
+    "compiled_vs_cached",
+    "compiled_speedup",
+    "compiled_vs_transformers",
+)
 COLUMNS = (
     "prompt_len",
     "new_tokens",
@@ -65,6 +81,7 @@ COLUMNS = (
     "uncached_ttft_ms",
     "cache_mb",
     *PEER_COLUMNS,
+    *COMPILED_COLUMNS,
 )
 
 
@@ -86,18 +103,25 @@ def sync(device: torch.device) -> None:
 
 
 def timed_greedy(
-    model: nn.Module, prompt: torch.Tensor, new_tokens: int, *, use_cache: bool, device: torch.device
+    model: nn.Module,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    *,
+    use_cache: bool,
+    device: torch.device,
+    decoder: CompiledDecoder | None = None,
 ) -> tuple[list[int], float, float]:
-    """Greedy-decode once; returns (tokens, seconds to first token, seconds in total).
+    """Greedy-decode once (through `decoder`'s compiled step when given); returns (tokens, seconds to first
+    token, seconds in total).
 
-    The clock covers what a user waits for: cache allocation, prefill, every decode step
-    and the host read-back of each token.
+    The clock covers what a user waits for: cache allocation (the decoder's is allocated
+    once, up front), prefill, every decode step and the host read-back of each token.
     """
     out: list[int] = []
     first = 0.0
     sync(device)
     t0 = time.perf_counter()
-    for token in generate(model, prompt, new_tokens, temperature=0.0, use_cache=use_cache):
+    for token in generate(model, prompt, new_tokens, temperature=0.0, use_cache=use_cache, decoder=decoder):
         if not out:
             sync(device)
             first = time.perf_counter() - t0
@@ -144,6 +168,7 @@ def bench_kvcache(
     device: str | torch.device | None = None,
     transformers: Mapping[str, Peer] | None = None,
     uncached: bool = True,
+    compiled: bool = False,
 ) -> list[Row]:
     """Time greedy decoding with and without the KV cache for every (prompt_len, new_tokens) pair.
 
@@ -173,6 +198,12 @@ def bench_kvcache(
 
     uncached=False times only the cached path (and the peer): the rows lack the uncached and
     speedup columns. The bench stage uses it for the engines' comparison alone.
+
+    compiled=True adds the compiled decode step (nanollm.inference.compiled) to every round:
+    a CompiledDecoder per point, its cache sized to the point as generate sizes its own, so
+    the two cached paths attend over the same positions. Its first call compiles (in the
+    warm-up round, never timed: warmup must be >= 1); compile_s records what it cost. Its
+    tokens must equal the plain path's up to a near-tie, as the cached path's do.
     """
     if transformers is not None and not set(transformers) <= set(PEER_CACHES):
         raise ValueError(f"transformers settings must be among {PEER_CACHES}, got {sorted(transformers)}")
@@ -184,7 +215,7 @@ def bench_kvcache(
     rows = []
     for prompt_len, n_new in tqdm(points, desc="bench_kvcache", unit="point", disable=None):
         prompt = longest[:prompt_len].to(device)
-        row = _measure_point(model, prompt, n_new, repeats, warmup, device, transformers or {}, uncached)
+        row = _measure_point(model, prompt, n_new, repeats, warmup, device, transformers or {}, uncached, compiled)
         log.info(
             "prompt %d + %d new: %.1f tok/s cached%s%s",
             prompt_len,
@@ -210,6 +241,7 @@ def _measure_point(
     device: torch.device,
     peers: Mapping[str, Peer],
     uncached: bool = True,
+    compiled: bool = False,
 ) -> Row:
     """One row of bench_kvcache: warmup + repeats rounds at one (prompt, new tokens) point, order alternating."""
     prompt_len = prompt.numel()
@@ -218,6 +250,13 @@ def _measure_point(
     }
     if uncached:
         runs["uncached"] = functools.partial(timed_greedy, model, prompt, n_new, use_cache=False, device=device)
+    decoder = None
+    if compiled:
+        if warmup < 1:
+            raise ValueError("timing the compiled step needs warmup >= 1: its first call compiles")
+        decoder = CompiledDecoder(model, max_seq_len=prompt_len + n_new)
+        runs["compiled"] = functools.partial(timed_greedy, model, prompt, n_new, use_cache=True, device=device,
+                                             decoder=decoder)  # fmt: skip
     for cache, peer in peers.items():
         runs[f"transformers_{cache}"] = functools.partial(_timed_peer, peer, prompt, n_new, device)
     order = list(runs)
@@ -229,10 +268,12 @@ def _measure_point(
             outs[name], ttft, seconds = runs[name]()
             if timed:
                 samples[name].append((ttft, n_new / seconds))
-        note = check_same(model, prompt, outs["cached"], outs["uncached"]) if uncached else None
-        if note is not None and "ours" not in logged:
-            logged.add("ours")
-            log.warning("%s", note)
+        reference = outs["uncached" if uncached else "cached"]
+        for ours in ("cached", "compiled") if compiled else ("cached",):
+            note = check_same(model, prompt, outs[ours], reference) if ours != "cached" or uncached else None
+            if note is not None and ours not in logged:
+                logged.add(ours)
+                log.warning("%s: %s", ours, note)
         for cache in peers:
             i = first_difference(outs["cached"], outs[f"transformers_{cache}"])
             if i is not None and cache not in logged:
@@ -264,4 +305,17 @@ def _measure_point(
         best = max(rates, key=rates.__getitem__)
         row.update({f"transformers_{cache}_tok_s": rate for cache, rate in rates.items()})
         row.update(transformers_peer=best, transformers_tok_s=rates[best], vs_transformers=cached / rates[best])
+    if decoder is not None:
+        rate = median("compiled", 1)
+        row.update(
+            compiled_tok_s=rate,
+            compiled_ttft_ms=1e3 * median("compiled", 0),
+            compile_s=decoder.compile_seconds[1],
+            compiled_vs_cached=rate / cached,
+        )
+        if uncached:
+            row["compiled_speedup"] = speedup(rate, row["uncached_tok_s"])
+        if peers:
+            row["compiled_vs_transformers"] = rate / row["transformers_tok_s"]
+        decoder.close()
     return row
