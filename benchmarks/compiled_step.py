@@ -1,0 +1,141 @@
+"""The compiled decode step's choices, each one taken back: what every setting of nanollm.inference.compiled buys.
+
+One step of the model (params.yaml's shape, seeded weights) over a static cache, at each batch
+size, as a time per step:
+
+- eager: Transformer.forward with a RaggedStep, the engine's uncompiled step (batch 1: the
+  plain cached step generate takes);
+- compiled: CompiledDecoder as it ships (INDUCTOR_OPTIONS, attention spelled out);
+- "no mm decomposition": without decompose_mm_pass, so a one-row matmul stays a BLAS call;
+- "no realize threshold": inductor's default realize threshold, under which each query's
+  norm and rotation is recomputed for every key it is scored against;
+- "sdpa attention": F.scaled_dot_product_attention inside the graph instead of
+  attention.decode_attention (one opaque call per layer that inductor cannot fuse).
+
+Each variant compiles once per batch size before timing (the compile seconds are printed,
+with the inductor cache this process found: set TORCHINDUCTOR_CACHE_DIR to an empty folder for
+a cold one). Rounds alternate the order of the variants; the figure is the median.
+
+    python benchmarks/compiled_step.py
+    python benchmarks/compiled_step.py --batches 1,16 --seq-len 272 --steps 300 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import nanollm.inference.compiled as compiled
+import nanollm.model.attention as attention
+from nanollm.config import Config
+from nanollm.hardware import describe_machine
+from nanollm.inference.compiled import CompiledDecoder
+from nanollm.model import Transformer
+from nanollm.model.attention import RaggedStep
+
+SHIPPED = dict(compiled.INDUCTOR_OPTIONS)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
+
+
+# variant -> (inductor options, decode attention) the compiled graph is traced with
+VARIANTS = {
+    "compiled": (SHIPPED, attention.decode_attention),
+    "no mm decomposition": ({k: v for k, v in SHIPPED.items() if k != "post_grad_fusion_options"}, None),
+    "no realize threshold": ({k: v for k, v in SHIPPED.items() if k != "realize_opcount_threshold"}, None),
+    "sdpa attention": (SHIPPED, sdpa),
+}
+
+
+def step_of(model: Transformer, name: str, rows: int, seq_len: int) -> tuple[Callable[[], None], float]:
+    """(one decode step of `rows` rows at their positions, the seconds its compile took)."""
+    tokens = torch.zeros(rows, 1, dtype=torch.long)
+    positions = [seq_len // 2 + i for i in range(rows)]
+    if name == "eager":
+        model.setup_cache(rows, seq_len)
+        caches = [layer.attention.cache for layer in model.layers]
+        step = RaggedStep.at(positions, torch.device("cpu")) if rows > 1 else positions[0]
+
+        def eager() -> None:
+            for layer, cache in zip(model.layers, caches, strict=True):
+                layer.attention.cache = cache
+            model(tokens, step)
+
+        return eager, 0.0
+    options, attend = VARIANTS[name]
+    compiled.INDUCTOR_OPTIONS = options  # read when the decoder compiles
+    attention.decode_attention = attend or attention.decode_attention  # read when dynamo traces the step
+    try:
+        decoder = CompiledDecoder(model, max_batch=rows, max_seq_len=seq_len)
+        decoder.warmup([rows])
+    finally:
+        compiled.INDUCTOR_OPTIONS, attention.decode_attention = SHIPPED, VARIANTS["compiled"][1]
+
+    def run() -> None:
+        decoder.attach()
+        decoder(tokens, positions)
+
+    return run, decoder.compile_seconds[rows]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the model's shape")
+    parser.add_argument("--batches", default="1,16", help="rows per step, comma-separated")
+    parser.add_argument("--seq-len", type=int, default=272, help="positions in the static cache (16 + 256)")
+    parser.add_argument("--steps", type=int, default=300, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import yaml
+
+    raw = yaml.safe_load(args.params.read_text()) if args.params.is_file() else {}
+    cfg = Config.from_dict({k: raw[k] for k in ("model", "tokenizer") if k in (raw or {})})
+    torch.manual_seed(0)
+    model = Transformer(cfg.model, cfg.tokenizer.vocab_size).eval()
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"machine: {describe_machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"model {cfg.model.n_layer}L/{cfg.model.n_embd}d/{cfg.tokenizer.vocab_size}v, seeded weights, fp32; "
+          f"cache of {args.seq_len} positions; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    names = ["eager", *VARIANTS]
+    rows_out = []
+    with torch.inference_mode():
+        for rows in (int(b) for b in args.batches.split(",")):
+            steps, compile_s = {}, {}
+            for name in names:
+                steps[name], compile_s[name] = step_of(model, name, rows, args.seq_len)
+            times: dict[str, list[float]] = {name: [] for name in names}
+            for r in range(args.rounds):
+                for name in names if r % 2 == 0 else names[::-1]:
+                    t0 = time.perf_counter()
+                    for _ in range(args.steps):
+                        steps[name]()
+                    times[name].append((time.perf_counter() - t0) / args.steps)
+            med = {name: statistics.median(v) for name, v in times.items()}
+            for name in names:
+                rows_out.append([str(rows), name, f"{med[name] * 1e6:.0f}", f"x{med['eager'] / med[name]:.2f}",
+                                 f"x{med[name] / med['compiled']:.2f}", f"{compile_s[name]:.1f}"])  # fmt: skip
+            model.clear_cache()
+    print(f"load average after: {os.getloadavg()[0]:.2f}\n")
+    header = ["batch", "step", "us a step", "eager / this", "this / compiled", "compile (s)"]
+    print("| " + " | ".join(header) + " |")
+    print("| " + " | ".join("---" for _ in header) + " |")
+    for r in rows_out:
+        print("| " + " | ".join(r) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
