@@ -1,16 +1,12 @@
-"""The compiled decode step's choices, each one taken back: what every setting of nanollm.inference.compiled buys.
+"""The compiled decode step against the eager one, and with its inductor setting taken back.
 
 One step of the model (params.yaml's shape, seeded weights) over a static cache, at each batch
 size, as a time per step:
 
 - eager: Transformer.forward with a RaggedStep, the engine's uncompiled step (batch 1: the
   plain cached step generate takes);
-- compiled: CompiledDecoder as it ships (INDUCTOR_OPTIONS, attention spelled out);
-- "no mm decomposition": without decompose_mm_pass, so a one-row matmul stays a BLAS call;
-- "no realize threshold": inductor's default realize threshold, under which each query's
-  norm and rotation is recomputed for every key it is scored against;
-- "sdpa attention": F.scaled_dot_product_attention inside the graph instead of
-  attention.decode_attention (one opaque call per layer that inductor cannot fuse).
+- compiled: CompiledDecoder as it ships (INDUCTOR_OPTIONS);
+- "no mm decomposition": without decompose_mm_pass, so a one-row matmul stays a BLAS call.
 
 Each variant compiles once per batch size before timing (the compile seconds are printed,
 with the inductor cache this process found: set TORCHINDUCTOR_CACHE_DIR to an empty folder for
@@ -31,10 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import nanollm.inference.compiled as compiled
-import nanollm.model.attention as attention
 from nanollm.config import Config
 from nanollm.hardware import describe_machine
 from nanollm.inference.compiled import CompiledDecoder
@@ -44,16 +38,10 @@ from nanollm.model.attention import RaggedStep
 SHIPPED = dict(compiled.INDUCTOR_OPTIONS)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
-
-
-# variant -> (inductor options, decode attention) the compiled graph is traced with
+# variant -> the inductor options the step is compiled with
 VARIANTS = {
-    "compiled": (SHIPPED, attention.decode_attention),
-    "no mm decomposition": ({k: v for k, v in SHIPPED.items() if k != "post_grad_fusion_options"}, None),
-    "no realize threshold": ({k: v for k, v in SHIPPED.items() if k != "realize_opcount_threshold"}, None),
-    "sdpa attention": (SHIPPED, sdpa),
+    "compiled": SHIPPED,
+    "no mm decomposition": {k: v for k, v in SHIPPED.items() if k != "post_grad_fusion_options"},
 }
 
 
@@ -72,14 +60,12 @@ def step_of(model: Transformer, name: str, rows: int, seq_len: int) -> tuple[Cal
             model(tokens, step)
 
         return eager, 0.0
-    options, attend = VARIANTS[name]
-    compiled.INDUCTOR_OPTIONS = options  # read when the decoder compiles
-    attention.decode_attention = attend or attention.decode_attention  # read when dynamo traces the step
+    compiled.INDUCTOR_OPTIONS = VARIANTS[name]  # read when the decoder compiles
     try:
         decoder = CompiledDecoder(model, max_batch=rows, max_seq_len=seq_len)
         decoder.warmup([rows])
     finally:
-        compiled.INDUCTOR_OPTIONS, attention.decode_attention = SHIPPED, VARIANTS["compiled"][1]
+        compiled.INDUCTOR_OPTIONS = SHIPPED
 
     def run() -> None:
         decoder.attach()

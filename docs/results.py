@@ -110,13 +110,33 @@ def render_readme(data: dict[str, Any]) -> str:
         ),
     ]
     if "min_vs_transformers" in bench:
-        ratios = [v for k, v in bench.items() if k.endswith("_vs_transformers") and k.startswith("p")]
+        ratios = [v for k, v in bench.items() if k.endswith(f"_n{new}_vs_transformers")]
         lengths = "/".join(str(n) for n in p["bench"]["prompt_lengths"])
         rows.append(
             (
-                "batch-1 cached decoding vs transformers' generate at its best (dynamic or static cache), same weights"
+                "batch-1 eager cached decoding vs transformers' generate at its best (dynamic, static or compiled "
+                "static cache), same weights"
                 + (" (the model's Llama counterpart)" if bench.get("peer_on_llama_counterpart") == 1.0 else ""),
                 f"x{min(ratios):.2f}-x{max(ratios):.2f} at prompts {lengths} + {new} ([report](docs/kv_cache.md))",
+            )
+        )
+    if "min_compiled_vs_cached" in bench:
+        gains = [bench[f"p{n}_n{new}_compiled_vs_cached"] for n in p["bench"]["prompt_lengths"]]
+        lengths = "/".join(str(n) for n in p["bench"]["prompt_lengths"])
+        peer = [bench[f"p{n}_n{new}_compiled_vs_transformers"] for n in p["bench"]["prompt_lengths"]
+                if f"p{n}_n{new}_compiled_vs_transformers" in bench]  # fmt: skip
+        rows.append(
+            (
+                f"compiled decode step (`nanollm serve`'s default on the CPU), batch 1, {TIMED}",
+                f"{bench[f'{point}_compiled_tok_s']:.0f} tokens/s at prompt {longest} + {new}: "
+                f"x{min(gains):.2f}-x{max(gains):.2f} the eager cached step at prompts {lengths}"
+                + (
+                    f", x{min(peer):.2f}-x{max(peer):.2f} transformers at its best (compiled static cache included)"
+                    if peer
+                    else ""
+                )  # fmt: skip
+                + f"; cache speedup x{bench[f'{point}_compiled_speedup']:.1f} at {longest} + {new}; "
+                f"compiling took up to {bench['compile_s_max']:.0f} s a shape ([report](docs/kv_cache.md))",
             )
         )
     if "int8_vs_fp32" in bench:
@@ -135,7 +155,13 @@ def render_readme(data: dict[str, Any]) -> str:
         rows.append(
             (
                 f"continuous batching, {most} sequences at once",
-                f"{bench[f'batch{most}_fp32_tok_s']:.0f} tokens/s, x{bench['max_batch_vs_batch1']:.1f} batch 1",
+                f"{bench[f'batch{most}_fp32_tok_s']:.0f} tokens/s, x{bench['max_batch_vs_batch1']:.1f} batch 1"
+                + (
+                    f"; compiled {bench[f'batch{most}_fp32_compiled_tok_s']:.0f} tokens/s, "
+                    f"x{bench['max_batch_vs_batch1_compiled']:.1f} compiled batch 1"
+                    if "max_batch_vs_batch1_compiled" in bench
+                    else ""
+                ),
             )
         )
     lines = ["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)]

@@ -456,11 +456,17 @@ def test_compiled_rows_time_the_compiled_step_beside_the_eager_ones():
 
 
 def test_a_compiled_step_that_reads_unwritten_positions_is_caught(monkeypatch):
-    """The compiled step's tokens are checked as the cached path's are: drop its mask and it attends over the
-    whole static cache, written or not."""
-    import nanollm.model.attention as attention
+    """The compiled step's tokens are checked as the cached path's are: unmask it and it attends over the whole
+    static cache, written or not."""
+    import nanollm.inference.compiled as compiled
+    from nanollm.model.attention import RaggedStep
 
-    real = attention.decode_attention
-    monkeypatch.setattr(attention, "decode_attention", lambda q, k, v, mask: real(q, k, v, torch.ones_like(mask)))
+    class Unmasked(RaggedStep):
+        @classmethod
+        def over_cache(cls, positions, span):
+            step = RaggedStep.over_cache(positions, span)
+            return step._replace(mask=torch.ones_like(step.mask))
+
+    monkeypatch.setattr(compiled, "RaggedStep", Unmasked)
     with pytest.raises(KVCacheMismatchError, match=r"prompt_len=6, new_tokens=10: .* at new token \d+"):
         bench_kvcache(_model(), prompt_lengths=[6], new_tokens=[10], repeats=1, warmup=1, seed=0, compiled=True)

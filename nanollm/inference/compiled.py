@@ -13,10 +13,10 @@ serve every step: the cache is read whole, masked past each row's position
 smallest bucket >= B (powers of two up to max_batch), the spare rows computing into cache
 rows nobody reads, so a server compiles a handful of graphs, not one per batch size.
 
-Two inductor settings are ours, passed per compile and never set globally:
+Two settings are ours, passed per compile and never set globally:
 - decompose_mm_pass: a matmul of one row (batch-1 decoding) becomes a product and a sum,
   which inductor fuses with the norms, RoPE and the value mix around it instead of calling
-  BLAS once per weight;
+  BLAS once per weight (benchmarks/compiled_step.py measures what it buys);
 - the compile is fullgraph: a graph break is an error here, not a silent slowdown
   (tests/test_compiled.py checks there is none with torch._dynamo.explain).
 
@@ -41,7 +41,7 @@ __all__ = ["CompiledDecoder", "INDUCTOR_OPTIONS", "batch_buckets"]
 
 log = logging.getLogger(__name__)
 
-INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "realize_opcount_threshold": 16}
+INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 
 def batch_buckets(max_batch: int) -> list[int]:

@@ -183,25 +183,6 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query per row against its keys, spelled out: q (B, nh, 1, hs), k, v (B, nkv, S, hs), mask (B, 1, 1, S).
-
-    The form a compiled decode step takes. Written as products and sums, inductor fuses the
-    scores, the mask, the softmax and the weighted sum into a couple of loops over the cache;
-    SDPA is one opaque call that the compiled graph must make as it is, and on the CPU its
-    kernel for one masked query over a whole static cache costs more than the layer's
-    matmuls (docs/kv_cache.md has the profile). Grouped-query heads share their K/V through
-    a view, never a copy. Softmax in fp32 whatever the input dtype.
-    """
-    B, nh, _, hs = q.shape
-    nkv, S = k.size(1), k.size(2)
-    q = q.view(B, nkv, nh // nkv, hs)  # (B, nkv, rep, hs): query heads grouped by the kv head they read
-    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(hs)  # (B, nkv, rep, S)
-    scores = scores.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))
-    y = scores.softmax(dim=-1).to(v.dtype) @ v  # (B, nkv, rep, hs)
-    return y.view(B, nh, 1, hs)
-
-
 def flash_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
     """nanollm.model.flash: the from-scratch tiled FlashAttention (K/V heads repeated for GQA)."""
     rep = q.size(1) // k.size(1)
@@ -295,13 +276,8 @@ class Attention(nn.Module):
             if self.cache is None:
                 raise RuntimeError("a ragged decode step needs setup_cache() first")
             k, v = self.cache.update_ragged(start_pos, k, v)  # (B, nkv, S, hs)
-            if torch.compiler.is_compiling():
-                y = decode_attention(q, k, v, start_pos.mask)  # (B, nh, 1, hs), fused by inductor
-            else:
-                # Whatever the backend: the fused kernel with a per-row mask is the one that takes ragged rows.
-                y = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=start_pos.mask, enable_gqa=q.size(1) != k.size(1)
-                )  # (B, nh, 1, hs)
+            # Whatever the backend: the fused kernel with a per-row mask is the one that takes ragged rows.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=start_pos.mask, enable_gqa=q.size(1) != k.size(1))
             y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, 1, nh * hs)
             return self.wo(y), values
         if start_pos is None:
