@@ -55,6 +55,8 @@ def test_the_decode_step_is_one_graph_with_no_break(name, rows):
     decoder.close()
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+    # int8 matmuls stay nanollm's kernel inside the graph: one opaque operator each (quantize.py)
+    assert ("nanollm.int8_matmul" in explanation.graphs[0].code) == name.endswith("-int8")
 
 
 @pytest.mark.parametrize("name", NAMES)
