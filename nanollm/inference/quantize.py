@@ -101,8 +101,8 @@ def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, sc
     K = x.shape[-1]
     if torch.compiler.is_compiling():
         # One opaque operator in a compiled graph, which runs this function's eager choice of kernel when called:
-        # the kernels are ctypes and aten calls dynamo cannot trace, and inductor's own dequantize-then-matmul
-        # was 4-7x slower than nanollm's kernel at the default shape and ~11x at GPT-2 124M's (docs/serving.md)
+        # dynamo cannot trace the ctypes kernel, and inductor's own dequantize-then-matmul streams the weights
+        # several times slower than it (benchmarks/int8_matmul.py; docs/serving.md)
         return torch.ops.nanollm.int8_matmul(x, weight, scales, scales_bf16, max_rows, native)
     if native and x.dtype == torch.float32 and x.is_cpu:
         if x.numel() <= (NATIVE_MAX_ROWS if max_rows is None else max_rows) * K:
@@ -138,9 +138,8 @@ def _int8_matmul_op(
 ) -> torch.Tensor:
     """_int8_matmul as one operator (nanollm::int8_matmul), which a compiled graph calls as it is (compiled.py).
 
-    A Python custom op costs a few microseconds a call more than the eager function: a default-model
-    step (17 int8 matmuls) took ~1.25x the time of inductor's fused dequantize-then-matmul, a GPT-2
-    124M step 0.09x. The int8 model is for the large shapes.
+    A Python custom op costs a few microseconds a call more than the eager function: a price worth
+    paying where the weights are large, which is where int8 pays at all (docs/serving.md).
     """
     return _int8_matmul(x, weight, scales, scales_bf16, max_rows, native)
 
