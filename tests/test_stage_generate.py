@@ -126,3 +126,13 @@ def test_several_prompts_decode_as_one_batch_each_as_it_would_alone(project):
     params = [SamplingParams(max_tokens=8, temperature=0.9, seed=5 + i) for i in range(3)]
     batched = generate_batch(model, [[tok.eot_id, *tok.encode(p)] for p in prompts], params, stop_id=tok.eot_id)
     assert [t.removesuffix("\n") for t in texts] == [p + tok.decode(n) for p, n in zip(prompts, batched, strict=True)]
+
+
+def test_compile_decodes_the_same_text_alone_and_in_a_batch(project):
+    """--compile: the compiled decode step, one prompt (generate with a CompiledDecoder) and several (the engine)."""
+    for prompts in (["def "], ["def ", "class Point:"]):
+        args = [a for p in prompts for a in ("--prompt", p)]
+        args += ["--max-new-tokens", "20", "--temperature", "0", "--threads", "1"]
+        eager, compiled = _run(*args), _run(*args, "--compile")
+        assert eager.exit_code == 0 and compiled.exit_code == 0, compiled.output
+        assert compiled.stdout == eager.stdout
