@@ -47,7 +47,7 @@ TINY = {
         "dtype": "float32",
     },
     "eval": {"max_tokens": 2000, "sample_tokens": 16},
-    "bench": {"prompt_lengths": [8, 16], "new_tokens": [8], "repeats": 1, "warmup": 0},
+    "bench": {"prompt_lengths": [8, 16], "new_tokens": [8], "repeats": 1, "warmup": 0, "compile": False},
     "tracking": {"enabled": False},  # MLflow's start-up would double each stage's time; tracking is no DVC dep
 }
 

@@ -54,7 +54,14 @@ TINY = {
     "eval": {"max_tokens": None, "sample_tokens": 16},  # all of val: the bytes gzip and the unigram see
     # The race against transformers has its stage test (tests/test_stage_bench.py); here it would
     # add ~4.5 s (its import and two generate() caches) to each of the module's four bench runs.
-    "bench": {"prompt_lengths": [8, 32], "new_tokens": [8], "repeats": 1, "warmup": 0, "compare_transformers": False},
+    "bench": {
+        "prompt_lengths": [8, 32],
+        "new_tokens": [8],
+        "repeats": 1,
+        "warmup": 0,
+        "compare_transformers": False,
+        "compile": False,
+    },  # the compiled step has its stage tests; here it would add a compile per shape
 }
 MECHANICS_STEPS = 20  # the reruns and experiments after the first test what DVC and MLflow do, not learning
 

@@ -711,7 +711,8 @@ def test_metrics_parse_and_move_with_the_requests(served):
     assert moved("nanollm_generation_tokens_total") == 10
     assert moved("nanollm_time_to_first_token_seconds_count") == 1
     assert moved("nanollm_time_per_output_token_seconds_count") == 1
-    assert moved("nanollm_time_per_output_token_seconds_sum") > 0
+    # the time is the client's: a loop that lags behind the engine gets all ten tokens in one wake-up, which is 0 s
+    assert moved("nanollm_time_per_output_token_seconds_sum") >= 0
     assert after[("nanollm_queue_depth", ())] == 0 and after[("nanollm_running_sequences", ())] == 0
 
 

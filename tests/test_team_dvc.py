@@ -45,6 +45,7 @@ TEAM = {
         "compare_transformers": False,
         "batch_sizes": [1],
         "int8": False,
+        "compile": False,
         "batch_prompt_len": 4,
         "batch_new_tokens": 4,
     },

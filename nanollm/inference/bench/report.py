@@ -107,8 +107,8 @@ def _compiled(rows: Sequence[Row], counterpart: bool) -> list[str]:
     out = [
         "",
         "The compiled decode step (nanollm.inference.compiled: torch.compile over a static cache, prefill eager), "
-        "timed in the same rounds as the eager paths above; its first call at each point compiles, in the "
-        "untimed warm-up round:",
+        "timed in the same rounds as the eager paths above; it compiles at each point before the rounds, on no "
+        "clock:",
         "",
         "| prompt | new tokens | eager cached tok/s | compiled tok/s | compiled / eager |"
         + (" compiled / uncached |" if uncached else "")
