@@ -124,6 +124,7 @@ def command(
         from nanollm.inference.compiled import CompiledDecoder
 
         compiled = CompiledDecoder(model, max_seq_len=len(ids) + max_new_tokens)
+        compiled.warmup()  # before any text: a failed compile is a one-line error, not a stream cut short
     stream = generate(
         model,
         ids,

@@ -90,7 +90,7 @@ _MIN_CONNECTIONS = 256
     default=None,
     help="Decode through a torch.compile'd step (one graph per batch bucket, compiled before the server "
     "listens: seconds to minutes with a cold compile cache, docs/serving.md). [default: on for the CPU, "
-    "where it was measured; off elsewhere]",
+    "where it was measured, falling back to the eager step with a warning where compiling fails; off elsewhere]",
 )
 @click.option(
     "--threads",
@@ -172,16 +172,10 @@ def command(
 
     import uvicorn
 
-    from nanollm.inference.engine import Engine
     from nanollm.inference.server import create_app
 
     log = logging.getLogger(__name__)
-    if compile_ is None:
-        compile_ = device.type == "cpu"
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, stop_id=tok.eot_id, compile=compile_)
-    if compile_:
-        log.info("compiling the decode step for batches of %s", ", ".join(map(str, engine.decoder.buckets)))
-        log.info("compiled the decode step in %.1f s", engine.warmup())
+    engine = _engine(model, tok, max_batch, max_queue, compile_, device, log)
     app = create_app(engine, tok, model_name=model_name, api_key=api_key, request_timeout=request_timeout or None)
     url = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}/v1"
     log.info(
@@ -201,6 +195,33 @@ def command(
         app, log_config=None, timeout_graceful_shutdown=_GRACE_S, lifespan="on", limit_concurrency=max_connections
     )
     uvicorn.Server(config).run(sockets=[sock])  # Ctrl+C: uvicorn stops, then re-raises KeyboardInterrupt
+
+
+def _engine(model, tok, max_batch: int, max_queue: int, compile_: bool | None, device, log) -> Any:
+    """The batching engine, its decode step compiled for every bucket before the server listens.
+
+    compile_ None is the default: compiled on the CPU, eager elsewhere; and where compiling fails (no C++
+    compiler, say) the server warns in one line and serves the eager step. An explicit --compile fails instead.
+    """
+    from nanollm.inference.compiled import CompileFailed
+    from nanollm.inference.engine import Engine
+
+    def make(compiled: bool) -> Engine:
+        return Engine(model, max_batch=max_batch, max_queue=max_queue, stop_id=tok.eot_id, compile=compiled)
+
+    engine = make(compile_ if compile_ is not None else device.type == "cpu")
+    if engine.decoder is None:
+        return engine
+    log.info("compiling the decode step for batches of %s", ", ".join(map(str, engine.decoder.buckets)))
+    try:
+        log.info("compiled the decode step in %.1f s", engine.warmup())
+    except CompileFailed as err:
+        engine.close()
+        if compile_:
+            raise
+        log.warning("%s: serving the eager decode step", err)
+        engine = make(False)
+    return engine
 
 
 def _explicit(click_ctx: click.Context, name: str) -> bool:

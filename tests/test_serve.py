@@ -451,6 +451,23 @@ def test_nanollm_serve_answers_the_openai_client_and_stops_on_ctrl_c(files, tmp_
         assert "Application shutdown complete" in rest and rest.rstrip().endswith("Interrupted.")
 
 
+def test_nanollm_serve_without_a_cxx_compiler_warns_and_serves_the_eager_step(files, tmp_path):
+    """Its default compiles; where that cannot work (no C++ compiler, an empty compile cache) it says so in one line
+    and serves anyway. An explicit --compile fails instead."""
+    checkpoint, tokenizer, tok = files
+    _params(tmp_path)
+    env = tool_env(CXX="/nonexistent/g++", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    args = ["--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer)]
+    with _nanollm_serve(*args, cwd=tmp_path, env=env, compiled=True) as (server, url):
+        [warning] = [line for line in server.startup_log.splitlines() if "compiling the decode step failed" in line]
+        assert "WARNING" in warning and warning.endswith("serving the eager decode step")
+        assert _served_text(url, "def ", 12) == _greedy_text(checkpoint, tok, "def ", 12)
+    command = ["nanollm", "serve", "--port", "0", "--threads", "1", "--max-batch", "2", "--compile", *args]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "compiling the decode step failed" in done.stderr.strip().splitlines()[-1]
+
+
 def test_nanollm_serve_a_registered_model(files, tmp_path, empty_store):
     from nanollm.config import EvalConfig, TrackingConfig
     from nanollm.tracking.models import log_model, register_run

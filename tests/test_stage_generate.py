@@ -1,12 +1,14 @@
 """`nanollm generate` on a tiny real checkpoint and tokenizer: streamed text, sampling options, seeds, stops."""
 
 import re
+import subprocess
 
 import click
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import tool_env
 
 from nanollm.checkpoint import save_checkpoint
 from nanollm.config import ModelConfig, TokenizerConfig
@@ -136,3 +138,15 @@ def test_compile_decodes_the_same_text_alone_and_in_a_batch(project):
         eager, compiled = _run(*args), _run(*args, "--compile")
         assert eager.exit_code == 0 and compiled.exit_code == 0, compiled.output
         assert compiled.stdout == eager.stdout
+
+
+def test_compile_without_a_cxx_compiler_is_a_one_line_error(project, tmp_path):
+    """No working C++ compiler (inductor's CPU code needs one) and an empty compile cache: one line, exit 1."""
+    root, _, _ = project
+    env = tool_env(CXX="/nonexistent/g++", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    done = subprocess.run(["nanollm", "generate", "--prompt", "def ", "--compile", "--threads", "1"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1 and done.stdout == ""
+    assert "Traceback" not in done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "compiling the decode step failed" in line]
+    assert "/nonexistent/g++" in line and "--no-compile" in line

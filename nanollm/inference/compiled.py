@@ -35,13 +35,19 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from nanollm.errors import NanollmError, first_line
 from nanollm.model.attention import RaggedStep
 
-__all__ = ["CompiledDecoder", "INDUCTOR_OPTIONS", "batch_buckets"]
+__all__ = ["CompileFailed", "CompiledDecoder", "INDUCTOR_OPTIONS", "batch_buckets"]
 
 log = logging.getLogger(__name__)
 
 INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+
+
+class CompileFailed(NanollmError):
+    """torch.compile could not build the decode step here: most often no working C++ compiler (inductor's CPU
+    code needs one: g++, or clang++ on macOS, or $CXX)."""
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -122,13 +128,19 @@ class CompiledDecoder:
         if b != rows:  # spare rows decode token 0 at position 0 of rows nobody reads
             tokens = torch.cat([tokens, tokens.new_zeros(b - rows, 1)])
             positions = torch.cat([positions, positions.new_zeros(b - rows)])
-        if b not in self.compile_seconds:
-            start = time.perf_counter()
-            logits = self._compiled(self.model, tokens, positions)
-            self.compile_seconds[b] = time.perf_counter() - start
-            log.info("compiled the decode step for batch %d in %.1f s", b, self.compile_seconds[b])
-            return logits[:rows]
-        return self._compiled(self.model, tokens, positions)[:rows]
+        if b in self.compile_seconds:
+            return self._compiled(self.model, tokens, positions)[:rows]
+        start = time.perf_counter()
+        try:
+            logits = self._compiled(self.model, tokens, positions)  # the first call at this bucket compiles
+        except Exception as err:
+            raise CompileFailed(
+                f"compiling the decode step failed ({first_line(err)}); install a C++ compiler or set CXX to one, "
+                "or decode eagerly (--no-compile; bench.compile: false)"
+            ) from None
+        self.compile_seconds[b] = time.perf_counter() - start
+        log.info("compiled the decode step for batch %d in %.1f s", b, self.compile_seconds[b])
+        return logits[:rows]
 
     def warmup(self, buckets: Sequence[int] | None = None) -> float:
         """Compile every bucket now (a server does, so no request waits for a compile); returns the seconds.

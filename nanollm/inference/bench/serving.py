@@ -104,7 +104,7 @@ def bench_batching(
 
         return once
 
-    kinds = {**{w: (m, run) for w, m in models.items()}}
+    kinds = {w: (m, run) for w, m in models.items()}
     if compiled:
         kinds.update({f"{w}_compiled": (m, run_compiled) for w, m in models.items()})
     # (weights, batch) -> its timed call; at each batch size the kinds of weights are neighbours
