@@ -209,19 +209,21 @@ def _engine(model, tok, max_batch: int, max_queue: int, compile_: bool | None, d
     def make(compiled: bool) -> Engine:
         return Engine(model, max_batch=max_batch, max_queue=max_queue, stop_id=tok.eot_id, compile=compiled)
 
-    engine = make(compile_ if compile_ is not None else device.type == "cpu")
-    if engine.decoder is None:
-        return engine
-    log.info("compiling the decode step for batches of %s", ", ".join(map(str, engine.decoder.buckets)))
+    if not (compile_ if compile_ is not None else device.type == "cpu"):
+        return make(False)
+    engine = None
     try:
+        engine = make(True)
+        log.info("compiling the decode step for batches of %s", ", ".join(map(str, engine.decoder.buckets)))
         log.info("compiled the decode step in %.1f s", engine.warmup())
+        return engine
     except CompileFailed as err:
-        engine.close()
+        if engine is not None:
+            engine.close()
         if compile_:
             raise
         log.warning("%s: serving the eager decode step", err)
-        engine = make(False)
-    return engine
+        return make(False)
 
 
 def _explicit(click_ctx: click.Context, name: str) -> bool:

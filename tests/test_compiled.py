@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 
@@ -113,3 +116,24 @@ def test_engine_warmup_compiles_every_bucket_before_the_first_request():
     finally:
         engine.close()
     assert model.cache_bytes() == 0
+
+
+def test_the_compile_cache_is_a_folder_only_we_can_write(tmp_path, monkeypatch):
+    """Inductor loads the libraries it finds in its cache: never from /tmp/torchinductor_<user>, which anyone could
+    create first, nor from a folder others can write."""
+    from nanollm.inference.compiled import CompileFailed
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("NANOLLM_CACHE_DIR", str(tmp_path / "nanollm"))
+    decoder = CompiledDecoder(model_for("default"), max_seq_len=16)
+    assert decoder.cache_dir == (tmp_path / "nanollm" / "inductor").resolve()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(decoder.cache_dir)
+    assert stat.S_IMODE(decoder.cache_dir.stat().st_mode) == 0o700
+    decoder.close()
+
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    planted.chmod(0o777)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(planted))
+    with pytest.raises(CompileFailed, match=r"refused to compile .*/planted is writable by group or others \(mode 7"):
+        CompiledDecoder(model_for("default"), max_seq_len=16)
