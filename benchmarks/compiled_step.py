@@ -1,12 +1,14 @@
-"""The compiled decode step against the eager one, and with its inductor setting taken back.
+"""The compiled decode step against the eager one, and with each of its settings taken back.
 
 One step of the model (params.yaml's shape, seeded weights) over a static cache, at each batch
 size, as a time per step:
 
 - eager: Transformer.forward with a RaggedStep, the engine's uncompiled step (batch 1: the
   plain cached step generate takes);
-- compiled: CompiledDecoder as it ships (INDUCTOR_OPTIONS);
-- "no mm decomposition": without decompose_mm_pass, so a one-row matmul stays a BLAS call.
+- compiled: CompiledDecoder as it ships (COMPILE_OPTIONS);
+- "no mm decomposition": without decompose_mm_pass, so a one-row matmul stays a BLAS call;
+- "python wrapper": without cpp_wrapper, so a Python function calls the generated kernels;
+- "every guard": without the guard filter, so dynamo checks every guard it made before a call.
 
 Each variant compiles once per batch size before timing (the compile seconds are printed,
 with the inductor cache this process found: set TORCHINDUCTOR_CACHE_DIR to an empty folder for
@@ -35,13 +37,19 @@ from nanollm.inference.compiled import CompiledDecoder
 from nanollm.model import Transformer
 from nanollm.model.attention import RaggedStep
 
-SHIPPED = dict(compiled.INDUCTOR_OPTIONS)
+SHIPPED = dict(compiled.COMPILE_OPTIONS)
 
 
-# variant -> the inductor options the step is compiled with
+def without(key: str) -> dict:
+    return {k: v for k, v in SHIPPED.items() if k != key}
+
+
+# variant -> the options the step is compiled with
 VARIANTS = {
     "compiled": SHIPPED,
-    "no mm decomposition": {k: v for k, v in SHIPPED.items() if k != "post_grad_fusion_options"},
+    "no mm decomposition": without("post_grad_fusion_options"),
+    "python wrapper": without("cpp_wrapper"),
+    "every guard": without("guard_filter_fn"),
 }
 
 
@@ -60,12 +68,12 @@ def step_of(model: Transformer, name: str, rows: int, seq_len: int) -> tuple[Cal
             model(tokens, step)
 
         return eager, 0.0
-    compiled.INDUCTOR_OPTIONS = VARIANTS[name]  # read when the decoder compiles
+    compiled.COMPILE_OPTIONS = VARIANTS[name]  # read when the decoder compiles
     try:
         decoder = CompiledDecoder(model, max_batch=rows, max_seq_len=seq_len)
         decoder.warmup([rows])
     finally:
-        compiled.INDUCTOR_OPTIONS = SHIPPED
+        compiled.COMPILE_OPTIONS = SHIPPED
 
     def run() -> None:
         decoder.attach()

@@ -381,14 +381,14 @@ def test_every_benchmark_script_has_a_smoke_test():
 
 
 @smoke("compiled_step.py")
-def test_compiled_step_times_eager_compiled_and_the_setting_taken_back(tmp_path):
+def test_compiled_step_times_eager_compiled_and_each_setting_taken_back(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("model: {n_layer: 1, n_head: 2, n_embd: 32, block_size: 16}\ntokenizer: {vocab_size: 300}\n")
     out = _run("compiled_step.py", "--params", str(params), "--batches", "1,2", "--seq-len", "16", "--steps", "3",
                "--rounds", "2", "--threads", "1")  # fmt: skip
     header, rows = _table(out, "batch")
     assert header == ["batch", "step", "us a step", "eager / this", "this / compiled", "compile (s)"]
-    names = ["eager", "compiled", "no mm decomposition"]
+    names = ["eager", "compiled", "no mm decomposition", "python wrapper", "every guard"]
     assert [(r[0], r[1]) for r in rows] == [(b, n) for b in ("1", "2") for n in names]
     assert all(_number(r[2]) > 0 for r in rows)
     assert all(_number(r[5]) > 0 for r in rows if r[1] != "eager")

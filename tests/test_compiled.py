@@ -80,6 +80,24 @@ def test_compiled_generate_equals_eager_generate(name):
     decoder.close()
 
 
+def test_the_tensor_guards_stay_a_cache_of_another_shape_is_never_read_as_the_old_one():
+    """The guard filter drops the checks on Python objects, not on tensors: a step over a cache the graph was not
+    compiled for (attach() skipped after an eager call replaced it) gets a graph of its own, and the eager logits."""
+    from nanollm.model.attention import RaggedStep
+
+    model = model_for("default")
+    decoder = CompiledDecoder(model, max_seq_len=24)
+    decoder.warmup()
+    model.setup_cache(1, 16)  # as eager decoding would: the model's cache, another shape
+    with torch.inference_mode():
+        model(torch.tensor([[3, 4, 5]]), start_pos=0)  # rows of the 16-position cache, written eagerly
+        tokens, positions = torch.tensor([[6]]), torch.tensor([3])
+        eager = model(tokens, RaggedStep.over_cache(positions, 16))[:, -1, :]
+        compiled = decoder._compiled(model, tokens, positions)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    decoder.close()
+
+
 def test_compiled_generate_refuses_what_the_cache_cannot_hold():
     model = model_for("default")
     decoder = CompiledDecoder(model, max_seq_len=16)

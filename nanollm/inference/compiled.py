@@ -13,10 +13,22 @@ serve every step: the cache is read whole, masked past each row's position
 smallest bucket >= B (powers of two up to max_batch), the spare rows computing into cache
 rows nobody reads, so a server compiles a handful of graphs, not one per batch size.
 
-Two settings are ours, passed per compile and never set globally:
+Our settings, passed per compile and never set globally (benchmarks/compiled_step.py takes
+each one back in turn and measures what it buys):
 - decompose_mm_pass: a matmul of one row (batch-1 decoding) becomes a product and a sum,
   which inductor fuses with the norms, RoPE and the value mix around it instead of calling
-  BLAS once per weight (benchmarks/compiled_step.py measures what it buys);
+  BLAS once per weight;
+- cpp_wrapper: the generated code calls its kernels from C++, not from a Python wrapper
+  function, which at ~30 kernels a step is a fixed cost per token;
+- tensor guards only (tensor_guards_only): before each call dynamo checks that the step's
+  inputs still look as they did when it was compiled. The checks on tensors (shape, dtype,
+  strides, device) stay: they are what sends a batch to its bucket's graph. The checks on
+  Python objects go: the modules' identities and attributes, globals, the grad mode. A
+  decoder is built for one model and calls it only under inference mode, so those never
+  change under it, and checking them took a tenth of a batch-1 step. What this asks of
+  callers: don't change the model's structure (swap or quantize its modules, drop its
+  packs) once a decoder is built over it; build a new decoder instead. Weights changed in
+  place are read as they are: they are the graph's inputs, not constants;
 - the compile is fullgraph: a graph break is an error here, not a silent slowdown
   (tests/test_compiled.py checks there is none with torch._dynamo.explain).
 
@@ -45,11 +57,27 @@ from nanollm.errors import NanollmError, first_line
 from nanollm.inference.native import NotPrivate, kernel_cache_dir, private_folder
 from nanollm.model.attention import RaggedStep
 
-__all__ = ["CompileFailed", "CompiledDecoder", "INDUCTOR_OPTIONS", "batch_buckets"]
+__all__ = [
+    "COMPILE_OPTIONS",
+    "CompileFailed",
+    "CompiledDecoder",
+    "INDUCTOR_OPTIONS",
+    "batch_buckets",
+    "tensor_guards_only",
+]
 
 log = logging.getLogger(__name__)
 
-INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+INDUCTOR_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp_wrapper": True}
+
+
+def tensor_guards_only(guards: Sequence) -> list[bool]:
+    """Dynamo's guard filter for the decode step: keep the checks on tensors, drop the rest (module docstring)."""
+    return [guard.guard_type == "TENSOR_MATCH" for guard in guards]
+
+
+# What the decode step compiles with: the inductor settings and the guard filter.
+COMPILE_OPTIONS = {**INDUCTOR_OPTIONS, "guard_filter_fn": tensor_guards_only}
 
 
 class CompileFailed(NanollmError):
@@ -137,7 +165,7 @@ class CompiledDecoder:
             model.pack_for_decode()  # the compiled graph trusts the packs (packing.py): pack first
             model.setup_cache(max_batch, self.max_seq_len)
         self._caches = [layer.attention.cache for layer in model.layers]
-        self._compiled = torch.compile(_own_step(), fullgraph=True, dynamic=False, options=INDUCTOR_OPTIONS)
+        self._compiled = torch.compile(_own_step(), fullgraph=True, dynamic=False, options=COMPILE_OPTIONS)
 
     def attach(self) -> None:
         """Make the decoder's cache the model's again (eager decoding in between replaces it)."""

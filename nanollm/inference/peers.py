@@ -77,9 +77,10 @@ def transformers_greedy(model: Transformer) -> Callable[..., list[int]]:
     - "compiled": the same static cache with the forward compiled, as transformers' docs on
       static caches and torch.compile set it up (model.forward = torch.compile(model.forward,
       fullgraph=True)), on a twin of its own so the other settings stay eager, and with the
-      inductor settings of our own compiled step (nanollm.inference.compiled.INDUCTOR_OPTIONS),
-      so both sides get the same compiler. Each new shape compiles once (prefill at each
-      prompt length, the decode step at each cache length): time only after a warm-up call.
+      settings of our own compiled step (nanollm.inference.compiled.COMPILE_OPTIONS: its
+      inductor options and its tensor-only guards), so both sides get the same compiler. Each
+      new shape compiles once (prefill at each prompt length, the decode step at each cache
+      length): time only after a warm-up call.
     """
     twin = transformers_twin(model)
     compiled_twin = None
@@ -96,11 +97,11 @@ def transformers_greedy(model: Transformer) -> Callable[..., list[int]]:
         runner = twin
         if cache == "compiled":
             if compiled_twin is None:
-                from nanollm.inference.compiled import INDUCTOR_OPTIONS
+                from nanollm.inference.compiled import COMPILE_OPTIONS
 
                 compiled_twin = transformers_twin(model)
                 compiled_twin.forward = torch.compile(
-                    compiled_twin.forward, fullgraph=True, dynamic=False, options=INDUCTOR_OPTIONS
+                    compiled_twin.forward, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS
                 )
             runner = compiled_twin
         # Dynamo counts compiled graphs per code object, and every LlamaForCausalLM shares its forward's: a
