@@ -256,7 +256,10 @@ def cpu_matmul_peak(threads: int, size: int = 1024, repeats: int = 10, dtype: to
 
 
 def _best_matmul_seconds(size: int, dtype: torch.dtype, repeats: int) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    # a generator of its own: the probe's size depends on timing, so draws from the global stream would leave
+    # it wherever this machine's speed put it, and a resumed run's RNG state would differ from an unbroken one's
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
     a @ b  # warm-up: thread pool start, page faults
     best = math.inf
     for _ in range(repeats):

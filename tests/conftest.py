@@ -44,6 +44,42 @@ def tool_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+# Entries of train_state.pt that are the wall clock's, not training's: the only ones a resumed run may differ in
+# (each session's first step is an untimed warm-up, so a resumed run also times one step fewer).
+WALL_CLOCK = {"train_seconds", "window_seconds", "seconds", "timed_steps", "tokens_per_s", "mfu"}
+
+
+def training_state_differences(a, b, path: str = "") -> list[str]:
+    """Where two checkpoints' train_state.pt (or any nested state) differ, wall-clock entries aside; [] when equal."""
+    import torch
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
+        return [d for k in a if k not in WALL_CLOCK for d in training_state_differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} != {len(b)} entries"]
+        pairs = enumerate(zip(a, b, strict=True))
+        return [d for i, (x, y) in pairs for d in training_state_differences(x, y, f"{path}[{i}]")]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return [] if same else [path]
+    return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """Two checkpoint folders hold the same run: weights bitwise, and every entry of the training state but the
+    wall clock's (optimizer, RNG streams, step, history) equal."""
+    import torch
+
+    wa, wb = (torch.load(folder / "model.pt", weights_only=True) for folder in (a, b))
+    assert wa.keys() == wb.keys()
+    assert not (different := [k for k in wa if not torch.equal(wa[k], wb[k])]), f"weights differ: {different}"
+    sa, sb = (torch.load(folder / "train_state.pt", weights_only=True) for folder in (a, b))
+    assert not (different := training_state_differences(sa, sb)), f"training state differs: {different[:10]}"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -147,6 +147,14 @@ def test_cpu_peak_is_measured_once():
     assert peak > 1e8 and cpu_matmul_peak(1) == peak  # > 0.1 GFLOP/s on anything; cached
 
 
+def test_the_peak_probe_leaves_the_global_rng_alone():
+    """Its matmul size depends on timing: drawn from torch's stream, a resumed run's RNG state would differ."""
+    before = torch.get_rng_state()
+    cpu_matmul_peak.cache_clear()
+    cpu_matmul_peak(1, dtype=torch.bfloat16)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 # ---------------------------------------------------------------------------- naming the machine
 
 

@@ -2,7 +2,8 @@
 
 Each run is a separate `nanollm pretrain` process on tiny memmaps (one thread, so CPU
 arithmetic is bitwise repeatable). A run killed with SIGKILL or stopped with SIGTERM, then
-re-run, must end with the very tensors of a run never interrupted.
+re-run, must end with the very tensors of a run never interrupted: weights, optimizer state, RNG
+streams and history, every entry of the saved state but the wall clock's.
 """
 
 import json
@@ -17,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
-from conftest import tool_env
+from conftest import assert_same_training, tool_env
 
 from nanollm.data.tokens import write_tokens
 
@@ -100,17 +100,6 @@ def _wait_for_checkpoint(proc: subprocess.Popen, folder: Path, timeout: float = 
     raise AssertionError("no checkpoint appeared")
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    return torch.load(folder / "model.pt", weights_only=True)
-
-
-def _assert_bitwise_equal(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not different, f"tensors differ: {different}"
-
-
 def _dvc_project(path: Path) -> Path:
     """The shipped pretrain stage (persist: true) alone in a tiny git + DVC repo."""
     project = _project(path)
@@ -173,7 +162,7 @@ def test_kill_9_then_rerun_ends_bitwise_identical(runs):
     assert case["seen"] <= case["after"] < STEPS
     assert _resumed_step(case["rerun"]) == case["after"]
     assert _checkpoint_step(_final(case)) == STEPS
-    _assert_bitwise_equal(_final(case), reference / "models" / "checkpoint")
+    assert_same_training(_final(case), reference / "models" / "checkpoint")
     # the curves cover the whole run, as if never interrupted
     for name in ("train_curve.csv", "val_curve.csv"):
         assert (case["project"] / "reports" / name).read_text() == (reference / "reports" / name).read_text()
@@ -188,7 +177,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero(runs):
     assert case["after"] == stopped_at < STEPS  # saved at the step it stopped at, not only at an interval
     assert not case["metrics_written"]  # nothing DVC could take for a finished stage
     assert "resuming from models/checkpoint (step" in case["rerun"] and _resumed_step(case["rerun"]) == stopped_at
-    _assert_bitwise_equal(_final(case), reference / "models" / "checkpoint")
+    assert_same_training(_final(case), reference / "models" / "checkpoint")
 
 
 @pytest.mark.slow
@@ -197,7 +186,7 @@ def test_dvc_repro_resumes_after_kill_9(runs):
     assert case["returncode"] == -signal.SIGKILL and case["after"] < STEPS
     assert _resumed_step(case["rerun"]) == case["after"] > 0, case["rerun"][-3000:]
     assert _checkpoint_step(_final(case)) == STEPS
-    _assert_bitwise_equal(_final(case), reference / "models" / "checkpoint")
+    assert_same_training(_final(case), reference / "models" / "checkpoint")
     status = subprocess.run(
         [sys.executable, "-m", "dvc", "status"], cwd=case["project"], env=_env(), capture_output=True, text=True
     )

@@ -1,17 +1,23 @@
-"""What a run is besides its weights: progress, every RNG stream, optimizer and loss-scale state.
+"""What a run is besides its weights: progress, the RNG streams it draws from, optimizer and loss-scale state.
 
 `capture` makes the dict a checkpoint stores (torch.load(weights_only=True) reads it back);
 `restore` puts it back so the next step is the one an uninterrupted run would take. Files are
 nanollm/checkpoint.py's business; the loop that calls these is nanollm/training/loop.py.
+
+The streams saved are the ones training draws from: the batch generator and torch's global
+stream (CUDA's on a GPU). Nothing in training draws from numpy's or Python's, and nothing
+seeds them, so their states were the operating system's entropy: saved, they made two
+runs of the same steps differ in state they never used. Anything that draws from torch's
+global stream once per session with a count that depends on the machine (a timing probe)
+must take a generator of its own, or a resumed run's state would not be an unbroken one's
+(tests/test_resume.py compares every entry but the wall-clock ones).
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 
@@ -33,15 +39,8 @@ class Progress:
 
 
 def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
-    """Every random stream: the batch generator (the data position), torch, CUDA, numpy, Python."""
-    numpy_state = np.random.get_state(legacy=False)
-    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))  # a tensor
-    state = {
-        "batch_rng": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "numpy_rng": numpy_state,
-        "python_rng": random.getstate(),
-    }
+    """The random streams training draws from: the batch generator (the data position), torch's, CUDA's."""
+    state = {"batch_rng": generator.get_state(), "torch_rng": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
     return state
@@ -49,12 +48,7 @@ def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any
 
 def restore_rng(state: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:
     generator.set_state(state["batch_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    numpy_state = dict(state["numpy_rng"])
-    numpy_state["state"] = {**numpy_state["state"], "key": numpy_state["state"]["key"].numpy().astype(np.uint32)}
-    np.random.set_state(numpy_state)
-    version, internal, gauss = state["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch_rng"])  # numpy_rng, python_rng in older checkpoints: never drawn from
     if device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
 
