@@ -227,11 +227,12 @@ class ModelConfig:
 class TrainConfig:
     """The optimisation loop: AdamW or Muon, warmup then cosine or WSD, accumulation, clipping."""
 
-    batch_size: int = _spec(16, doc="sequences per micro-batch (per process under torchrun)", min=1)
+    batch_size: int = _spec(16, doc="sequences per micro-batch: the most one process forwards at once", min=1)
     grad_accum: int = _spec(
         1,
         doc="micro-batches per optimizer step, summed over all processes: the effective batch is "
-        "batch_size * grad_accum sequences whatever the world size, which must divide it",
+        "batch_size * grad_accum sequences whatever the world size (fewer micro-batches than processes: "
+        "each process takes one, of its equal share)",
         min=1,
     )
     max_steps: int = _spec(650, doc="optimizer steps", min=1)

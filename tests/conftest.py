@@ -80,6 +80,23 @@ def assert_same_training(a: Path, b: Path) -> None:
     assert not (different := training_state_differences(sa, sb)), f"training state differs: {different[:10]}"
 
 
+def tiny_tokens(folder: Path, train: list[list[int]], val: list[list[int]], vocab: int, eot: int,
+                train_tokens: int = 7000, val_tokens: int = 1000) -> Path:  # fmt: skip
+    """folder/data/tokens as the tokenize stage writes it, from documents of token ids (made-up digests)."""
+    from nanollm.data.tokens import write_tokens
+
+    write_tokens(
+        folder / "data" / "tokens",
+        {"train": [(train, train_tokens)], "val": [(val, val_tokens)]},
+        vocab_size=vocab,
+        eot_id=eot,
+        tokenizer_sha256="a" * 64,
+        corpus_sha256="c" * 64,
+        progress=False,
+    )
+    return folder / "data" / "tokens"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

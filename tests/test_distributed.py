@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import tiny_tokens
 
-from nanollm.data.tokens import write_tokens
 from nanollm.errors import NanollmError
 from nanollm.training.distributed import Distributed, split_evenly
 from nanollm.training.loop import micro_batches_per_rank
@@ -62,16 +62,24 @@ def test_single_process_collectives_are_identities():
 
 def test_rows_and_micro_batches_per_rank():
     assert [split_evenly(8, 2, r) for r in (0, 1)] == [range(0, 4), range(4, 8)]
-    assert micro_batches_per_rank(4, 2) == 2 and micro_batches_per_rank(3, 1) == 3
+    assert micro_batches_per_rank(4, 2, 16) == 2 and micro_batches_per_rank(3, 1, 16) == 3
+    # fewer micro-batches than processes (the default grad_accum 1 under torchrun): one smaller micro-batch each
+    assert micro_batches_per_rank(1, 2, 16) == 1 and micro_batches_per_rank(3, 2, 16) == 2  # 48 rows: 2 x 12 each
     with pytest.raises(
-        NanollmError, match=r"train.grad_accum \(3\) must be a multiple .* \(2\).*set train.grad_accum to 4"
+        NanollmError,
+        match=r"train.batch_size \* train.grad_accum \(5 \* 1 = 5 sequences a step\) does not split "
+        r"evenly over 2 processes.*set train.grad_accum to 2",
     ):
-        micro_batches_per_rank(3, 2)
+        micro_batches_per_rank(1, 2, 5)
+    with pytest.raises(NanollmError, match=r"3 \* 3 = 9 sequences .* multiple of 4"):
+        micro_batches_per_rank(3, 2, 3)
 
 
 RECIPES = {  # the optimizers: Muon's update is a function of the all-reduced gradient alone, as AdamW's
     "adamw-cosine": {},
     "muon-wsd": {"optimizer": "muon", "schedule": "wsd", "min_lr": 0.0},
+    # the default grad_accum 1 under 2 processes: one micro-batch of 4 each, the same 8 sequences a step
+    "one-micro-batch-split": {"batch_size": 8, "grad_accum": 1},
 }
 
 
@@ -81,15 +89,7 @@ def project(request, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, EOT, rng.integers(20, 60)).tolist() for _ in range(80)]
-    write_tokens(
-        tmp_path / "data" / "tokens",
-        {"train": [(docs[:70], 7000)], "val": [(docs[70:], 1000)]},
-        vocab_size=VOCAB,
-        eot_id=EOT,
-        tokenizer_sha256="a" * 64,
-        corpus_sha256="c" * 64,
-        progress=False,
-    )
+    tiny_tokens(tmp_path, docs[:70], docs[70:], VOCAB, EOT)
     params = {**PARAMS, "train": {**PARAMS["train"], **RECIPES[request.param]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path

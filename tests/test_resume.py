@@ -19,9 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import assert_same_training, tool_env
-
-from nanollm.data.tokens import write_tokens
+from conftest import assert_same_training, tiny_tokens, tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
 NANOLLM = str(Path(sys.executable).parent / "nanollm")
@@ -56,15 +54,7 @@ def _project(path: Path) -> Path:
     rng = np.random.default_rng(0)
     pattern = rng.integers(0, EOT, 300)  # a repeated "document": learnable, so the weights move for real
     docs = [pattern[i : i + 60].tolist() for i in range(0, 240, 20)] * 8
-    write_tokens(
-        path / "data" / "tokens",
-        {"train": [(docs, 10_000)], "val": [(docs[:10], 1000)]},
-        vocab_size=VOCAB,
-        eot_id=EOT,
-        tokenizer_sha256="a" * 64,
-        corpus_sha256="c" * 64,
-        progress=False,
-    )
+    tiny_tokens(path, docs, docs[:10], VOCAB, EOT, train_tokens=10_000)
     (path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     return path
 

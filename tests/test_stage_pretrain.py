@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import tiny_tokens
 
-from nanollm.data.tokens import read_meta, write_tokens
+from nanollm.data.tokens import read_meta
 from stages.cli import cli
 
 VOCAB, EOT = 64, 63
@@ -43,15 +44,7 @@ def project(tmp_path, monkeypatch, empty_store):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    write_tokens(
-        tmp_path / "data" / "tokens",
-        {"train": [(_documents(60, 0), 6000)], "val": [(_documents(10, 1), 1000)]},
-        vocab_size=VOCAB,
-        eot_id=EOT,
-        tokenizer_sha256="a" * 64,
-        corpus_sha256="c" * 64,
-        progress=False,
-    )
+    tiny_tokens(tmp_path, _documents(60, 0), _documents(10, 1), VOCAB, EOT, train_tokens=6000)
     return tmp_path
 
 

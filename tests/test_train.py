@@ -108,7 +108,7 @@ def _accumulate(
     rows = split_evenly(len(batch), dist.world_size, dist.rank)
     optimizer = make_optimizer(model, cfg, cpu)  # only the (disabled) scaler's unscale_ reads it
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    micro_batches = micro_batches_per_rank(GRAD_ACCUM, dist.world_size)
+    micro_batches = micro_batches_per_rank(GRAD_ACCUM, dist.world_size, MICRO_BATCH)
     loss, grad_norm = train_step(
         runner, batch[rows.start : rows.stop], optimizer, scaler, micro_batches, torch.float32, cpu, math.inf, ddp
     )

@@ -76,15 +76,24 @@ def sample_batch(data: np.ndarray, batch_size: int, block_size: int, generator: 
     return torch.from_numpy(windows.astype(np.int64))
 
 
-def micro_batches_per_rank(grad_accum: int, world_size: int) -> int:
-    """grad_accum counts micro-batches over all ranks, so that the effective batch does not depend on them."""
-    if grad_accum % world_size:
+def micro_batches_per_rank(grad_accum: int, world_size: int, batch_size: int) -> int:
+    """How many micro-batches each rank splits its share of a step into.
+
+    grad_accum counts micro-batches of batch_size sequences over all ranks, so the effective
+    batch (batch_size * grad_accum) does not depend on the world size: with grad_accum a
+    multiple of it, each rank runs grad_accum / world_size micro-batches of batch_size; with
+    fewer (the default grad_accum 1 under torchrun), each rank runs one micro-batch of its
+    equal share. The step's sequences must split evenly over ranks and micro-batches.
+    """
+    micro = -(-grad_accum // world_size)
+    sequences = batch_size * grad_accum
+    if sequences % (world_size * micro):
         raise NanollmError(
-            f"train.grad_accum ({grad_accum}) must be a multiple of the number of processes ({world_size}): "
-            f"each process trains on grad_accum / {world_size} micro-batches per step; set train.grad_accum "
-            f"to {world_size * -(-grad_accum // world_size)}"
+            f"train.batch_size * train.grad_accum ({batch_size} * {grad_accum} = {sequences} sequences a step) "
+            f"does not split evenly over {world_size} processes in {micro} micro-batch(es) each; make it a "
+            f"multiple of {world_size * micro}, e.g. set train.grad_accum to {world_size}"
         )
-    return grad_accum // world_size
+    return micro
 
 
 def _check_length(data: np.ndarray, block_size: int, split: str) -> None:
@@ -301,7 +310,7 @@ class _Loop:
         cfg = self.cfg
         self.block_size = self.model.cfg.block_size
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.block_size  # over all ranks
-        self.micro_batches = micro_batches_per_rank(cfg.grad_accum, self.dist.world_size)
+        self.micro_batches = micro_batches_per_rank(cfg.grad_accum, self.dist.world_size, cfg.batch_size)
         self.rows = split_evenly(cfg.grad_accum * cfg.batch_size, self.dist.world_size, self.dist.rank)  # this rank's
         self.flops_per_token = self.model.flops_per_token(self.block_size)
         self.peak = peak_flops(self.device, self.dtype)
