@@ -52,8 +52,9 @@ def command(
     kill, a SIGINT/SIGTERM or a crash); `torchrun --nproc_per_node N nanollm pretrain` trains
     with DistributedDataParallel. SIGINT/SIGTERM save a checkpoint and exit with 128 + signal.
     """
+    from nanollm.errors import NanollmError
     from nanollm.hardware import pick_device
-    from nanollm.training.distributed import Distributed
+    from nanollm.training.distributed import Distributed, lost_the_job
 
     dist = Distributed.from_env()
     device = pick_device(ctx.config.train.device, dist.local_rank)
@@ -62,6 +63,22 @@ def command(
         logging.getLogger().setLevel(logging.WARNING)  # one rank narrates
     try:
         _pretrain(ctx, dist, device, tokens, out, run_record, (metrics, train_curve, val_curve, chart))
+    except Exception as err:
+        reason = lost_the_job(err) if dist.enabled else None
+        if reason is None:
+            raise
+        from nanollm.checkpoint import CONFIG_FILE
+
+        saved = out / CONFIG_FILE
+        kept = (
+            f"{out} keeps step {json.loads(saved.read_text())['step']}"
+            if saved.is_file()
+            else (f"{out} holds no checkpoint yet" if dist.is_main else "rank 0's node keeps the last checkpoint")
+        )
+        raise NanollmError(
+            f"process {dist.rank} of {dist.world_size} lost the rest of the job ({reason}); {kept}: start torchrun "
+            "again on every node to resume from it"
+        ) from None
     finally:
         dist.close()
 

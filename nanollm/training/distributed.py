@@ -11,19 +11,36 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from nanollm.errors import NanollmError
+from nanollm.errors import NanollmError, first_line
 
 log = logging.getLogger(__name__)
 
 # How long a rank waits in a collective before giving up. Rank 0 writes checkpoints while the
-# others wait at the next collective; 30 min covers a multi-GB checkpoint on a slow disk.
+# others wait at the next collective; 30 min covers a multi-GB checkpoint on a slow disk. A
+# process that dies (killed, its node down) closes its sockets and the others fail at once;
+# only a silent loss (a cut network) waits this long.
 _TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def lost_the_job(err: BaseException) -> str | None:
+    """What broke, when `err` is a collective failing because another process of the job is gone; else None.
+
+    torch raises DistError (NCCL, the rendezvous store) or, from gloo, a RuntimeError whose text
+    names its transport ("[.../gloo/transport/tcp/pair.cc:537] Read error ...: Connection reset
+    by peer. This is typically caused by ..."): the reason is that text's first sentence.
+    """
+    text = first_line(err)
+    if not isinstance(err, dist.DistError) and not (isinstance(err, RuntimeError) and "gloo" in text):
+        return None
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # the C++ source location
+    return text.split(". ")[0].rstrip(".")
 
 
 @dataclass(frozen=True)

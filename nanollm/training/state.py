@@ -73,10 +73,11 @@ def restore(
     device: torch.device,
 ) -> Progress:  # fmt: skip
     """Put a captured state's optimizer, loss scale and RNG streams back; return its progress."""
-    kernels = [(group.get("fused"), group.get("foreach")) for group in optimizer.param_groups]
+    # this machine's kernel choice, not the saving one's (where a group has one: Muon's have none)
+    kernels = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
-    for group, (fused, foreach) in zip(optimizer.param_groups, kernels, strict=True):
-        group["fused"], group["foreach"] = fused, foreach  # this machine's kernel choice, not the saving one's
+    for group, kernel in zip(optimizer.param_groups, kernels, strict=True):
+        group.update(kernel)
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     restore_rng(state, generator, device)
