@@ -5,6 +5,7 @@ server per module; the tiny project is test_stage_evaluate's, its runs logged th
 What the server's database and artifact folder hold is checked from outside the client.
 """
 
+import contextlib
 import glob
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,7 +48,7 @@ def _as_postgres(command: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def postgres():
-    """A PostgreSQL on 127.0.0.1 with role `nanollm` (password PASSWORD) owning database `mlflow`."""
+    """A PostgreSQL on 127.0.0.1 with role `nanollm` (password PASSWORD) owning database `mlflow`; .restart() it."""
     initdb = _initdb()
     if initdb is None:
         pytest.skip("needs Debian's postgresql (.ci/run installs it)")
@@ -69,7 +71,13 @@ def postgres():
         psql += ["-v", "ON_ERROR_STOP=1", "-c", f"CREATE ROLE nanollm LOGIN PASSWORD '{PASSWORD}'"]
         psql += ["-c", "CREATE DATABASE mlflow OWNER nanollm"]
         subprocess.run(_as_postgres(psql), **run)
-        yield SimpleNamespace(port=port, uri=lambda password: _db_uri(password, port))
+        # with the options it started with; its log a file, or the server would hold run()'s pipes open
+        restart = [pg_ctl, "-D", str(data), "-l", str(base / "log"), "-m", "fast", "-w", "restart"]
+        yield SimpleNamespace(
+            port=port,
+            uri=lambda password: _db_uri(password, port),
+            restart=lambda: subprocess.run(_as_postgres(restart), **run),
+        )
     finally:
         subprocess.run(_as_postgres([pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"]), capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
@@ -79,12 +87,11 @@ def _db_uri(password: str, port: int) -> str:
     return f"postgresql+psycopg2://nanollm:{password}@127.0.0.1:{port}/mlflow"
 
 
-@pytest.fixture(scope="module")
-def server(postgres, tmp_path_factory):
-    """`mlflow server` on the database, serving (proxying) the artifacts it keeps in its own folder."""
-    where = tmp_path_factory.mktemp("mlflow-server")
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, where: Path) -> Iterator[SimpleNamespace]:
+    """`mlflow server` on `backend_uri`, serving (proxying) the artifacts it keeps in where/artifacts."""
     artifacts, port, log = where / "artifacts", free_port(), where / "server.log"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres.uri(PASSWORD)]
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri]
     command += ["--artifacts-destination", str(artifacts), "--serve-artifacts"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     env = tool_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
@@ -94,9 +101,17 @@ def server(postgres, tmp_path_factory):
         )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", process, log, 90)
-        yield SimpleNamespace(uri=f"http://127.0.0.1:{port}", artifacts=artifacts, log=log)
+        yield SimpleNamespace(uri=f"http://127.0.0.1:{port}", artifacts=artifacts, log=log, process=process)
     finally:
-        stop_process_group(process)
+        if process.poll() is None:
+            stop_process_group(process)
+
+
+@pytest.fixture(scope="module")
+def server(postgres, tmp_path_factory):
+    """The module's tracking server on the database."""
+    with mlflow_server(postgres.uri(PASSWORD), tmp_path_factory.mktemp("mlflow-server")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
