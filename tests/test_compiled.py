@@ -7,6 +7,7 @@ import stat
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from nanollm.checkpoint import seeded_model
 from nanollm.config import ModelConfig
@@ -126,11 +127,15 @@ def test_engine_warmup_compiles_every_bucket_before_the_first_request():
         assert engine.decoder is not None
         assert sorted(engine.decoder.compile_seconds) == [1, 2, 4]
         assert seconds >= sum(engine.decoder.compile_seconds.values()) * 0.99
-        request = engine.submit([5, 6, 7], SamplingParams(max_tokens=4, temperature=0))
-        while not engine.idle():
+        compiled_so_far = counters["stats"]["unique_graphs"]  # dynamo's own count of the graphs it made
+        requests = [engine.submit(p, SamplingParams(max_tokens=n, temperature=0))
+                    for p, n in zip(prompts([3, 9, 4, 6, 2]), [4, 9, 2, 7, 5], strict=True)]  # fmt: skip
+        while not engine.idle():  # 1 to 4 rows at a time, as requests join and leave
             engine.step()
-        assert len(request.tokens) == 4
+        assert [len(r.tokens) for r in requests] == [4, 9, 2, 7, 5]
         assert sorted(engine.decoder.compile_seconds) == [1, 2, 4]
+        # no graph compiled after the warm-up: the requests' tensors are the ones it compiled for
+        assert counters["stats"]["unique_graphs"] == compiled_so_far
     finally:
         engine.close()
     assert model.cache_bytes() == 0

@@ -184,7 +184,11 @@ class CompiledDecoder:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """tokens (B, 1) at positions (B,) in rows [0, B) -> logits (B, V) fp32, B <= max_batch."""
         rows = tokens.size(0)
+        if not tokens.is_inference():  # made outside inference mode: another dispatch key, so another graph
+            tokens = tokens.clone()
         positions = torch.as_tensor(positions, dtype=torch.long, device=self.device).view(rows)
+        if not positions.is_inference():
+            positions = positions.clone()
         b = self.bucket(rows)
         if b != rows:  # spare rows decode token 0 at position 0 of rows nobody reads
             tokens = torch.cat([tokens, tokens.new_zeros(b - rows, 1)])
@@ -192,8 +196,12 @@ class CompiledDecoder:
         if b in self.compile_seconds:
             return self._compiled(self.model, tokens, positions)[:rows]
         start = time.perf_counter()
+        # one graph per bucket is expected: room for them all under dynamo's limit (8 by default), which
+        # only a new graph is checked against
+        limit = max(torch._dynamo.config.recompile_limit, len(self.buckets))
         try:
-            logits = self._compiled(self.model, tokens, positions)  # the first call at this bucket compiles
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                logits = self._compiled(self.model, tokens, positions)  # the first call at this bucket compiles
         except Exception as err:
             raise CompileFailed(
                 f"compiling the decode step failed ({first_line(err)}); install a C++ compiler or set CXX to one, "
@@ -210,9 +218,10 @@ class CompiledDecoder:
         """
         self.attach()
         start = time.perf_counter()
-        for b in buckets or self.buckets:
-            if b not in self.compile_seconds:
-                self(torch.zeros(b, 1, dtype=torch.long, device=self.device), [0] * b)
+        with torch.inference_mode():  # the tensors every step gets (__call__ makes them so)
+            for b in buckets or self.buckets:
+                if b not in self.compile_seconds:
+                    self(torch.zeros(b, 1, dtype=torch.long, device=self.device), [0] * b)
         return time.perf_counter() - start
 
     def close(self) -> None:
