@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ import yaml
 from conftest import stop_process_group, tool_env
 from test_pipeline_e2e import copy_project
 from test_serve import _greedy_text, _nanollm_serve, _served_text
-from test_team_dvc import TEAM
+from test_team_dvc import TEAM, _exp_names
 from test_team_mlflow import PASSWORD, mlflow_server
 
 from nanollm.tokenizer import load_tokenizer
@@ -175,3 +176,76 @@ def test_postgres_restarted_between_stages_the_next_stage_logs_as_before(team, s
     history = MlflowClient(server.uri).get_metric_history(run_id, "eval/bits_per_byte")
     assert len(history) == 2  # logged again, after the restart
     assert torch.load(clone / "models" / "checkpoint" / "model.pt", weights_only=True)
+
+
+# ---------------------------------------------------------------------------- a sweep over several machines
+
+GRID = ["0.001", "0.002", "0.003", "0.004"]  # train.lr: the sweep's grid
+
+
+def _queue_and_drain(clone: Path, values: list[str], uri: str) -> None:
+    """A machine's share of the grid, as docs/team.md runs it: queued as a grid, drained by one DVC queue worker."""
+    _run([*DVC, "exp", "run", "--queue", "-S", f"train.lr={','.join(values)}"], clone, uri)
+    _run([*DVC, "queue", "start", "--jobs", "1"], clone, uri)
+    deadline = time.monotonic() + 900
+    while any(word in _run([*DVC, "queue", "status"], clone, uri) for word in ("Queued", "Running")):
+        assert time.monotonic() < deadline, _run([*DVC, "queue", "status"], clone, uri)
+        time.sleep(2)
+
+
+def _sweep_clones(base: Path, uri: str, names: list[str]) -> dict[str, Path]:
+    """A baseline with a shared DVC remote pushed to a bare git remote, and a clone per machine."""
+    seed, origin = base / "seed", base / "origin.git"
+    seed.mkdir()
+    copy_project(seed, {**PARAMS, "tracking": {"enabled": True, "experiment": "sweep"}})
+    _run(["git", "init", "-q", "-b", "main"], seed, uri)
+    _run([*DVC, "remote", "add", "-d", "shared", str(base / "dvc-storage")], seed, uri)
+    _run(["git", "add", "-A"], seed, uri)
+    _run(["git", "commit", "-qm", "baseline"], seed, uri)
+    _run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], base, uri)
+    _run(["git", "push", "-q", str(origin), "main"], seed, uri)
+    for name in names:
+        _run(["git", "clone", "-q", str(origin), str(base / name)], base, uri)
+    return {name: base / name for name in names}
+
+
+def test_a_sweep_split_over_two_machines_lands_every_experiment_once(server, tmp_path):
+    """Two machines (clones), each draining its half of the grid with its own DVC queue worker, all reporting to one
+    server and pushing to one git and DVC remote; against one machine draining the whole grid. Prints the wall times."""
+    from mlflow.tracking import MlflowClient
+
+    clones = _sweep_clones(tmp_path, server.uri, ["m1", "m2", "alone"])
+    shares = {"m1": GRID[:2], "m2": GRID[2:]}
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(len(shares)) as pool:  # the two machines at once, each driving its own clone
+        list(pool.map(lambda m: _queue_and_drain(clones[m], shares[m], server.uri), shares))
+    two_machines = time.monotonic() - started
+    for m in shares:
+        assert "Failed" not in _run([*DVC, "queue", "status"], clones[m], server.uri)
+        _run([*DVC, "exp", "push", "origin", "--rev", "HEAD"], clones[m], server.uri)
+        _run([*DVC, "queue", "stop", "--kill"], clones[m], server.uri)
+    pushed = {m: _exp_names(clones[m]) for m in shares}
+
+    started = time.monotonic()
+    _queue_and_drain(clones["alone"], GRID, server.uri)
+    one_machine = time.monotonic() - started
+    _run([*DVC, "queue", "stop", "--kill"], clones["alone"], server.uri)
+    print(f"\nthe grid of {len(GRID)} experiments: {two_machines:.0f} s on two machines (a DVC queue worker each), "
+          f"{one_machine:.0f} s on one: x{one_machine / two_machines:.2f}")  # fmt: skip
+
+    # every experiment of the split landed once in the server with its own grid value, and once in the git remote
+    client = MlflowClient(server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    split = [run for run in runs if run.data.tags.get("dvc.experiment") in pushed["m1"] | pushed["m2"]]
+    assert sorted(run.data.params["train.lr"] for run in split) == GRID, [r.data.tags for r in runs]
+    assert len(runs) == 2 * len(GRID)  # the split's and the lone machine's, nothing else
+    assert all(run.info.status == "FINISHED" and "eval/bits_per_byte" in run.data.metrics for run in runs)
+    listed = set(_run([*DVC, "exp", "list", "origin", "--name-only"], clones["alone"], server.uri).split())
+    assert listed == pushed["m1"] | pushed["m2"] and len(listed) == len(GRID)
+    # and any machine can bring one back with its outputs, from the two remotes alone
+    (last,) = [run.data.tags["dvc.experiment"] for run in split if run.data.params["train.lr"] == GRID[3]]
+    _run([*DVC, "exp", "pull", "origin", last], clones["alone"], server.uri)
+    _run([*DVC, "exp", "apply", last], clones["alone"], server.uri)
+    assert yaml.safe_load((clones["alone"] / "params.yaml").read_text())["train"]["lr"] == float(GRID[3])
+    assert "up to date" in _run([*DVC, "status"], clones["alone"], server.uri)
