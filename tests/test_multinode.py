@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import assert_same_training, free_port, tiny_tokens, tool_env
+from test_resume import _checkpoint_step, _finish
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds a node's workers through /proc")
 
@@ -80,19 +81,6 @@ def _two_nodes(nodes: list[Path]) -> list[subprocess.Popen]:
     ]  # fmt: skip
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
-    out = proc.communicate(timeout=timeout)[0]
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-5000:]}"
-    return out
-
-
-def _step(folder: Path) -> int:
-    try:
-        return yaml.safe_load((folder / "models" / "checkpoint" / "config.json").read_text())["step"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return 0
-
-
 def _kill_node(launch: subprocess.Popen) -> None:
     """SIGKILL a node: its torchrun agent and the workers it started (each in a session of its own)."""
     children = Path(f"/proc/{launch.pid}/task/{launch.pid}/children").read_text().split()
@@ -117,7 +105,7 @@ def runs(tmp_path_factory) -> dict:
 
     launches = _two_nodes(broken)
     deadline = time.monotonic() + 120
-    while not 0 < _step(broken[0]) < STEPS - 40:
+    while not 0 < _checkpoint_step(broken[0] / "models" / "checkpoint") < STEPS - 40:
         assert time.monotonic() < deadline and launches[0].poll() is None, launches[0].communicate()[0][-3000:]
         time.sleep(0.005)
     _kill_node(launches[1])
@@ -125,7 +113,7 @@ def runs(tmp_path_factory) -> dict:
     found["survivor_output"] = launches[0].communicate(timeout=120)[0]
     found["survivor_seconds"] = time.monotonic() - killed_at
     found["survivor_code"] = launches[0].returncode
-    found["kept_step"] = _step(broken[0])
+    found["kept_step"] = _checkpoint_step(broken[0] / "models" / "checkpoint")
     launches[1].communicate()
     found["resumed_outputs"] = [_finish(p) for p in _two_nodes(broken)]
     return found

@@ -73,8 +73,8 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _run(args: list[str], cwd: Path, stdout_only: bool = False) -> str:
-    done = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=600)
+def _run(args: list[str], cwd: Path, stdout_only: bool = False, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(args, cwd=cwd, env=env or tool_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done.stdout if stdout_only else done.stdout + done.stderr
 

@@ -23,6 +23,7 @@ import test_team_mlflow
 import torch
 import yaml
 from conftest import stop_process_group, tool_env
+from test_pipeline_e2e import _run as run_tool
 from test_pipeline_e2e import copy_project
 from test_serve import _greedy_text, _nanollm_serve, _served_text
 from test_team_dvc import TEAM, _exp_names
@@ -44,10 +45,8 @@ def _env(uri: str, **extra: str) -> dict[str, str]:
     return tool_env(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1", **extra)
 
 
-def _run(args: list[str], cwd: Path, uri: str, timeout: float = 600) -> str:
-    done = subprocess.run(args, cwd=cwd, env=_env(uri), capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return done.stdout + done.stderr
+def _run(args: list[str], cwd: Path, uri: str) -> str:
+    return run_tool(args, cwd, env=_env(uri))
 
 
 @pytest.fixture(scope="module")
