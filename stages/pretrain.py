@@ -67,12 +67,11 @@ def command(
         reason = lost_the_job(err) if dist.enabled else None
         if reason is None:
             raise
-        from nanollm.checkpoint import CONFIG_FILE
+        from nanollm.checkpoint import CONFIG_FILE, read_checkpoint_info
 
-        saved = out / CONFIG_FILE
         kept = (
-            f"{out} keeps step {json.loads(saved.read_text())['step']}"
-            if saved.is_file()
+            f"{out} keeps step {read_checkpoint_info(out)['step']}"
+            if (out / CONFIG_FILE).is_file()
             else (f"{out} holds no checkpoint yet" if dist.is_main else "rank 0's node keeps the last checkpoint")
         )
         raise NanollmError(

@@ -218,10 +218,9 @@ class CompiledDecoder:
         """
         self.attach()
         start = time.perf_counter()
-        with torch.inference_mode():  # the tensors every step gets (__call__ makes them so)
-            for b in buckets or self.buckets:
-                if b not in self.compile_seconds:
-                    self(torch.zeros(b, 1, dtype=torch.long, device=self.device), [0] * b)
+        for b in buckets or self.buckets:
+            if b not in self.compile_seconds:  # __call__ makes its tensors inference tensors, as every step's are
+                self(torch.zeros(b, 1, dtype=torch.long, device=self.device), [0] * b)
         return time.perf_counter() - start
 
     def close(self) -> None:
