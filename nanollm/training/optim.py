@@ -143,17 +143,30 @@ class Muon(torch.optim.Optimizer):
                 self._adamw(group, params)
 
     def _muon(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Matrices of one shape are orthogonalised together, as one batch (modded-nanogpt's batching).
+
+        The default model's 28 matrices come in three shapes, so a step makes 3 batched calls of
+        Newton-Schulz's ~15 small matmuls instead of 28, with the same numbers bit for bit (each
+        matrix of a batch is its own matmul); benchmarks/muon_step.py times the two.
+        """
         lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
+        by_shape: dict[torch.Size, list[torch.Tensor]] = {}
         for p in params:
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - beta)  # (out, in): EMA of gradients
-            nesterov = p.grad.lerp(buf, beta)  # look ahead along the momentum
-            update = orthogonalize(nesterov, group["ns_steps"])
-            p.mul_(1 - lr * wd)
-            p.add_(update, alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
+            by_shape.setdefault(p.shape, []).append(p)
+        for same in by_shape.values():
+            grads = [p.grad for p in same]
+            bufs = []
+            for p in same:
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_lerp_(bufs, grads, 1 - beta)  # (out, in) each: EMA of gradients
+            nesterov = torch.stack(grads).lerp_(torch.stack(bufs), beta)  # look ahead along the momentum
+            updates = orthogonalize(nesterov, group["ns_steps"]).unbind()
+            torch._foreach_mul_(same, 1 - lr * wd)
+            rows, cols = same[0].shape[-2:]
+            torch._foreach_add_(same, updates, alpha=-lr * max(1.0, rows / cols) ** 0.5)
 
     def _adamw(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
