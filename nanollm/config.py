@@ -195,6 +195,18 @@ class ModelConfig:
         doc="mix every later layer's attention values with the first layer's, v = a v + b v_first, "
         "a and b learned per layer from 0.5 (ResFormer); exports as the custom form only",
     )
+    value_embeddings: int = _spec(
+        0,
+        doc="extra token-embedding tables added to attention values (modded-nanogpt): table j feeds layers j "
+        "and n_layer-1-j as v + c ve, c learned per layer from 0.5; at most n_layer/2 rounded up (0: off); "
+        "vocab x n_kv_head*head_dim parameters each; exports as the custom form only",
+        min=0,
+    )
+    unet_skips: bool = _spec(
+        False,
+        doc="U-net skips (modded-nanogpt): layer i's output is added, times a learned weight from 1, to the "
+        "input of layer n_layer-1-i for the first n_layer/2 layers; exports as the custom form only",
+    )
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -203,6 +215,13 @@ class ModelConfig:
             raise ConfigError("model.n_embd", self.n_embd, "n_embd / n_head must be even for RoPE")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             raise ConfigError("model.n_kv_head", self.n_kv_head, f"must divide model.n_head ({self.n_head})")
+        if self.value_embeddings > -(-self.n_layer // 2):
+            raise ConfigError(
+                "model.value_embeddings",
+                self.value_embeddings,
+                f"must be at most n_layer/2 rounded up ({-(-self.n_layer // 2)}): table j feeds layers j and "
+                "n_layer-1-j",
+            )
 
     @property
     def head_dim(self) -> int:

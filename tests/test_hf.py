@@ -85,6 +85,8 @@ FORM_CASES = [
     ("nanollm", {"value_residual": True, "n_kv_head": 1, "tie_embeddings": False}),
     ("nanollm", {"mlp": "relu2", "logit_softcap": 3.0, "tie_embeddings": False, "n_kv_head": 2}),
     ("nanollm", {"mlp": "gelu", "qk_norm": True, "norm_eps": 0.5}),
+    ("nanollm", {"n_layer": 4, "value_embeddings": 2, "unet_skips": True, "qk_norm": True, "value_residual": True}),
+    ("nanollm", {"n_layer": 5, "value_embeddings": 1, "unet_skips": True, "n_kv_head": 2}),  # a middle layer alone
 ]
 CASE_IDS = [
     "llama-gqa-tied",
@@ -95,6 +97,8 @@ CASE_IDS = [
     "custom-mqa-untied",
     "custom-relu2-softcap",
     "custom-gelu-qknorm",
+    "custom-value-embeddings-unet",
+    "custom-odd-depth-gqa",
 ]
 ARCHITECTURE = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "nanollm": "NanollmForCausalLM"}
 
@@ -242,6 +246,8 @@ def test_names_round_trip():
         ({"qk_norm": True, "logit_softcap": 15.0}, "nanollm", "logit_softcap: no stock architecture"),
         ({"mlp": "gelu"}, "nanollm", "mlp gelu: no stock architecture"),
         ({"mlp": "relu2", "qk_norm": True}, "nanollm", "mlp relu2: no stock architecture"),
+        ({"qk_norm": True, "value_embeddings": 1}, "nanollm", "value_embeddings: no stock architecture"),
+        ({"qk_norm": True, "unet_skips": True}, "nanollm", "unet_skips: no stock architecture"),
     ],
 )
 def test_the_form_is_chosen_by_architecture(overrides, form, why):
@@ -266,10 +272,16 @@ NO_LLAMA_FORM = [
     ({"qk_norm": True}, "model.qk_norm: true has no Llama equivalent (Llama's attention normalises neither"),
     ({"logit_softcap": 15.0, "tie_embeddings": False}, "model.logit_softcap: 15.0 has no Llama equivalent ("),
     ({"value_residual": True}, "model.value_residual: true has no Llama equivalent (Llama's attention reads only"),
+    ({"value_embeddings": 1}, "model.value_embeddings: 1 has no Llama equivalent (Llama's values come from"),
+    ({"unet_skips": True}, "model.unet_skips: true has no Llama equivalent (Llama's layers read only"),
 ]
 
 
-@pytest.mark.parametrize("overrides,start", NO_LLAMA_FORM, ids=["relu2", "qk_norm", "logit_softcap", "value_residual"])
+@pytest.mark.parametrize(
+    "overrides,start",
+    NO_LLAMA_FORM,
+    ids=["relu2", "qk_norm", "logit_softcap", "value_residual", "value_embeddings", "unet_skips"],
+)
 def test_options_without_a_llama_form_are_refused_in_one_line(tmp_path, overrides, start):
     model = _model(**overrides)
     with pytest.raises(NanollmError) as err:

@@ -1,8 +1,9 @@
 """modded-nanogpt's architecture options (model.qk_norm, mlp: relu2, zero_init_proj, logit_softcap,
-value_residual): each does what it names and changes nothing else, and all of them together survive every
-path a model takes: the decode layout, generation, torch.compile, activation checkpointing, a checkpoint
-folder and a short training run. (Cached decoding with each option: test_transformer.py; QK-norm and the
-value mix inside attention: test_attention.py; the Llama export's refusals: test_hf.py.)"""
+value_residual, value_embeddings, unet_skips): each does what it names and changes nothing else, and all
+of them together survive every path a model takes: the decode layout, generation, torch.compile,
+activation checkpointing, a checkpoint folder and a short training run. (Cached decoding with each
+option: test_transformer.py; QK-norm and the value mix inside attention: test_attention.py; the Llama
+export's refusals: test_hf.py.)"""
 
 import dataclasses
 import json
@@ -21,7 +22,10 @@ from nanollm.training.loop import train
 from nanollm.training.optim import muon_param_groups
 
 VOCAB = 97
-OPTIONS = {"qk_norm": True, "zero_init_proj": True, "logit_softcap": 3.0, "value_residual": True}
+OPTIONS = {
+    "qk_norm": True, "zero_init_proj": True, "logit_softcap": 3.0, "value_residual": True, "value_embeddings": 1,
+    "unet_skips": True,
+}  # fmt: skip
 ALL_OPTIONS = {**OPTIONS, "mlp": "relu2", "tie_embeddings": False}  # softcap is meant with an untied head
 # a learnable stream: one fixed random "document" of 200 tokens, repeated
 DATA = np.tile(np.random.default_rng(0).integers(0, VOCAB, 200).astype(np.uint16), 60)
@@ -54,6 +58,7 @@ def perturbed(**overrides) -> Transformer:
 def test_every_option_is_off_by_default_and_in_the_schema():
     cfg = ModelConfig()
     assert (cfg.qk_norm, cfg.zero_init_proj, cfg.logit_softcap, cfg.value_residual) == (False, False, None, False)
+    assert (cfg.value_embeddings, cfg.unet_skips) == (0, False)
     assert cfg.mlp == "swiglu"
     parsed = Config.from_dict({"model": {**ALL_OPTIONS}}).model
     assert (parsed.qk_norm, parsed.mlp, parsed.logit_softcap) == (True, "relu2", 3.0)
@@ -61,6 +66,8 @@ def test_every_option_is_off_by_default_and_in_the_schema():
         Config.from_dict({"model": {"logit_softcap": 0}})
     with pytest.raises(ConfigError, match=r"^model.mlp: got 'relu'; must be one of swiglu, gelu, relu2$"):
         Config.from_dict({"model": {"mlp": "relu"}})
+    with pytest.raises(ConfigError, match=r"^model.value_embeddings: got 3; must be at most n_layer/2 rounded up"):
+        Config.from_dict({"model": {"n_layer": 4, "value_embeddings": 3}})
 
 
 def test_a_checkpoint_written_before_the_options_loads_with_them_off():
@@ -72,7 +79,12 @@ def test_a_checkpoint_written_before_the_options_loads_with_them_off():
 def test_each_option_changes_only_what_it_names(option):
     """The same seed gives the same weights with or without an option, but for the ones it adds or zeroes."""
     base, model = tiny().state_dict(), tiny(**{option: OPTIONS[option]}).state_dict()
-    added = {"qk_norm": {"q_norm.weight", "k_norm.weight"}, "value_residual": {"value_mix"}}.get(option, set())
+    added = {
+        "qk_norm": {"q_norm.weight", "k_norm.weight"},
+        "value_residual": {"value_mix"},
+        "value_embeddings": {"value_embed_mix", "value_embeds.0.weight"},
+        "unet_skips": {"skip_weights"},
+    }.get(option, set())
     assert {k.rsplit("attention.", 1)[-1] for k in model.keys() - base.keys()} == added
     assert base.keys() <= model.keys()
     for key, value in base.items():
@@ -156,6 +168,45 @@ def test_value_residual_leaves_the_first_layer_and_mixes_the_later_ones():
     assert torch.equal(v_first, raw[0])
     for i, (a, b) in enumerate([(0.8, 0.3), (-0.2, 1.1)], start=1):
         torch.testing.assert_close(seen["values"][i], a * raw[i] + b * v_first)
+
+
+def test_value_embeddings_add_their_tables_rows_to_the_mirrored_layers_values():
+    """Table j feeds layers j and n_layer-1-j as v + c ve; other layers' values are their projections'."""
+    model = perturbed(n_layer=5, value_embeddings=2)
+    assert [layer.attention.value_embed_mix is not None for layer in model.layers] == [True, True, False, True, True]
+    seen: dict[str, list[torch.Tensor]] = {"values": [], "raw": []}
+    for layer in model.layers:
+        layer.attention.register_forward_hook(lambda m, i, out: seen["values"].append(out[1]))
+        layer.attention.wv.register_forward_hook(lambda m, i, out: seen["raw"].append(out))
+    idx = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        model(idx)
+        for i, table in enumerate([0, 1, None, 1, 0]):
+            raw = seen["raw"][i].view(2, 10, 2, 8).transpose(1, 2)  # (B, nkv, T, hs)
+            if table is None:
+                assert torch.equal(seen["values"][i], raw)
+                continue
+            ve = model.value_embeds[table].weight[idx].view(2, 10, 2, 8).transpose(1, 2)
+            c = model.layers[i].attention.value_embed_mix[0]
+            torch.testing.assert_close(seen["values"][i], raw + c * ve)
+
+
+def test_unet_skips_add_the_early_layers_outputs_to_the_late_layers_inputs():
+    model = perturbed(n_layer=5, unet_skips=True)
+    inputs, outputs = [], []
+
+    def keep(module, args, out) -> None:
+        inputs.append(args[0])
+        outputs.append(out[0])
+
+    for layer in model.layers:
+        layer.register_forward_hook(keep)
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (2, 10)))
+        w = model.skip_weights  # (2,): layer 0 -> 4, layer 1 -> 3
+        assert torch.equal(inputs[1], outputs[0]) and torch.equal(inputs[2], outputs[1])
+        assert torch.equal(inputs[3], outputs[2] + w[1] * outputs[1])
+        assert torch.equal(inputs[4], outputs[3] + w[0] * outputs[0])
 
 
 def test_all_options_in_the_decode_layout_and_generation():
@@ -244,7 +295,7 @@ def test_a_short_training_run_with_every_option_lowers_the_loss():
     groups = muon_param_groups(model, cfg)
     muon = {id(p) for p in groups[0]["params"]}
     for name, p in model.named_parameters():
-        if name.endswith(("value_mix", "_norm.weight")):  # the options' vectors go to AdamW, undecayed
+        if name.endswith(("value_mix", "_norm.weight", "skip_weights", "value_embeds.0.weight")):  # AdamW, undecayed
             assert id(p) not in muon and any(id(p) in map(id, g["params"]) and g["weight_decay"] == 0 for g in groups)
     batch = torch.from_numpy(DATA[: 17 * 8].astype(np.int64)).view(8, 17)  # (B, T + 1)
 

@@ -13,7 +13,15 @@ from nanollm.model import Transformer
 
 VOCAB = 97
 # modded-nanogpt's architecture options, every one on (a cap of 3 squashes these logits visibly)
-ALL_OPTIONS = dict(qk_norm=True, mlp="relu2", zero_init_proj=True, logit_softcap=3.0, value_residual=True)
+ALL_OPTIONS = dict(
+    qk_norm=True,
+    mlp="relu2",
+    zero_init_proj=True,
+    logit_softcap=3.0,
+    value_residual=True,
+    value_embeddings=1,
+    unet_skips=True,
+)
 
 
 def tiny(**overrides) -> Transformer:
@@ -35,6 +43,8 @@ def tiny(**overrides) -> Transformer:
         {"zero_init_proj": True},
         {"logit_softcap": 3.0, "tie_embeddings": False},
         {"value_residual": True, "n_kv_head": 2},
+        {"value_embeddings": 2, "n_kv_head": 2, "n_layer": 4},
+        {"unet_skips": True, "n_layer": 5},
         {**ALL_OPTIONS, "tie_embeddings": False, "n_kv_head": 2},
         {**ALL_OPTIONS, "n_kv_head": 1, "attention": "naive", "n_layer": 3},
         {**ALL_OPTIONS, "n_kv_head": 2, "attention": "flash"},
@@ -50,6 +60,8 @@ def tiny(**overrides) -> Transformer:
         "zero_init_proj",
         "softcap",
         "value_residual",
+        "value_embeddings",
+        "unet_skips",
         "all-options",
         "all-options-naive",
         "all-options-flash",
@@ -175,6 +187,12 @@ def test_options_add_only_tiny_vectors_to_the_parameter_count():
     # 6N counts these vectors as it counts the RMSNorm weights: an overcount of well under 0.1%
     with_all = tiny(n_layer=3, qk_norm=True, value_residual=True)
     assert with_all.flops_per_token(16) - base.flops_per_token(16) == 6 * (3 * 2 * 8 + 2 * 2)
+    # unet_skips: one weight per skip; value_embeddings: a table of vocab x kv width, looked up, so no FLOPs,
+    # and a factor per layer it feeds (table 0: layers 0 and 2 of 3; table 1: layer 1)
+    assert tiny(n_layer=3, unet_skips=True).num_params() == base.num_params() + 1
+    embedded = tiny(n_layer=3, value_embeddings=2)
+    assert embedded.num_params() == base.num_params() + 2 * VOCAB * 32 + 3
+    assert embedded.flops_per_token(16) - base.flops_per_token(16) == 6 * 3
 
 
 def test_residual_projections_are_scaled_at_init():

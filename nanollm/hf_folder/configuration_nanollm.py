@@ -4,7 +4,8 @@ Shipped inside an exported folder (copied there by nanollm.hf_folder.folder) and
 AutoConfig through config.json's auto_map with trust_remote_code=True. It imports only
 transformers, so the folder works where nanollm is not installed. The fields are Llama's
 where Llama has one (hidden_size, num_key_value_heads, rms_norm_eps, rope_theta, ...) plus
-nanollm's options: mlp, qk_norm, value_residual, logit_softcap. modeling_nanollm.py computes them.
+nanollm's options: mlp, qk_norm, value_residual, value_embeddings, unet_skips, logit_softcap.
+modeling_nanollm.py computes them.
 """
 
 from transformers import PretrainedConfig
@@ -17,6 +18,10 @@ class NanollmConfig(PretrainedConfig):
     (down(relu(up x)^2)). qk_norm: RMSNorm over each head's queries and keys (a learned gain
     of head_dim entries) before RoPE. value_residual: every layer after the first mixes its
     values with the first layer's, v = a v + b v_first (a, b learned per layer).
+    value_embeddings: that many token-embedding tables (vocab x kv heads * head_dim), table j
+    added to the values of layers j and num_hidden_layers-1-j as v + c ve (c learned per layer).
+    unet_skips: layer i's output, times a learned weight, added to the input of layer
+    num_hidden_layers-1-i for i < num_hidden_layers // 2.
     logit_softcap: logits squashed to cap * tanh(logits / cap); None is off.
     """
 
@@ -38,6 +43,8 @@ class NanollmConfig(PretrainedConfig):
         rope_theta=10000.0,
         qk_norm=False,
         value_residual=False,
+        value_embeddings=0,
+        unet_skips=False,
         logit_softcap=None,
         initializer_range=0.02,
         tie_word_embeddings=True,
@@ -58,6 +65,8 @@ class NanollmConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.qk_norm = qk_norm
         self.value_residual = value_residual
+        self.value_embeddings = value_embeddings
+        self.unet_skips = unet_skips
         self.logit_softcap = logit_softcap
         self.initializer_range = initializer_range
         self.tie_word_embeddings = tie_word_embeddings

@@ -10,7 +10,8 @@ never imported here (the folder is plain JSON plus safetensors, imported lazily)
 
 Our parameter names follow Meta's Llama and our RoPE uses HF's rotate_half layout, so every
 form is a key rename with no weight permutation: Llama's names, plus self_attn.q_norm/k_norm
-(as Qwen3 names them) and, in the custom form, self_attn.value_mix; a gelu or relu2 MLP's
+(as Qwen3 names them) and, in the custom form, self_attn.value_mix, self_attn.value_embed_mix,
+model.value_embeds.j and model.skip_weights; a gelu or relu2 MLP's
 input matrix is mlp.up_proj (it has no gate).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +65,7 @@ _LAYER = {  # a parameter of layer i, ours -> theirs
     "attention.q_norm.weight": "self_attn.q_norm.weight",
     "attention.k_norm.weight": "self_attn.k_norm.weight",
     "attention.value_mix": "self_attn.value_mix",
+    "attention.value_embed_mix": "self_attn.value_embed_mix",
     "feed_forward.w1.weight": "mlp.gate_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
     "feed_forward.w3.weight": "mlp.up_proj.weight",
@@ -87,6 +90,8 @@ def hf_key(key: str, gated: bool = True) -> str:
     """
     if key in _TOP:
         return _TOP[key]
+    if key == "skip_weights" or key.startswith("value_embeds."):  # the custom form's, under model.
+        return f"model.{key}"
     _, i, rest = key.split(".", 2)  # "layers", "0", "attention.wq.weight"
     return f"model.layers.{i}.{(_LAYER if gated else _UNGATED)[rest]}"
 
@@ -95,6 +100,9 @@ def our_key(key: str, gated: bool = True) -> str | None:
     """The HF key -> ours, or None for a key we do not know (biases included: our layers have none)."""
     if key in _TOP_BACK:
         return _TOP_BACK[key]
+    ours = key.removeprefix("model.")
+    if ours == "skip_weights" or re.fullmatch(r"value_embeds\.\d+\.weight", ours):
+        return ours
     parts = key.split(".", 3)  # "model", "layers", "0", "self_attn.q_proj.weight"
     if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
         return None

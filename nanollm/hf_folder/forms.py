@@ -3,10 +3,12 @@
 Owns the choice of export form and the config translation: ModelConfig -> config.json dict
 (to_hf_config) and back (from_hf_config), for the three forms:
 
-- llama: every option off (swiglu, no qk_norm, value_residual or logit_softcap) -> LlamaForCausalLM.
-- qwen3: qk_norm alone (swiglu, no value_residual or softcap) -> Qwen3ForCausalLM, whose attention
+- llama: every option off (swiglu, no qk_norm, value_residual, value_embeddings, unet_skips or
+  logit_softcap) -> LlamaForCausalLM.
+- qwen3: qk_norm alone (swiglu, none of the others) -> Qwen3ForCausalLM, whose attention
   RMSNorms each head's queries and keys over head_dim with a learned gain, before RoPE, as ours.
-- nanollm: anything else (the value residual, a gelu/relu2 MLP, logit soft-capping) -> the
+- nanollm: anything else (the value residual, value embeddings, U-net skips, a gelu/relu2 MLP,
+  logit soft-capping) -> the
   NanollmForCausalLM shipped in the folder (configuration_nanollm.py, modeling_nanollm.py, auto_map).
 
 Weights and files are folder.py's; `transformers` is never imported here.
@@ -80,6 +82,8 @@ def llama_incompatibility(cfg: ModelConfig) -> str | None:
         ("qk_norm", cfg.qk_norm, "Llama's attention normalises neither queries nor keys"),
         ("logit_softcap", cfg.logit_softcap, "Llama's LM head has no logit soft-capping"),
         ("value_residual", cfg.value_residual, "Llama's attention reads only its own layer's values"),
+        ("value_embeddings", cfg.value_embeddings or None, "Llama's values come from its projection alone"),
+        ("unet_skips", cfg.unet_skips, "Llama's layers read only the residual stream"),
     ]
     for key, value, why in refused:
         if value not in (None, False):
@@ -89,7 +93,7 @@ def llama_incompatibility(cfg: ModelConfig) -> str | None:
 
 
 def llama_counterpart(cfg: ModelConfig) -> ModelConfig | None:
-    """The same shape as plain Llama (qk_norm, logit_softcap, value_residual off), or None if the MLP differs.
+    """The same shape as plain Llama (every option but the MLP's off), or None if the MLP differs.
 
     What transformers' LlamaForCausalLM can run in place of an architecture it cannot express:
     the bench compares the two engines on it (the options cost a few elementwise ops per layer,
@@ -98,22 +102,32 @@ def llama_counterpart(cfg: ModelConfig) -> ModelConfig | None:
     """
     if cfg.mlp != "swiglu":
         return None
-    return dataclasses.replace(cfg, qk_norm=False, logit_softcap=None, value_residual=False, zero_init_proj=False)
+    off = {"qk_norm": False, "logit_softcap": None, "value_residual": False, "zero_init_proj": False}
+    return dataclasses.replace(cfg, **off, value_embeddings=0, unet_skips=False)
 
 
 def export_form(cfg: ModelConfig) -> ExportForm:
     """The stock architecture that computes `cfg` (Llama, then Qwen3), else the custom nanollm one, with why."""
     if llama_incompatibility(cfg) is None:
         return ExportForm(LLAMA, ARCHITECTURES[LLAMA], "no option Llama lacks is on")
-    if cfg.mlp == "swiglu" and cfg.qk_norm and not cfg.value_residual and cfg.logit_softcap is None:
+    if cfg.mlp == "swiglu" and cfg.qk_norm and _custom_only(cfg) is None and cfg.logit_softcap is None:
         return ExportForm(QWEN3, ARCHITECTURES[QWEN3], "qk_norm without value_residual")
     unmatched = [
         ("value_residual", cfg.value_residual),
+        ("value_embeddings", cfg.value_embeddings > 0),
+        ("unet_skips", cfg.unet_skips),
         (f"mlp {cfg.mlp}", cfg.mlp != "swiglu"),
         ("logit_softcap", cfg.logit_softcap is not None),
     ]
     names = " and ".join(name for name, on in unmatched if on)
     return ExportForm(NANOLLM, ARCHITECTURES[NANOLLM], f"{names}: no stock architecture; load with trust_remote_code")
+
+
+def _custom_only(cfg: ModelConfig) -> str | None:
+    """The first option on that only the custom form computes (beyond the MLP and softcap), else None."""
+    on = [("value_residual", cfg.value_residual), ("value_embeddings", cfg.value_embeddings > 0),
+          ("unet_skips", cfg.unet_skips)]  # fmt: skip
+    return next((name for name, value in on if value), None)
 
 
 def _form_for(cfg: ModelConfig, form: str | None) -> str:
@@ -125,7 +139,10 @@ def _form_for(cfg: ModelConfig, form: str | None) -> str:
         raise NanollmError(f"unknown export form {form!r}; choose one of {', '.join(FORMS)}")
     if form == LLAMA:
         raise NanollmError(llama_incompatibility(cfg))
-    raise NanollmError(f"the qwen3 form needs qk_norm alone (no value_residual, softcap or other MLP); {chosen} fits")
+    raise NanollmError(
+        "the qwen3 form needs qk_norm alone (no value_residual, value_embeddings, unet_skips, softcap or other MLP); "
+        f"{chosen} fits"
+    )
 
 
 def to_hf_config(
@@ -165,7 +182,8 @@ def to_hf_config(
         "use_cache": True,
     }
     if form == NANOLLM:
-        options = {"qk_norm": cfg.qk_norm, "value_residual": cfg.value_residual, "logit_softcap": cfg.logit_softcap}
+        options = {"qk_norm": cfg.qk_norm, "value_residual": cfg.value_residual, "logit_softcap": cfg.logit_softcap,
+                   "value_embeddings": cfg.value_embeddings, "unet_skips": cfg.unet_skips}  # fmt: skip
         return {**common, "auto_map": dict(AUTO_MAP), "mlp": cfg.mlp, **options}
     stock = {
         **common,
@@ -243,6 +261,8 @@ def from_hf_config(hf: dict[str, Any], source: str | Path = "config.json") -> tu
         "init_std": float(get("initializer_range")),
         "qk_norm": kind == QWEN3 or bool(hf.get("qk_norm")),
         "value_residual": bool(hf.get("value_residual")),
+        "value_embeddings": int(hf.get("value_embeddings") or 0),
+        "unet_skips": bool(hf.get("unet_skips")),
         "logit_softcap": hf.get("logit_softcap"),
     }
     try:

@@ -4,12 +4,14 @@ Shipped inside an exported folder (copied there by nanollm.hf_folder.folder) nex
 configuration_nanollm.py, and loaded by AutoModelForCausalLM / pipeline through config.json's
 auto_map with trust_remote_code=True. It imports only torch and transformers (never nanollm),
 so the folder works where nanollm is not installed. Weight names are Llama's (model.layers.i.
-self_attn.q_proj, mlp.gate_proj, ...) plus q_norm/k_norm (as Qwen3) and self_attn.value_mix.
+self_attn.q_proj, mlp.gate_proj, ...) plus q_norm/k_norm (as Qwen3), self_attn.value_mix and
+self_attn.value_embed_mix, model.value_embeds.j and model.skip_weights.
 
 The KV cache is transformers' own: generate hands the model a Cache (a DynamicCache by
 default) and every layer writes its keys and values with cache.update(k, v, layer_idx).
 Under value_residual the later layers mix in the first layer's values per position before
-the cache, so the cache holds mixed values and decoding needs no extra state. Attention runs
+the cache (value embeddings too), so the cache holds mixed values and decoding needs no extra
+state. Attention runs
 in torch's scaled_dot_product_attention with an explicit boolean mask (causal, and the 2-D
 padding mask when given). Tested against transformers 4.56 and 5.x (docs/export.md).
 """
@@ -99,6 +101,9 @@ class NanollmAttention(nn.Module):
         # value residual: (a, b) of v = a v + b v_first, in every layer but the first
         mixes = config.value_residual and layer_idx > 0
         self.value_mix = nn.Parameter(torch.full((2,), 0.5)) if mixes else None
+        # value embeddings: c of v = v + c ve, in the layers a table feeds (j and L-1-j for table j)
+        takes = min(layer_idx, config.num_hidden_layers - 1 - layer_idx) < config.value_embeddings
+        self.value_embed_mix = nn.Parameter(torch.full((1,), 0.5)) if takes else None
 
     def forward(
         self,
@@ -108,6 +113,7 @@ class NanollmAttention(nn.Module):
         mask: torch.Tensor,
         cache: Cache | None,
         v_first: torch.Tensor | None,
+        value_embed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> (output (B, T, C), this layer's values at these positions (B, nkv, T, hs))."""
         B, T, _ = x.shape
@@ -119,6 +125,9 @@ class NanollmAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.value_mix is not None:
             v = self.value_mix[0] * v + self.value_mix[1] * v_first  # (B, nkv, T, hs)
+        if self.value_embed_mix is not None:  # value_embed (B, T, nkv * hs): its table's rows for these tokens
+            ve = value_embed.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+            v = v + (self.value_embed_mix[0] * ve).to(v.dtype)
         values = v
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hs): every position so far
@@ -161,8 +170,8 @@ class NanollmDecoderLayer(nn.Module):
         self.post_attention_layernorm = NanollmRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = NanollmMLP(config)
 
-    def forward(self, x, cos, sin, mask, cache, v_first):
-        h, values = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, v_first)
+    def forward(self, x, cos, sin, mask, cache, v_first, value_embed=None):
+        h, values = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, v_first, value_embed)
         x = x + h  # (B, T, C)
         return x + self.mlp(self.post_attention_layernorm(x)), values
 
@@ -180,8 +189,12 @@ class NanollmPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, NanollmRMSNorm):
             init.ones_(module.weight)
-        elif isinstance(module, NanollmAttention) and module.value_mix is not None:
-            init.constant_(module.value_mix, 0.5)
+        elif isinstance(module, NanollmAttention):
+            for mix in (module.value_mix, module.value_embed_mix):
+                if mix is not None:
+                    init.constant_(mix, 0.5)
+        elif isinstance(module, NanollmModel) and module.skip_weights is not None:
+            init.ones_(module.skip_weights)
 
 
 def _attention_mask(
@@ -209,6 +222,12 @@ class NanollmModel(NanollmPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(NanollmDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = NanollmRMSNorm(config.hidden_size, config.rms_norm_eps)
+        ve_width = config.num_key_value_heads * config.head_dim
+        self.value_embeds = nn.ModuleList(
+            nn.Embedding(config.vocab_size, ve_width) for _ in range(config.value_embeddings)
+        )
+        n_skips = config.num_hidden_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(n_skips)) if config.unet_skips else None
         self.post_init()
 
     def forward(
@@ -236,11 +255,21 @@ class NanollmModel(NanollmPreTrainedModel):
         cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta)  # (B, 1, T, hs)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         mask = _attention_mask(attention_mask, B, T, past, x.device)
+        if len(self.value_embeds) and input_ids is None:
+            raise ValueError("this model adds value embeddings of its input tokens (value_embeddings): pass input_ids")
+        value_embeds = [table(input_ids) for table in self.value_embeds]  # (B, T, nkv * hs) each
+        n, skips = len(self.layers), []  # unet_skips: the outputs of the first n // 2 layers
         v_first = None  # value_residual: the first layer's values at these positions
-        for layer in self.layers:
-            x, values = layer(x, cos, sin, mask, cache, v_first)
+        for i, layer in enumerate(self.layers):
+            if self.skip_weights is not None and i >= n - n // 2:
+                x = x + self.skip_weights[n - 1 - i] * skips[n - 1 - i]
+            table = min(i, n - 1 - i)
+            ve = value_embeds[table] if table < len(value_embeds) else None
+            x, values = layer(x, cos, sin, mask, cache, v_first, ve)
             if v_first is None:
                 v_first = values
+            if self.skip_weights is not None and i < n // 2:
+                skips.append(x)
         return self.norm(x), cache
 
 

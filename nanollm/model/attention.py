@@ -215,9 +215,13 @@ class Attention(nn.Module):
       a, b learned scalars (value_mix) starting at 0.5 each, a convex mix at first (ResFormer,
       Zhou et al. 2024; modded-nanogpt). It mixes per position before the cache, so the cache
       holds mixed values and decoding needs no extra state.
+    - value embeddings (takes_value_embed, set by the Transformer for the layers its tables
+      feed under value_embeddings): v = v + c ve, ve a token-embedding table's rows for the
+      same positions' tokens and c a learned scalar (value_embed_mix) starting at
+      VALUE_MIX_INIT. Per position too, so the cache again holds the mixed values.
     """
 
-    def __init__(self, cfg: ModelConfig, *, mixes_values: bool = False):
+    def __init__(self, cfg: ModelConfig, *, mixes_values: bool = False, takes_value_embed: bool = False):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
@@ -228,6 +232,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         # (a, b) of v = a v + b v_first; Transformer.reset_parameters sets both to VALUE_MIX_INIT
         self.value_mix = nn.Parameter(torch.full((2,), VALUE_MIX_INIT)) if mixes_values else None
+        # c of v = v + c ve; Transformer.reset_parameters sets it to VALUE_MIX_INIT
+        self.value_embed_mix = nn.Parameter(torch.full((1,), VALUE_MIX_INIT)) if takes_value_embed else None
         self.backend = BACKENDS[cfg.attention]
         self.cache: KVCache | None = None  # set by Transformer.setup_cache
         self.packed_qkv: PackedLinears | None = None  # set by pack_for_decode
@@ -250,13 +256,15 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         start_pos: int | RaggedStep | None = None,
         v_first: torch.Tensor | None = None,
+        value_embed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> (output (B, T, C), the values this layer attended with at these positions (B, nkv, T, hs)).
 
         start_pos None: no cache; an int: read and write the cache; a RaggedStep (T = 1): read
         and write the cache with every row at its own position. v_first (B, nkv, T, hs), the
         first layer's values at these positions, is required when this layer mixes values and
-        ignored otherwise.
+        ignored otherwise; value_embed (B, T, nkv * hs), its value-embedding table's rows for
+        these tokens, likewise when this layer takes one.
         """
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
@@ -271,6 +279,11 @@ class Attention(nn.Module):
             if v_first is None:
                 raise ValueError("this layer mixes in the first layer's values (value_residual): pass v_first")
             v = self.value_mix[0] * v + self.value_mix[1] * v_first  # (B, nkv, T, hs); 0-dim factors keep v's dtype
+        if self.value_embed_mix is not None:
+            if value_embed is None:
+                raise ValueError("this layer adds a value embedding (value_embeddings): pass value_embed")
+            ve = value_embed.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+            v = v + (self.value_embed_mix[0] * ve).to(v.dtype)  # the table is fp32 under autocast: keep v's dtype
         values = v
         if isinstance(start_pos, RaggedStep):
             if self.cache is None:

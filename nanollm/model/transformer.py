@@ -5,7 +5,8 @@ weight layout it offers (packing.py lays the weights out; callers ask for it) an
 estimate. Attention internals (with the qk_norm and value_residual options) live in
 attention.py, RoPE in rope.py, RMSNorm in norm.py; training, sampling and checkpoint files
 are other modules' business. The options of modded-nanogpt's record runs owned here are the
-relu2 MLP, zero_init_proj and logit_softcap; with every option off the model is Llama's.
+relu2 MLP, zero_init_proj, logit_softcap, the value_embeddings tables (their mixing is
+attention.py's) and unet_skips; with every option off the model is Llama's.
 
 Parameter names follow Meta's Llama checkpoints (tok_embeddings, layers.i.attention.wq,
 layers.i.feed_forward.w1, attention_norm, ffn_norm, norm, output), so exporting to
@@ -69,13 +70,23 @@ class FeedForward(nn.Module):
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))  # tanh GELU, as GPT-2
 
 
+def value_embed_table(cfg: ModelConfig, index: int) -> int | None:
+    """Which of the value_embeddings tables feeds layer `index` (table j: layers j and n_layer-1-j), or None."""
+    mirrored = min(index, cfg.n_layer - 1 - index)
+    return mirrored if mirrored < cfg.value_embeddings else None
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). `index` counts from 0."""
 
     def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attention = Attention(cfg, mixes_values=cfg.value_residual and index > 0)
+        self.attention = Attention(
+            cfg,
+            mixes_values=cfg.value_residual and index > 0,
+            takes_value_embed=value_embed_table(cfg, index) is not None,
+        )
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
@@ -86,13 +97,14 @@ class Block(nn.Module):
         sin: torch.Tensor,
         start_pos: int | None,
         v_first: torch.Tensor | None = None,
+        value_embed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, C) -> (x (B, T, C), the attention's values (B, nkv, T, hs)); v_first as in Attention.forward.
+        """x (B, T, C) -> (x (B, T, C), the attention's values (B, nkv, T, hs)); v_first, value_embed as in Attention.
 
         Every argument is positional in Transformer.forward, as nanollm.training.memory's activation
         checkpointing passes them on.
         """
-        h, values = self.attention(self.attention_norm(x), cos, sin, start_pos, v_first)  # (B, T, C)
+        h, values = self.attention(self.attention_norm(x), cos, sin, start_pos, v_first, value_embed)  # (B, T, C)
         x = x + h  # (B, T, C)
         return x + self.feed_forward(self.ffn_norm(x)), values  # (B, T, C), (B, nkv, T, hs)
 
@@ -115,6 +127,16 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.output = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+        # Registered after the rest and built without a draw (reset_parameters draws them), so the init
+        # draws every other weight as it would without them.
+        ve_shape = (vocab_size, cfg.kv_heads * cfg.head_dim)
+        self.value_embeds = (
+            nn.ModuleList(nn.Embedding(*ve_shape, _weight=torch.empty(ve_shape)) for _ in range(cfg.value_embeddings))
+            if cfg.value_embeddings
+            else None
+        )
+        # unet_skips: the weight of layer i's output in the input of layer n_layer-1-i, i < n_layer // 2
+        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2)) if cfg.unet_skips else None
         self.reset_parameters()
         if cfg.tie_embeddings:
             # One tensor serves as input embedding and LM head: vocab * C fewer parameters
@@ -136,7 +158,7 @@ class Transformer(nn.Module):
         """
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if name.endswith("attention.value_mix"):
+            if name.endswith(("attention.value_mix", "attention.value_embed_mix")):
                 nn.init.constant_(p, VALUE_MIX_INIT)
             elif p.dim() < 2:
                 nn.init.ones_(p)
@@ -170,11 +192,19 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rope(start_pos or 0, T)  # (T, hs) each
         x = self.tok_embeddings(idx)  # (B, T, C)
+        value_embeds = [table(idx) for table in self.value_embeds] if self.value_embeds is not None else []
         v_first = None  # value_residual: the first layer's values, mixed into every later layer's
-        for layer in self.layers:
-            x, values = layer(x, cos, sin, start_pos, v_first)  # (B, T, C), (B, nkv, T, hs)
+        n, skips = self.cfg.n_layer, []  # unet_skips: outputs of the first n // 2 layers
+        for i, layer in enumerate(self.layers):
+            if self.skip_weights is not None and i >= n - n // 2:
+                x = x + self.skip_weights[n - 1 - i] * skips[n - 1 - i]  # layer n-1-i's output
+            table = value_embed_table(self.cfg, i)
+            ve = value_embeds[table] if table is not None else None  # (B, T, nkv * hs)
+            x, values = layer(x, cos, sin, start_pos, v_first, ve)  # (B, T, C), (B, nkv, T, hs)
             if self.cfg.value_residual and v_first is None:
                 v_first = values
+            if self.skip_weights is not None and i < n // 2:
+                skips.append(x)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         logits = self.output(self.norm(x))  # (B, T, vocab)
@@ -264,12 +294,13 @@ class Transformer(nn.Module):
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters, counting a tied embedding/LM head once.
 
-        exclude_embeddings drops the token-embedding table (Kaplan et al.'s "non-embedding"
+        exclude_embeddings drops the token-embedding tables (value_embeddings' too; Kaplan et al.'s "non-embedding"
         count); with tied embeddings that table is also the LM head.
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
         if exclude_embeddings:
             n -= self.tok_embeddings.weight.numel()
+            n -= sum(t.weight.numel() for t in self.value_embeds or [])  # lookups too, no matmul
         return n
 
     def flops_per_token(self, seq_len: int) -> float:

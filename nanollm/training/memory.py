@@ -66,8 +66,9 @@ def estimate_memory(
     checked against a saved-tensor count in tests/test_train.py, within 15%):
     10 C (norm outputs and their inputs, q/k/v before and after RoPE, the attention output and
     wo's input) + 4 H for SwiGLU (w1 and w3 outputs, silu, their product) or 2 H for GELU,
-    in fp32: 4 bytes each. qk_norm adds its norms' saved tensors (~5 C + 2 n_head in fp32) and
-    value_residual each later layer's values (C). Under 16-bit autocast the matmul outputs take 2 bytes while the
+    in fp32: 4 bytes each. qk_norm adds its norms' saved tensors (~5 C + 2 n_head in fp32),
+    value_residual each later layer's values (C) and value_embeddings each fed layer's table
+    rows (C). Under 16-bit autocast the matmul outputs take 2 bytes while the
     norms and residual stream stay fp32 (~34 C + 2 k H bytes), and autocast keeps a 16-bit
     copy of every weight. The LM head saves log-softmax's fp32 (B, T, V), and the backward
     pass briefly holds two more (B, T, V) tensors: at vocab 50k and T = 1024 that is ~0.6 GB
@@ -93,12 +94,13 @@ def activation_bytes(
     if cfg.qk_norm:  # fp32 norms of q and k: their inputs, normed outputs, gained outputs (~2.5 each), RMS per head
         per_layer += 4 * (5 * (C + kv) // 2 + cfg.n_head + cfg.kv_heads)
     mixes = 4 * kv * (cfg.n_layer - 1) if cfg.value_residual else 0  # each later layer's own v, for the mix's grads
+    mixes += 4 * kv * _value_embed_layers(cfg)  # each value embedding's fp32 rows, for its factor's grad
     if activation_checkpointing:
         blocks = tokens * (4 * C * cfg.n_layer + per_layer)  # the blocks' inputs, and one block recomputed
     else:
         blocks = tokens * (per_layer * cfg.n_layer + mixes)
     head = tokens * (4 * vocab_size + 4 * 3 * C)  # fp32 log-softmax; the final norm's input, normed, output
-    embedding, layers, norm, untied_head = _param_shapes(cfg, vocab_size)
+    embedding, layers, norm, untied_head, _ = _param_shapes(cfg, vocab_size)
     matrices = layers - cfg.n_layer * 2 * C + (untied_head or embedding)  # what matmuls read
     weight_copies = 2 * matrices if low else 0  # autocast's 16-bit weight casts, saved for backward
     return blocks + head + weight_copies, tokens * 2 * 4 * vocab_size  # grad of log-softmax and of logits
@@ -112,8 +114,16 @@ def _param_shapes(cfg: ModelConfig, vocab_size: int) -> list[int]:
     per_layer = attention + mlp + 2 * C  # + two RMSNorm weights
     per_layer += 2 * cfg.head_dim if cfg.qk_norm else 0  # q_norm and k_norm gains
     mixes = 2 * (cfg.n_layer - 1) if cfg.value_residual else 0  # (a, b) in every layer but the first
+    mixes += _value_embed_layers(cfg) + (cfg.n_layer // 2 if cfg.unet_skips else 0)  # their factors c; skip weights
     head = 0 if cfg.tie_embeddings else vocab_size * C
-    return [vocab_size * C, cfg.n_layer * per_layer + mixes, C, head]  # embedding, blocks, final norm, head
+    value_embeds = cfg.value_embeddings * vocab_size * kv  # looked up, so neither matmul nor autocast copy
+    # embedding, blocks, final norm, head, value embedding tables
+    return [vocab_size * C, cfg.n_layer * per_layer + mixes, C, head, value_embeds]
+
+
+def _value_embed_layers(cfg: ModelConfig) -> int:
+    """How many layers add a value embedding (table j feeds layers j and n_layer-1-j)."""
+    return sum(min(i, cfg.n_layer - 1 - i) < cfg.value_embeddings for i in range(cfg.n_layer))
 
 
 class PeakMemory:
