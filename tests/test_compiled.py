@@ -21,7 +21,14 @@ VOCAB = 300
 # instead of repeating one id, so the equality checks compare real sequences.
 CONFIGS = {
     "default": ModelConfig(
-        n_layer=2, n_head=4, n_embd=64, block_size=32, qk_norm=True, value_residual=True, init_std=0.3
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        block_size=32,
+        qk_norm=True,
+        value_residual=True,
+        value_embeddings=1,
+        init_std=0.3,
     ),
     "llama-gqa": ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=32, init_std=0.3),
 }

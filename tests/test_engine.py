@@ -21,7 +21,9 @@ VOCAB = 300
 NEAR_TIE = 1e-4
 
 CONFIGS = {
-    "default": ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=128, qk_norm=True, value_residual=True),
+    "default": ModelConfig(
+        n_layer=2, n_head=4, n_embd=64, block_size=128, qk_norm=True, value_residual=True, value_embeddings=1
+    ),
     "llama-gqa": ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=128),
 }
 

@@ -81,7 +81,7 @@ FORM_CASES = [
     ("llama", {"tie_embeddings": False, "rope_theta": 500.0, "mlp_hidden": 48}),
     ("qwen3", {"qk_norm": True, "n_kv_head": 2}),
     ("qwen3", {"qk_norm": True, "tie_embeddings": False, "norm_eps": 0.5, "rope_theta": 500.0}),  # eps reaches q_norm
-    ("nanollm", {"qk_norm": True, "value_residual": True}),  # params.yaml's default options
+    ("nanollm", {"qk_norm": True, "value_residual": True, "value_embeddings": 1}),  # params.yaml's default options
     ("nanollm", {"value_residual": True, "n_kv_head": 1, "tie_embeddings": False}),
     ("nanollm", {"mlp": "relu2", "logit_softcap": 3.0, "tie_embeddings": False, "n_kv_head": 2}),
     ("nanollm", {"mlp": "gelu", "qk_norm": True, "norm_eps": 0.5}),
@@ -705,7 +705,7 @@ def generation_tokenizer(tmp_path_factory):
 GENERATION_FORMS = {
     "llama": {},
     "qwen3": {"qk_norm": True},
-    "custom": {"qk_norm": True, "value_residual": True},
+    "custom": {"qk_norm": True, "value_residual": True, "value_embeddings": 1},
     "custom-relu2-softcap": {"value_residual": True, "mlp": "relu2", "logit_softcap": 4.0},
 }
 

@@ -68,7 +68,8 @@ def render_report(summary: dict[str, Any], rows: Sequence[Row], batch_rows: Sequ
         out += [
             "",
             (
-                "transformers' Llama cannot run this architecture (its qk_norm, value_residual or logit_softcap), "
+                "transformers' Llama cannot run this architecture (it has options Llama lacks: qk_norm, "
+                "value_residual, value_embeddings, unet_skips or logit_softcap), "
                 "so the two engines are compared on its Llama counterpart, the same shape without those options: "
                 "the ours / peer column divides our cached decoding of that counterpart, not the figures beside it. "
                 if counterpart
