@@ -36,6 +36,8 @@ KERNELS = {"nanollm": "nanollm's int8 kernel", "aten": "torch's aten int8 kernel
 OPTIONS = (
     ("qk_norm", "QK-norm"),
     ("value_residual", "value residual"),
+    ("value_embeddings", "value embeddings"),
+    ("unet_skips", "U-net skips"),
     ("zero_init_proj", "zero-initialised projections"),
     ("logit_softcap", "logit soft-capping"),
 )
