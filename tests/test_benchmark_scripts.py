@@ -392,3 +392,15 @@ def test_compiled_step_times_eager_compiled_and_each_setting_taken_back(tmp_path
     assert [(r[0], r[1]) for r in rows] == [(b, n) for b in ("1", "2") for n in names]
     assert all(_number(r[2]) > 0 for r in rows)
     assert all(_number(r[5]) > 0 for r in rows if r[1] != "eager")
+
+
+@smoke("muon_step.py")
+def test_muon_step_times_the_three_and_checks_batched_against_one_at_a_time(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("model: {n_layer: 2, n_head: 2, n_embd: 32, block_size: 16}\ntokenizer: {vocab_size: 300}\n")
+    out = _run("muon_step.py", "--params", str(params), "--steps", "2", "--rounds", "2", "--threads", "1")
+    assert "batched and one at a time equal after a step: True" in out
+    header, rows = _table(out, "step")
+    assert header == ["step", "ms a step", "this / batched"]
+    assert [r[0] for r in rows] == ["batched (ours)", "one at a time", "torch.optim.Muon"]
+    assert all(_number(r[1]) > 0 for r in rows) and rows[0][2] == "x1.00"
