@@ -388,10 +388,12 @@ def test_compiled_step_times_eager_compiled_and_each_setting_taken_back(tmp_path
                "--rounds", "2", "--threads", "1")  # fmt: skip
     header, rows = _table(out, "batch")
     assert header == ["batch", "step", "us a step", "eager / this", "this / compiled", "compile (s)"]
-    names = ["eager", "compiled", "no mm decomposition", "python wrapper", "every guard"]
+    names = ["eager", "compiled", "no mm decomposition", "python wrapper", "every guard", "matmuls alone",
+             "attention alone"]  # fmt: skip
     assert [(r[0], r[1]) for r in rows] == [(b, n) for b in ("1", "2") for n in names]
     assert all(_number(r[2]) > 0 for r in rows)
-    assert all(_number(r[5]) > 0 for r in rows if r[1] != "eager")
+    assert all(_number(r[5]) > 0 for r in rows if r[1] not in ("eager", "matmuls alone", "attention alone"))
+    assert "- batch 2: x" in out  # the bound a batch's floor puts on its gain over batch 1
 
 
 @smoke("muon_step.py")
