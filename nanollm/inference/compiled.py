@@ -64,7 +64,6 @@ __all__ = [
     "INDUCTOR_OPTIONS",
     "batch_buckets",
     "tensor_guards_only",
-    "use_private_cache",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,27 +96,26 @@ def batch_buckets(max_batch: int) -> list[int]:
     return [*buckets, max_batch]
 
 
-def use_private_cache(what: str = "the decode step", instead: str = "decode eagerly (--no-compile)") -> Path:
+def use_private_cache() -> Path:
     """Point inductor's compile cache at a folder only we can write (see the module's docstring); returns it.
 
     TORCHINDUCTOR_CACHE_DIR, when set, names the folder; else <nanollm's cache>/inductor
     (NANOLLM_CACHE_DIR, or XDG_CACHE_HOME/nanollm, or ~/.cache/nanollm). Inductor reads the
     variable each time it looks for its cache (and sets it itself when unset), so setting it
-    here is what it would do with its own default. Raises CompileFailed, naming `what` would
-    have compiled and what to do `instead`, where the folder is not private or cannot be made.
-    Training's torch.compile (train.compile) calls it too.
+    here is what it would do with its own default. Raises CompileFailed where the folder is not
+    private or cannot be made.
     """
     if not hasattr(os, "getuid"):
-        raise CompileFailed(f"refused to compile {what}: no POSIX file ownership here, so a private folder "
-                            f"for its compile cache cannot be checked; {instead}")  # fmt: skip
+        raise CompileFailed("refused to compile the decode step: no POSIX file ownership here, so a private folder "
+                            "for its compile cache cannot be checked; decode eagerly (--no-compile)")  # fmt: skip
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     folder = Path(chosen) if chosen else kernel_cache_dir() / "inductor"
     try:
         folder = private_folder(folder)
     except (NotPrivate, OSError) as err:
         raise CompileFailed(
-            f"refused to compile {what}: {err} (its compile cache); make it yours alone, or set "
-            f"TORCHINDUCTOR_CACHE_DIR to a folder only you can write, or {instead}"
+            f"refused to compile the decode step: {err} (its compile cache); make it yours alone, or set "
+            "TORCHINDUCTOR_CACHE_DIR to a folder only you can write, or decode eagerly (--no-compile)"
         ) from None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     return folder

@@ -177,10 +177,6 @@ def _wrap(
         )
         runner = ddp
     if cfg.compile:
-        from nanollm.inference.compiled import use_private_cache
-
-        # inductor's default cache, /tmp/torchinductor_<user>, is a name anyone could create first
-        use_private_cache("the training step", "train with train.compile: false")
         runner = torch.compile(runner)
     return runner, ddp
 
