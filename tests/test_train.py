@@ -300,6 +300,18 @@ def test_compile_trains_like_eager(monkeypatch):
     assert [r["train_loss"] for r in b.history] == pytest.approx([r["train_loss"] for r in a.history], abs=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"mlp": "gelu", "tie_embeddings": False},
+        {"n_kv_head": 1, "n_layer": 3},
+        {"qk_norm": True, "value_residual": True, "n_layer": 3},
+        {"qk_norm": True, "n_kv_head": 1},
+        {"value_embeddings": 2, "unet_skips": True, "value_residual": True, "n_layer": 4},
+    ],
+)
 def test_activation_estimate_matches_what_autograd_saves(dtype, overrides):
     """The estimate against a count of the tensors autograd keeps for backward (parameters excluded)."""
     model = tiny_model(**{"n_embd": 64, "block_size": 32, **overrides})
