@@ -42,7 +42,7 @@ NEUTRAL_KEYS = ("log_interval", "eval_interval", "checkpoint_interval", "device"
 # The modules whose code decides the weights a run ends with: the model, the loop and everything
 # they import (config.py decides hidden sizes, hardware.py the dtype); their source is part of
 # the fingerprint. tests/test_code_deps.py derives the list from the imports and fails on a gap.
-TRAINING_CODE = ("__init__.py", "config.py", "errors.py", "hardware.py", "model", "training")
+TRAINING_CODE = ("__init__.py", "config.py", "errors.py", "hardware.py", "model", "private.py", "training")
 
 
 def save_checkpoint(

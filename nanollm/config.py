@@ -291,7 +291,11 @@ class TrainConfig:
     checkpoint_interval: int = _spec(
         100, doc="steps between resumable checkpoints in the output folder (0: only the final one)", min=0
     )
-    compile: bool = _spec(False, doc="torch.compile the model (minutes of compilation; faster steps on GPUs)")
+    compile: bool = _spec(
+        False,
+        doc="torch.compile the model (minutes of compilation; faster steps on GPUs); its compiled code is kept "
+        "in a folder only you can write (~/.cache/nanollm/inductor, or TORCHINDUCTOR_CACHE_DIR, checked)",
+    )
     activation_checkpointing: bool = _spec(
         False, doc="recompute each block's activations in backward: ~1/3 more compute for a fraction of the memory"
     )

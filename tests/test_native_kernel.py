@@ -247,7 +247,7 @@ def test_a_library_in_a_private_folder_is_loaded(cache):
     [
         (lambda root: (root / "kernels").chmod(0o775), r"kernels is writable by group or others \(mode 775\)"),
         (lambda root: (root / "kernels").chmod(0o777), r"kernels is writable by group or others \(mode 777\)"),
-        (lambda root: root.chmod(0o777), "above the kernel's, is writable by others without the sticky bit"),
+        (lambda root: root.chmod(0o777), "above a private one, is writable by others without the sticky bit"),
         pytest.param(lambda root: os.chown(root / "kernels", NOBODY, -1), f"owned by uid {NOBODY}", marks=as_root),
         pytest.param(lambda root: os.chown(root, NOBODY, -1), f"owned by uid {NOBODY}", marks=as_root),
         pytest.param(

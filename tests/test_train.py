@@ -300,6 +300,32 @@ def test_compile_trains_like_eager(monkeypatch):
     assert [r["train_loss"] for r in b.history] == pytest.approx([r["train_loss"] for r in a.history], abs=1e-5)
 
 
+def test_compile_keeps_its_cache_in_a_private_folder(tmp_path, monkeypatch):
+    """The compiled step's code is loaded from inductor's cache: train.compile checks the folder, as decoding does."""
+    import functools
+    import stat
+
+    from nanollm.private import NotPrivate
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # and put back as it was after the test
+    monkeypatch.setenv("NANOLLM_CACHE_DIR", str(tmp_path / "nanollm"))
+    train(tiny_model(n_layer=1), DATA, DATA, tiny_cfg(max_steps=1, warmup_steps=1, compile=True), seed=4)
+    folder = tmp_path / "nanollm" / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder.resolve())
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    planted.chmod(0o777)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(planted))
+    with pytest.raises(NotPrivate) as err:
+        train(tiny_model(n_layer=1), DATA, DATA, tiny_cfg(max_steps=1, warmup_steps=1, compile=True), seed=4)
+    message = str(err.value)
+    assert message.startswith("refused to compile the training step: ") and "\n" not in message
+    assert "planted is writable by group or others" in message and message.endswith("train.compile: false")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "overrides",

@@ -37,25 +37,23 @@ code in its cache, so a second process pays far less. compile_seconds records wh
 bucket cost in this process. That cache holds shared libraries the process loads, so it must
 be a folder no one else can write: inductor's default, /tmp/torchinductor_<user>, is a name
 anyone on the machine could create first. The decoder points inductor at
-<nanollm's cache>/inductor instead (native.py's folder, made and checked the same way), or
-checks the folder TORCHINDUCTOR_CACHE_DIR names, and refuses to compile with any other.
+<nanollm's cache>/inductor instead, or checks the folder TORCHINDUCTOR_CACHE_DIR names, and
+refuses to compile with any other (nanollm/private.py, as for the int8 kernel's folder).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import types
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from nanollm.errors import NanollmError, first_line
-from nanollm.inference.native import NotPrivate, kernel_cache_dir, private_folder
 from nanollm.model.attention import RaggedStep
+from nanollm.private import NotPrivate, private_inductor_cache
 
 __all__ = [
     "COMPILE_OPTIONS",
@@ -94,31 +92,6 @@ def batch_buckets(max_batch: int) -> list[int]:
         buckets.append(b)
         b *= 2
     return [*buckets, max_batch]
-
-
-def use_private_cache() -> Path:
-    """Point inductor's compile cache at a folder only we can write (see the module's docstring); returns it.
-
-    TORCHINDUCTOR_CACHE_DIR, when set, names the folder; else <nanollm's cache>/inductor
-    (NANOLLM_CACHE_DIR, or XDG_CACHE_HOME/nanollm, or ~/.cache/nanollm). Inductor reads the
-    variable each time it looks for its cache (and sets it itself when unset), so setting it
-    here is what it would do with its own default. Raises CompileFailed where the folder is not
-    private or cannot be made.
-    """
-    if not hasattr(os, "getuid"):
-        raise CompileFailed("refused to compile the decode step: no POSIX file ownership here, so a private folder "
-                            "for its compile cache cannot be checked; decode eagerly (--no-compile)")  # fmt: skip
-    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    folder = Path(chosen) if chosen else kernel_cache_dir() / "inductor"
-    try:
-        folder = private_folder(folder)
-    except (NotPrivate, OSError) as err:
-        raise CompileFailed(
-            f"refused to compile the decode step: {err} (its compile cache); make it yours alone, or set "
-            "TORCHINDUCTOR_CACHE_DIR to a folder only you can write, or decode eagerly (--no-compile)"
-        ) from None
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-    return folder
 
 
 def _step(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -160,7 +133,10 @@ class CompiledDecoder:
         self.buckets = batch_buckets(max_batch)
         self.device = next(model.parameters()).device
         self.compile_seconds: dict[int, float] = {}  # bucket -> seconds its first call took
-        self.cache_dir = use_private_cache()  # before anything compiles
+        try:  # before anything compiles
+            self.cache_dir = private_inductor_cache("the decode step", "decode eagerly (--no-compile)")
+        except NotPrivate as err:
+            raise CompileFailed(str(err)) from None
         with torch.inference_mode():
             model.pack_for_decode()  # the compiled graph trusts the packs (packing.py): pack first
             model.setup_cache(max_batch, self.max_seq_len)

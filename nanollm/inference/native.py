@@ -15,7 +15,7 @@ one killed mid-build, never load half a file. Building takes about a second. Wit
 (Apple's clang) it is built single-threaded and only used when torch runs one thread.
 
 Loading a library runs its code as us, and its name is one anyone can compute: so a kernel
-is loaded only from a private folder (`private_folder`: owned by us, not writable by group
+is loaded only from a private folder (nanollm/private.py: owned by us, not writable by group
 or others, every folder above it owned by us or root and writable by others only with the
 sticky bit, as /tmp is) and only from a file owned by us that nobody else can write. Folders
 it creates are mode 0700. Anything else is refused with one warning naming the folder and
@@ -49,8 +49,9 @@ from pathlib import Path
 import torch
 
 from nanollm.atomic import atomic_path
+from nanollm.private import NotPrivate, cache_dir, check_ours, private_folder
 
-__all__ = ["Int8Gemm", "int8_gemm", "int8_kernel", "int8_kernel_name", "kernel_cache_dir", "private_folder"]
+__all__ = ["Int8Gemm", "int8_gemm", "int8_kernel", "int8_kernel_name"]
 
 log = logging.getLogger(__name__)
 
@@ -111,72 +112,12 @@ def _dtype_error(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) ->
     return "int8 kernel: operands of the wrong dtype"
 
 
-def kernel_cache_dir() -> Path:
-    if os.environ.get("NANOLLM_CACHE_DIR"):
-        return Path(os.environ["NANOLLM_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "nanollm"
-
-
-class NotPrivate(Exception):
-    """A folder or file a library could be planted in by someone else; the message says which and why."""
-
-
-def _check_ours(path: Path, st: os.stat_result, what: str) -> None:
-    """`path` (lstat'ed as `st`) is owned by us and writable by nobody else."""
-    if st.st_uid != os.getuid():
-        raise NotPrivate(f"{what} {path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()})")
-    if st.st_mode & 0o022:
-        raise NotPrivate(f"{what} {path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
-
-
-def _check_folder(path: Path, *, ours: bool) -> None:
-    """A real folder (not a link); ours: owned by us and writable by nobody else; else (a folder above it):
-    owned by us or root, and writable by others only with the sticky bit (as /tmp: nobody renames what is ours)."""
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise NotPrivate(f"{path} is not a folder")
-    if ours:
-        _check_ours(path, st, "folder")
-    elif st.st_uid not in (0, os.getuid()):
-        raise NotPrivate(f"folder {path}, above the kernel's, is owned by uid {st.st_uid}, neither you nor root")
-    elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise NotPrivate(f"folder {path}, above the kernel's, is writable by others without the sticky bit "
-                         f"(mode {stat.S_IMODE(st.st_mode):o})")  # fmt: skip
-
-
-def private_folder(folder: Path) -> Path:
-    """`folder`, made where missing (mode 0700 for each folder created), as a resolved path only we can change.
-
-    Every folder created is checked as it is made (another process may have made it first),
-    then the resolved path (symbolic links followed, so the checks see where files really go)
-    and every folder above it. Raises NotPrivate (naming the folder) where someone else could
-    put a file there, OSError where it cannot be made.
-    """
-    folder = Path(os.path.abspath(folder))
-    missing, path = [], folder
-    while not os.path.lexists(path):
-        missing.append(path)
-        path = path.parent
-    for path in reversed(missing):
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass  # made meanwhile, perhaps by someone else: the check says
-        _check_folder(path, ours=True)
-    real = Path(os.path.realpath(folder))
-    _check_folder(real, ours=True)
-    for above in real.parents:
-        _check_folder(above, ours=False)
-    return real
-
-
 def _check_library(path: Path) -> None:
     """The compiled file itself: a regular file (not a link), ours, writable by nobody else."""
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode):
         raise NotPrivate(f"{path} is not a regular file")
-    _check_ours(path, st, "library")
+    check_ours(path, st, "library")
 
 
 def _cpu_has_avx2() -> bool:
@@ -236,7 +177,7 @@ def _load() -> tuple[Int8Gemm | None, str]:
         return None, f"{cc} --version failed: {e}"
     errors = []
     for flags, parallel in ((FLAGS + OPENMP, True), (FLAGS, False)):
-        for base in (kernel_cache_dir(), Path(tempfile.gettempdir()) / f"nanollm-{os.getuid()}"):
+        for base in (cache_dir(), Path(tempfile.gettempdir()) / f"nanollm-{os.getuid()}"):
             folder = base / "kernels"
             try:
                 path = private_folder(folder) / _library_name(flags, version)

@@ -29,7 +29,7 @@ from nanollm.model.norm import RMSNorm
 from nanollm.model.packing import PackedLinears, column_major, pack
 from nanollm.model.rope import RotaryEmbedding
 
-__all__ = ["Block", "FeedForward", "RMSNorm", "Transformer"]
+__all__ = ["Block", "FeedForward", "RMSNorm", "Transformer", "value_embed_layers", "value_embed_table"]
 
 
 class FeedForward(nn.Module):
@@ -74,6 +74,11 @@ def value_embed_table(cfg: ModelConfig, index: int) -> int | None:
     """Which of the value_embeddings tables feeds layer `index` (table j: layers j and n_layer-1-j), or None."""
     mirrored = min(index, cfg.n_layer - 1 - index)
     return mirrored if mirrored < cfg.value_embeddings else None
+
+
+def value_embed_layers(cfg: ModelConfig) -> int:
+    """How many layers add a value embedding."""
+    return sum(value_embed_table(cfg, i) is not None for i in range(cfg.n_layer))
 
 
 class Block(nn.Module):

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from nanollm.config import TrainConfig
 from nanollm.errors import NanollmError
 from nanollm.hardware import choose_dtype, fast_fp32_matmuls, peak_flops, pick_device, resolve_dtype
+from nanollm.private import private_inductor_cache
 from nanollm.training.distributed import Distributed, split_evenly
 from nanollm.training.interrupt import GracefulStop, TrainingInterrupted
 from nanollm.training.memory import MemoryEstimate, PeakMemory, activation_checkpointing, estimate_memory, format_bytes
@@ -177,6 +178,8 @@ def _wrap(
         )
         runner = ddp
     if cfg.compile:
+        # inductor's default cache, /tmp/torchinductor_<user>, is a name anyone could create first
+        private_inductor_cache("the training step", "train with train.compile: false")
         runner = torch.compile(runner)
     return runner, ddp
 

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from nanollm.config import ModelConfig
 from nanollm.errors import NanollmError
+from nanollm.model.transformer import value_embed_layers
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def activation_bytes(
     if cfg.qk_norm:  # fp32 norms of q and k: their inputs, normed outputs, gained outputs (~2.5 each), RMS per head
         per_layer += 4 * (5 * (C + kv) // 2 + cfg.n_head + cfg.kv_heads)
     mixes = 4 * kv * (cfg.n_layer - 1) if cfg.value_residual else 0  # each later layer's own v, for the mix's grads
-    mixes += 4 * kv * _value_embed_layers(cfg)  # each value embedding's fp32 rows, for its factor's grad
+    mixes += 4 * kv * value_embed_layers(cfg)  # each value embedding's fp32 rows, for its factor's grad
     if activation_checkpointing:
         blocks = tokens * (4 * C * cfg.n_layer + per_layer)  # the blocks' inputs, and one block recomputed
     else:
@@ -114,16 +115,11 @@ def _param_shapes(cfg: ModelConfig, vocab_size: int) -> list[int]:
     per_layer = attention + mlp + 2 * C  # + two RMSNorm weights
     per_layer += 2 * cfg.head_dim if cfg.qk_norm else 0  # q_norm and k_norm gains
     mixes = 2 * (cfg.n_layer - 1) if cfg.value_residual else 0  # (a, b) in every layer but the first
-    mixes += _value_embed_layers(cfg) + (cfg.n_layer // 2 if cfg.unet_skips else 0)  # their factors c; skip weights
+    mixes += value_embed_layers(cfg) + (cfg.n_layer // 2 if cfg.unet_skips else 0)  # their factors c; skip weights
     head = 0 if cfg.tie_embeddings else vocab_size * C
     value_embeds = cfg.value_embeddings * vocab_size * kv  # looked up, so neither matmul nor autocast copy
     # embedding, blocks, final norm, head, value embedding tables
     return [vocab_size * C, cfg.n_layer * per_layer + mixes, C, head, value_embeds]
-
-
-def _value_embed_layers(cfg: ModelConfig) -> int:
-    """How many layers add a value embedding (table j feeds layers j and n_layer-1-j)."""
-    return sum(min(i, cfg.n_layer - 1 - i) < cfg.value_embeddings for i in range(cfg.n_layer))
 
 
 class PeakMemory:
