@@ -265,6 +265,16 @@ class TrainConfig:
     min_lr: float = _spec(3e-4, doc="learning rate at the end of the schedule (scaled alike for Muon)", min=0.0)
     muon_lr: float = _spec(0.02, doc="optimizer=muon: peak learning rate of the matrices", gt=0.0, max=1.0)
     muon_momentum: float = _spec(0.95, doc="optimizer=muon: Nesterov momentum of the matrices", min=0.0, max=0.999)
+    muon_momentum_warmup: int = _spec(
+        0,
+        doc="optimizer=muon: steps over which the momentum rises linearly from 0.85 to muon_momentum "
+        "(modded-nanogpt's: 300); 0: muon_momentum from the first step",
+        min=0,
+    )
+    muon_ns_steps: int = _spec(
+        5, doc="optimizer=muon: Newton-Schulz iterations that orthogonalise each update (fewer: cheaper, rougher)",
+        min=1, max=20,
+    )  # fmt: skip
     schedule: str = _spec(
         "cosine",
         doc="after warmup: cosine (decay to min_lr over all steps) or wsd (constant, then a linear "
@@ -279,6 +289,12 @@ class TrainConfig:
     beta1: float = _spec(0.9, doc="AdamW beta1", min=0.0, max=0.999999)
     beta2: float = _spec(0.95, doc="AdamW beta2", min=0.0, max=0.999999)
     grad_clip: float = _spec(1.0, doc="clip the global gradient norm to this (0: no clipping)", min=0.0)
+    ema_decay: float | None = _spec(
+        None,
+        doc="e.g. 0.99: keep an exponential moving average of the weights and save it as the final model "
+        "(nanollm/training/average.py); null: the last step's weights",
+        gt=0.0, max=0.9999,
+    )  # fmt: skip
     eval_interval: int = _spec(100, doc="steps between val-loss estimates", min=1)
     eval_batches: int = _spec(10, doc="micro-batches per val-loss estimate", min=1)
     log_interval: int = _spec(10, doc="steps between logged step metrics", min=1)

@@ -5,7 +5,7 @@ import torch
 
 from nanollm.config import ModelConfig, TrainConfig
 from nanollm.model import Transformer
-from nanollm.training.optim import Muon, lr_at, make_optimizer, muon_param_groups, orthogonalize
+from nanollm.training.optim import Muon, lr_at, make_optimizer, muon_momentum_at, muon_param_groups, orthogonalize
 
 
 def _model(**overrides) -> Transformer:
@@ -106,3 +106,40 @@ def test_wsd_is_warmup_then_constant_then_a_linear_cooldown():
     cooldown = [lr_at(s, cfg) for s in range(90, 111)]
     steps = {round(a - b, 9) for a, b in zip(cooldown, cooldown[1:], strict=False)}
     assert steps == {0.05}  # the same decrement every step: linear
+
+
+def test_muon_momentum_warms_up_linearly_from_085_then_stays():
+    cfg = TrainConfig(optimizer="muon", muon_momentum=0.95, muon_momentum_warmup=100)
+    assert muon_momentum_at(0, cfg) == pytest.approx(0.85) and muon_momentum_at(50, cfg) == pytest.approx(0.90)
+    assert all(muon_momentum_at(s, cfg) == 0.95 for s in (100, 101, 5000))
+    assert muon_momentum_at(0, TrainConfig(muon_momentum=0.95)) == 0.95  # no warmup: flat from the start
+    low = TrainConfig(muon_momentum=0.5, muon_momentum_warmup=10)
+    assert {muon_momentum_at(s, low) for s in range(12)} == {0.5}  # never above the target
+
+
+def test_the_loop_steps_muons_momentum_and_ns_steps_reach_the_update():
+    """train() sets the Muon group's momentum every step; muon_ns_steps changes the orthogonalisation."""
+    from nanollm.training.loop import train
+
+    data = torch.randint(0, 64, (2000,)).numpy()
+    cfg = TrainConfig(
+        optimizer="muon", batch_size=2, max_steps=3, warmup_steps=0, eval_interval=3, eval_batches=1,
+        log_interval=1, checkpoint_interval=0, muon_momentum_warmup=10, device="cpu", dtype="float32",
+    )  # fmt: skip
+    result = train(_model(), data, data, cfg, seed=0)
+    muon = next(g for g in result.optimizer.param_groups if g["use_muon"])
+    assert muon["momentum"] == pytest.approx(muon_momentum_at(3, cfg))
+
+    g = torch.randn(32, 48, generator=torch.Generator().manual_seed(0))
+    updates = {}
+    for steps in (1, 5):
+        weight = torch.nn.Parameter(torch.zeros(32, 48))
+        weight.grad = g.clone()
+        optimizer = make_optimizer(_model(), TrainConfig(optimizer="muon", muon_ns_steps=steps), torch.device("cpu"))
+        optimizer.param_groups[0]["params"] = [weight]
+        optimizer.param_groups[0]["lr"] = 1.0
+        optimizer.param_groups[0]["momentum"] = 0.0
+        optimizer.step()
+        updates[steps] = -weight.detach()
+    assert torch.allclose(updates[5], orthogonalize(g, 5)) and torch.allclose(updates[1], orthogonalize(g, 1))
+    assert not torch.allclose(updates[1], updates[5], atol=1e-3)

@@ -232,7 +232,13 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize(
-    "recipe", [{}, {"optimizer": "muon", "schedule": "wsd", "min_lr": 0.0}], ids=["adamw-cosine", "muon-wsd"]
+    "recipe",
+    [
+        {},
+        {"optimizer": "muon", "schedule": "wsd", "min_lr": 0.0},
+        {"optimizer": "muon", "schedule": "wsd", "muon_momentum_warmup": 15, "ema_decay": 0.9},
+    ],
+    ids=["adamw-cosine", "muon-wsd", "muon-momentum-warmup-ema"],
 )
 def test_resume_from_a_checkpoint_is_bitwise_the_uninterrupted_run(recipe):
     cfg = tiny_cfg(checkpoint_interval=6, log_interval=4, **recipe)  # windows straddle the checkpoint
@@ -250,6 +256,43 @@ def test_resume_from_a_checkpoint_is_bitwise_the_uninterrupted_run(recipe):
     assert [[r[k] for k in exact] for r in rest.history] == [[r[k] for k in exact] for r in full.history]
     assert rest.val_history == full.val_history and rest.resumed_from == 12 and min(calls) == 16
     assert rest.state["step"] == 20 and rest.tokens == full.tokens
+
+
+def test_ema_replaces_the_final_weights_with_the_average_of_every_step():
+    """With train.ema_decay the saved weights are the moving average of the weights after each step (decay
+    ramped as (1 + n) / (10 + n) at first), and the last val estimate is the average's."""
+    decay, steps = 0.8, 6
+    cfg = tiny_cfg(max_steps=steps, warmup_steps=0, eval_interval=steps, log_interval=1)
+    raw, snapshots = tiny_model(), {}
+    train(raw, DATA, DATA, cfg, seed=3, checkpoint=_snapshots(snapshots), callback=None)
+    # the same run with a checkpoint every step: the raw weights after each step, to average by hand
+    every, per_step = tiny_model(), {}
+    train(every, DATA, DATA, tiny_cfg(max_steps=steps, warmup_steps=0, eval_interval=steps, checkpoint_interval=1),
+          seed=3, checkpoint=_snapshots(per_step))  # fmt: skip
+    start = tiny_model().state_dict()
+    expected = {k: v.clone() for k, v in start.items()}
+    for n in range(steps):
+        d = min(decay, (1 + n) / (10 + n))
+        for k in expected:
+            expected[k] = d * expected[k] + (1 - d) * per_step[n + 1]["model"][k]
+
+    averaged = tiny_model()
+    result = train(averaged, DATA, DATA, tiny_cfg(max_steps=steps, warmup_steps=0, eval_interval=steps,
+                                                  ema_decay=decay), seed=3)  # fmt: skip
+    for name, p in averaged.state_dict().items():
+        assert torch.allclose(p, expected[name], atol=1e-6), name
+        if p.dim() == 2:
+            assert not torch.allclose(p, raw.state_dict()[name], atol=1e-4), name  # not the last step's
+    assert result.val_loss != snapshots[steps]["state"]["progress"]["val_history"][-1]["val_loss"]
+    assert result.state["weight_average"]["updates"] == steps
+
+
+def test_resuming_without_the_average_is_a_clear_error():
+    snapshots = {}
+    cfg = tiny_cfg(max_steps=4, checkpoint_interval=2)
+    train(tiny_model(), DATA, DATA, cfg, seed=1, checkpoint=_snapshots(snapshots))
+    with pytest.raises(NanollmError, match="holds no weight average .*train.ema_decay: null"):
+        train(tiny_model(), DATA, DATA, tiny_cfg(max_steps=4, ema_decay=0.9), seed=1, resume=snapshots[2]["state"])
 
 
 def test_resume_at_the_last_step_only_reports():

@@ -28,10 +28,11 @@ from nanollm.config import TrainConfig
 from nanollm.errors import NanollmError
 from nanollm.hardware import choose_dtype, fast_fp32_matmuls, peak_flops, pick_device, resolve_dtype
 from nanollm.private import private_inductor_cache
+from nanollm.training.average import WeightAverage
 from nanollm.training.distributed import Distributed, split_evenly
 from nanollm.training.interrupt import GracefulStop, TrainingInterrupted
 from nanollm.training.memory import MemoryEstimate, PeakMemory, activation_checkpointing, estimate_memory, format_bytes
-from nanollm.training.optim import lr_at, make_optimizer
+from nanollm.training.optim import lr_at, make_optimizer, muon_momentum_at
 from nanollm.training.state import Progress, capture, restore
 
 log = logging.getLogger(__name__)
@@ -261,10 +262,17 @@ def train(
     model.to(device).train()
     loop = _Loop(model, train_data, val_data, cfg, seed, device, dtype, dist, callback, checkpoint, stop)
     progress = restore(resume, loop.optimizer, loop.scaler, loop.generator, device) if resume else Progress()
+    if resume and loop.average is not None:
+        if "weight_average" not in resume:
+            raise NanollmError("the checkpoint to resume holds no weight average (train.ema_decay was off); "
+                               "start a new run (delete the checkpoint) or set train.ema_decay: null")  # fmt: skip
+        loop.average.load_state_dict(resume["weight_average"])
     if resume:
         log.info("resuming after step %d of %d", progress.step, cfg.max_steps)
     resumed_from = progress.step
-    estimate = estimate_memory(model.cfg, model.vocab_size, cfg.batch_size, dtype, cfg.activation_checkpointing)
+    estimate = estimate_memory(
+        model.cfg, model.vocab_size, cfg.batch_size, dtype, cfg.activation_checkpointing, bool(cfg.ema_decay)
+    )
     log.info("memory estimate per process: %s", estimate.describe())
     memory = PeakMemory(device, resident=estimate.params)  # the weights are in memory already
 
@@ -318,12 +326,16 @@ class _Loop:
         self.flops_per_token = self.model.flops_per_token(self.block_size)
         self.peak = peak_flops(self.device, self.dtype)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.average = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)  # fp16: loss scaling
         self.generator = torch.Generator().manual_seed(self.seed)  # the training windows, so the data position
         self.callback = self.callback or (lambda step, metrics: None)
 
     def state(self, progress: Progress) -> dict[str, Any]:
-        return capture(progress, self.optimizer, self.scaler, self.generator, self.device, self.tokens_per_step)
+        state = capture(progress, self.optimizer, self.scaler, self.generator, self.device, self.tokens_per_step)
+        if self.average is not None:
+            state["weight_average"] = self.average.state_dict()
+        return state
 
     def mfu(self, tokens_per_s: float) -> float | None:
         """Model FLOP utilisation per device at a whole-job rate of tokens_per_s."""
@@ -343,8 +355,11 @@ class _Loop:
         for step in bar:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)  # AdamW's; every group follows the same schedule from its own peak
+            momentum = muon_momentum_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = group["max_lr"] * lr / cfg.lr
+                if group.get("use_muon"):
+                    group["momentum"] = momentum
             batch = sample_batch(self.train_data, cfg.grad_accum * cfg.batch_size, self.block_size, self.generator)
             loss, grad_norm = train_step(
                 runner, batch[self.rows.start : self.rows.stop], optimizer, scaler, self.micro_batches, self.dtype,
@@ -364,6 +379,10 @@ class _Loop:
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if self.average is not None:
+                self.average.update()
+                if step == cfg.max_steps:
+                    self.average.copy_to_model()  # the last val estimate and the saved weights are the average's
             self._account(progress, step, time.perf_counter() - t0, step_loss, first)
             bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
             if step == first:

@@ -60,6 +60,7 @@ def estimate_memory(
     batch_size: int,
     dtype: torch.dtype = torch.float32,
     activation_checkpointing: bool = False,
+    weight_average: bool = False,
 ) -> MemoryEstimate:
     """Peak training memory of the Transformer for micro-batches of batch_size x cfg.block_size tokens.
 
@@ -74,12 +75,17 @@ def estimate_memory(
     copy of every weight. The LM head saves log-softmax's fp32 (B, T, V), and the backward
     pass briefly holds two more (B, T, V) tensors: at vocab 50k and T = 1024 that is ~0.6 GB
     per sequence, the largest single term for small models. Activation checkpointing keeps only
-    each block's fp32 input and recomputes one block at a time during backward.
+    each block's fp32 input and recomputes one block at a time during backward. The optimizer
+    term is AdamW's two fp32 moments (Muon keeps less), plus one fp32 copy of the weights with
+    weight_average (train.ema_decay).
     """
     n_params = sum(_param_shapes(cfg, vocab_size))
     saved, transient = activation_bytes(cfg, vocab_size, batch_size, dtype, activation_checkpointing)
     return MemoryEstimate(
-        params=4 * n_params, grads=4 * n_params, optimizer=8 * n_params, activations=saved + transient
+        params=4 * n_params,
+        grads=4 * n_params,
+        optimizer=(12 if weight_average else 8) * n_params,
+        activations=saved + transient,
     )
 
 

@@ -40,6 +40,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+MOMENTUM_START = 0.85  # Muon's momentum at step 0 with train.muon_momentum_warmup (modded-nanogpt's)
+
+
+def muon_momentum_at(step: int, cfg: TrainConfig) -> float:
+    """Muon's momentum at optimizer step `step`: MOMENTUM_START rising linearly to muon_momentum over
+    muon_momentum_warmup steps (at most muon_momentum, should it be set lower than the start), then flat."""
+    if step >= cfg.muon_momentum_warmup:
+        return cfg.muon_momentum
+    start = min(MOMENTUM_START, cfg.muon_momentum)
+    return start + (cfg.muon_momentum - start) * step / cfg.muon_momentum_warmup
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two AdamW groups: decay on weight matrices; none on norms, other vectors and embeddings.
 
@@ -76,7 +88,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     parameters), or Muon over muon_param_groups. Every group holds its peak lr as `max_lr`.
     """
     if cfg.optimizer == "muon":
-        return Muon(muon_param_groups(model, cfg), betas=(cfg.beta1, cfg.beta2), momentum=cfg.muon_momentum)
+        return Muon(
+            muon_param_groups(model, cfg), betas=(cfg.beta1, cfg.beta2), momentum=muon_momentum_at(0, cfg),
+            ns_steps=cfg.muon_ns_steps,
+        )  # fmt: skip
     groups = [{**g, "max_lr": cfg.lr} for g in param_groups(model, cfg.weight_decay)]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
 
