@@ -270,9 +270,9 @@ def _train_ours(texts: list[str], vocab_size: int, pattern_name: str) -> _Traine
     counted = time.perf_counter()
     merges = bpe.learn_merges(chunks, vocab_size - 256 - 1)
     end = time.perf_counter()
-    folder = Path(tempfile.mkdtemp(prefix="bpe-ours-"))
-    save_bpe(folder / "tokenizer.json", merges, pattern_name, pattern, [SPECIAL])
-    tok = load_tokenizer(folder)
+    with tempfile.TemporaryDirectory(prefix="bpe-ours-") as folder:  # the file round trip, as the stage's; gone after
+        save_bpe(Path(folder) / "tokenizer.json", merges, pattern_name, pattern, [SPECIAL])
+        tok = load_tokenizer(folder)  # read whole: the folder is not needed past here
     tokens = [bytes([b]) for b in range(256)]
     for a, b in merges:
         tokens.append(tokens[a] + tokens[b])
