@@ -119,6 +119,7 @@ def _config(args: argparse.Namespace, dtype: str | None):
         **preset.get("train", {}),
         **_given(batch="batch_size", grad_accum="grad_accum", args=args),
         "max_steps": args.steps,  # not the preset's 5000: that is a real run
+        "small_batch_steps": 0,  # every step of the preset's whole batch: its rate is what is measured
         "warmup_steps": min(preset.get("train", {}).get("warmup_steps", 0), args.steps),  # the lr is irrelevant here
         "device": args.device,
         "compile": args.compile,

@@ -54,6 +54,14 @@ def _load(root: Path) -> dict[str, Any]:
     return {"params": yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")), "figures": figures, **metrics}
 
 
+def _steps(t: dict[str, Any]) -> str:
+    """The steps and sequences a step of the train section, as "850 steps x 16"."""
+    batch, small = t["batch_size"] * t["grad_accum"], min(t.get("small_batch_steps", 0), t["max_steps"])
+    if not small:
+        return f"{t['max_steps']:,} steps x {batch}"
+    return f"{t['max_steps']:,} steps (the first {small:,} of {batch // 2} sequences, then {batch})"
+
+
 def _clock(seconds: float) -> str:
     minutes, rest = divmod(round(seconds), 60)
     return f"{minutes} min {rest} s" if minutes else f"{rest} s"
@@ -76,8 +84,7 @@ def render_readme(data: dict[str, Any]) -> str:
             f"{m['n_layer']} layers, {m['n_embd']} wide, {m['n_head']} heads, {m['mlp']}, "
             + "".join(f"{name}, " for key, name in OPTIONS if m.get(key))
             + f"{'tied' if m['tie_embeddings'] else 'untied'} embeddings: {pre['params'] / 1e6:.2f}M parameters; "
-            f"{t['max_steps']} steps x {t['batch_size'] * t['grad_accum']} x {m['block_size']} = "
-            f"{pre['tokens'] / 1e6:.2f}M tokens",
+            f"{_steps(t)} x {m['block_size']} = {pre['tokens'] / 1e6:.2f}M tokens",
         ),
         ("pretrain", f"{_clock(pre['seconds'])} at {pre['tokens_per_s']:,.0f} tokens/s"),
         (

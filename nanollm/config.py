@@ -255,6 +255,12 @@ class TrainConfig:
         min=1,
     )
     max_steps: int = _spec(650, doc="optimizer steps", min=1)
+    small_batch_steps: int = _spec(
+        0,
+        doc="the first this many steps train on the first half of each micro-batch's sequences (more, smaller "
+        "steps early: raise max_steps by half this to keep the tokens); 0: off",
+        min=0,
+    )
     optimizer: str = _spec(
         "adamw",
         doc="adamw: AdamW on every parameter; muon: Muon (orthogonalised momentum) on the blocks' matrices "

@@ -107,11 +107,14 @@ def _pretrain(
     torch.manual_seed(config.seed)  # the initial weights; batches have their own generator in train()
     model = Transformer(config.model, meta.vocab_size)
     n_params = model.num_params()
+    sequences = config.train.batch_size * config.train.grad_accum
+    small = min(config.train.small_batch_steps, config.train.max_steps)
     log.info(
         "model: %.2fM parameters (%.2fM without the embedding), %d train / %d val tokens; %d process(es) on %s, "
-        "%d sequences of %d tokens per step",
+        "%d sequences of %d tokens per step%s",
         n_params / 1e6, model.num_params(exclude_embeddings=True) / 1e6, len(train_data), len(val_data),
-        dist.world_size, device.type, config.train.batch_size * config.train.grad_accum, config.model.block_size,
+        dist.world_size, device.type, sequences, config.model.block_size,
+        f" ({sequences // 2} in the first {small})" if small else "",
     )  # fmt: skip
 
     dtype = choose_dtype(config.train.dtype, device)

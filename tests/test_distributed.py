@@ -80,6 +80,8 @@ RECIPES = {  # the optimizers: Muon's update is a function of the all-reduced gr
     "muon-wsd": {"optimizer": "muon", "schedule": "wsd", "min_lr": 0.0},
     # the default grad_accum 1 under 2 processes: one micro-batch of 4 each, the same 8 sequences a step
     "one-micro-batch-split": {"batch_size": 8, "grad_accum": 1},
+    # ...and its first steps on half of it: 4 sequences, 2 on each process
+    "small-batches-first": {"batch_size": 8, "grad_accum": 1, "small_batch_steps": 8},
 }
 
 
@@ -135,7 +137,8 @@ def test_two_processes_match_one_with_the_same_global_batch(project):
     # rank 0 alone narrates, writes and tracks: one summary, one save per interval, one MLflow run
     assert output.count("pretrain: {") == 1 and output.count("saved checkpoint to models/ddp") == 2
     assert "2 process(es) on cpu, 8 sequences of 16 tokens per step" in output
-    assert json.loads((project / "ddp.json").read_text())["tokens"] == STEPS * 8 * 16
+    halved = params["train"].get("small_batch_steps", 0)  # steps of 4 sequences, not 8
+    assert json.loads((project / "ddp.json").read_text())["tokens"] == (STEPS * 8 - halved * 4) * 16
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("ddp-test").experiment_id])
     assert run.info.status == "FINISHED" and len(client.get_metric_history(run.info.run_id, "loss/train")) == STEPS

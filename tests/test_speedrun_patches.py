@@ -27,7 +27,7 @@ VOCAB, EOT = 64, 63
 KEYS = {
     "smear.patch": {"model": {"smear": True}},
     "doc_mask.patch": {"model": {"doc_mask": True}},
-    "schedules.patch": {"train": {"short_context_steps": 3, "small_batch_steps": 2}},
+    "schedules.patch": {"train": {"short_context_steps": 3}},
 }
 
 

@@ -17,7 +17,7 @@ from nanollm.errors import NanollmError
 from nanollm.model import Transformer
 from nanollm.training.distributed import Distributed, split_evenly
 from nanollm.training.interrupt import GracefulStop, TrainingInterrupted
-from nanollm.training.loop import _wrap, micro_batches_per_rank, sample_batch, train, train_step
+from nanollm.training.loop import _wrap, first_halves, micro_batches_per_rank, sample_batch, train, train_step
 from nanollm.training.memory import activation_bytes, estimate_memory
 from nanollm.training.optim import lr_at, make_optimizer, param_groups
 
@@ -183,6 +183,34 @@ def test_training_decreases_loss_and_is_bitwise_repeatable():
     assert row["tokens_per_s"] > 0 and 0 < row["mfu"] and row["grad_norm"] > 0
 
 
+def test_small_batch_steps_train_the_first_half_of_each_micro_batch():
+    model, rows = tiny_model(), []
+    model.register_forward_pre_hook(lambda m, args: rows.append(len(args[0])) if torch.is_grad_enabled() else None)
+    calls = []
+    cfg = tiny_cfg(grad_accum=2, small_batch_steps=5, log_interval=4)
+    result = train(model, DATA, DATA, cfg, seed=7, callback=lambda step, m: calls.append((step, m)))
+    assert rows == [2] * 2 * 5 + [4] * 2 * 15  # two micro-batches a step, of 2 then of 4 sequences
+    assert result.tokens == (20 * 8 - 5 * 4) * 16 and result.state["tokens_seen"] == result.tokens
+    tokens = {step: m["tokens"] for step, m in calls if "tokens" in m}
+    sequences = {4: 4 * 4, 8: 5 * 4 + 3 * 8, 12: 5 * 4 + 7 * 8, 16: 5 * 4 + 11 * 8, 20: 5 * 4 + 15 * 8}
+    assert tokens == {step: n * 16 for step, n in sequences.items()}
+    assert [v["tokens"] for v in result.val_history] == [(5 * 4 + 5 * 8) * 16, result.tokens]
+    # the windows drawn do not depend on the key: with it off, the same draws train whole
+    whole = train(tiny_model(), DATA, DATA, tiny_cfg(grad_accum=2), seed=7)
+    assert result.state["batch_rng"].equal(whole.state["batch_rng"])
+
+
+def test_first_halves_keeps_the_first_half_of_each_micro_batch():
+    batch = torch.arange(8).repeat_interleave(3).view(8, 3)  # row i holds i
+    assert first_halves(batch, 2)[:, 0].tolist() == [0, 1, 4, 5]
+    assert first_halves(batch, 1)[:, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_small_batch_steps_need_micro_batches_that_halve():
+    with pytest.raises(NanollmError, match="train.small_batch_steps halves each micro-batch.*batch_size is 3"):
+        train(tiny_model(), DATA, DATA, tiny_cfg(batch_size=3, small_batch_steps=2), seed=0)
+
+
 def test_muon_with_wsd_learns_as_well_as_adamw():
     adamw = train(tiny_model(), DATA, DATA, tiny_cfg(), seed=7)
     muon = train(tiny_model(), DATA, DATA, tiny_cfg(optimizer="muon", schedule="wsd", min_lr=0.0), seed=7)
@@ -237,8 +265,9 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         {},
         {"optimizer": "muon", "schedule": "wsd", "min_lr": 0.0},
         {"optimizer": "muon", "schedule": "wsd", "muon_momentum_warmup": 15, "ema_decay": 0.9},
+        {"optimizer": "muon", "schedule": "wsd", "small_batch_steps": 14},
     ],
-    ids=["adamw-cosine", "muon-wsd", "muon-momentum-warmup-ema"],
+    ids=["adamw-cosine", "muon-wsd", "muon-momentum-warmup-ema", "small-batches-first"],
 )
 def test_resume_from_a_checkpoint_is_bitwise_the_uninterrupted_run(recipe):
     cfg = tiny_cfg(checkpoint_interval=6, log_interval=4, **recipe)  # windows straddle the checkpoint
@@ -304,6 +333,11 @@ def test_resume_at_the_last_step_only_reports():
     again = train(model, DATA, DATA, cfg, seed=1, resume=snapshots[4]["state"])
     assert again.val_loss == done.val_loss and again.history == done.history and again.resumed_from == 4
     assert again.tokens_per_s == done.tokens_per_s  # the timings of the session that ran the steps
+
+    older = copy.deepcopy(snapshots[4]["state"])  # saved before progress counted tokens (every step trained alike)
+    del older["progress"]["timed_tokens"], older["progress"]["window_tokens"]
+    model.load_state_dict(snapshots[4]["model"])
+    assert train(model, DATA, DATA, cfg, seed=1, resume=older).tokens_per_s == done.tokens_per_s
 
 
 def test_a_signal_stops_after_the_step_with_a_checkpoint():

@@ -188,6 +188,18 @@ def _wrap(
 # ---------------------------------------------------------------------------- one step
 
 
+def tokens_through(step: int, cfg: TrainConfig, block_size: int) -> int:
+    """Tokens trained in steps 1..step over all processes; train.small_batch_steps' steps train half a step's."""
+    full = cfg.batch_size * cfg.grad_accum * block_size
+    return step * full - min(step, cfg.small_batch_steps) * (full // 2)
+
+
+def first_halves(batch: torch.Tensor, micro_batches: int) -> torch.Tensor:
+    """The first half of each of a step's micro-batches, (M*B, T+1) -> (M*B/2, T+1): a step of half the batch."""
+    micro = batch.reshape(micro_batches, -1, batch.shape[-1])
+    return micro[:, : micro.shape[1] // 2].reshape(-1, batch.shape[-1])
+
+
 def train_step(
     model: nn.Module,
     batch: torch.Tensor,
@@ -280,11 +292,11 @@ def train(
         loop.run(progress, memory, estimate)
 
     progress.seconds += time.perf_counter() - started
-    tokens_per_s = loop.tokens_per_step * progress.timed_steps / progress.train_seconds if progress.timed_steps else 0.0
+    tokens_per_s = progress.timed_tokens / progress.train_seconds if progress.timed_steps else 0.0
     return TrainResult(
         train_loss=progress.history[-1]["train_loss"],
         val_loss=progress.val_history[-1]["val_loss"],
-        tokens=cfg.max_steps * loop.tokens_per_step,
+        tokens=tokens_through(cfg.max_steps, cfg, loop.block_size),
         seconds=progress.seconds,
         tokens_per_s=tokens_per_s,
         mfu=loop.mfu(tokens_per_s),
@@ -320,9 +332,18 @@ class _Loop:
     def __post_init__(self) -> None:
         cfg = self.cfg
         self.block_size = self.model.cfg.block_size
-        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.block_size  # over all ranks
         self.micro_batches = micro_batches_per_rank(cfg.grad_accum, self.dist.world_size, cfg.batch_size)
         self.rows = split_evenly(cfg.grad_accum * cfg.batch_size, self.dist.world_size, self.dist.rank)  # this rank's
+        # train.small_batch_steps' steps: the first half of each of the step's grad_accum micro-batches,
+        # shared out as the whole step is, so the run is the same for any number of processes
+        self.small_rows = split_evenly(cfg.grad_accum * cfg.batch_size // 2, self.dist.world_size, self.dist.rank)
+        per_micro = len(self.rows) // self.micro_batches
+        if cfg.small_batch_steps and (cfg.batch_size % 2 or per_micro % 2):
+            raise NanollmError(
+                f"train.small_batch_steps halves each micro-batch, but train.batch_size is {cfg.batch_size} and "
+                f"each of {self.dist.world_size} process(es) runs micro-batches of {per_micro} sequence(s); "
+                "make both even (train.batch_size, train.grad_accum) or set train.small_batch_steps: 0"
+            )
         self.flops_per_token = self.model.flops_per_token(self.block_size)
         self.peak = peak_flops(self.device, self.dtype)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
@@ -332,7 +353,8 @@ class _Loop:
         self.callback = self.callback or (lambda step, metrics: None)
 
     def state(self, progress: Progress) -> dict[str, Any]:
-        state = capture(progress, self.optimizer, self.scaler, self.generator, self.device, self.tokens_per_step)
+        tokens_seen = tokens_through(progress.step, self.cfg, self.block_size)
+        state = capture(progress, self.optimizer, self.scaler, self.generator, self.device, tokens_seen)
         if self.average is not None:
             state["weight_average"] = self.average.state_dict()
         return state
@@ -360,11 +382,16 @@ class _Loop:
                 group["lr"] = group["max_lr"] * lr / cfg.lr
                 if group.get("use_muon"):
                     group["momentum"] = momentum
+            # The whole step's windows are drawn whatever the step trains on, so the data stream does not
+            # depend on train.small_batch_steps.
             batch = sample_batch(self.train_data, cfg.grad_accum * cfg.batch_size, self.block_size, self.generator)
+            rows = self.rows
+            if step <= cfg.small_batch_steps:
+                batch, rows = first_halves(batch, cfg.grad_accum), self.small_rows
+            batch = batch[rows.start : rows.stop]
             loss, grad_norm = train_step(
-                runner, batch[self.rows.start : self.rows.stop], optimizer, scaler, self.micro_batches, self.dtype,
-                self.device, max_norm, ddp,
-            )  # fmt: skip
+                runner, batch, optimizer, scaler, self.micro_batches, self.dtype, self.device, max_norm, ddp
+            )
             # One all-reduce per step carries the loss and the ranks' votes to stop, so all stop together.
             stop_here = float(self.stop is not None and self.stop.signum is not None)
             totals = dist.sum(torch.stack([loss.float(), torch.tensor(stop_here, device=self.device)]))
@@ -383,7 +410,8 @@ class _Loop:
                 self.average.update()
                 if step == cfg.max_steps:
                     self.average.copy_to_model()  # the last val estimate and the saved weights are the average's
-            self._account(progress, step, time.perf_counter() - t0, step_loss, first)
+            tokens = tokens_through(step, cfg, self.block_size) - tokens_through(step - 1, cfg, self.block_size)
+            self._account(progress, step, time.perf_counter() - t0, step_loss, tokens, first)
             bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
             if step == first:
                 self._log_memory(step, memory, estimate)
@@ -396,12 +424,14 @@ class _Loop:
                 raise TrainingInterrupted(step, (self.stop and self.stop.signum) or signal.SIGTERM)
         bar.close()
 
-    def _account(self, progress: Progress, step: int, elapsed: float, loss: float, first: int) -> None:
+    def _account(self, progress: Progress, step: int, elapsed: float, loss: float, tokens: int, first: int) -> None:
         progress.step = step
         if step > first or self.cfg.max_steps == first:  # a session's first step pays one-off costs
             progress.train_seconds += elapsed
             progress.timed_steps += 1
+            progress.timed_tokens += tokens
         progress.window_seconds += elapsed
+        progress.window_tokens += tokens
         progress.window_losses.append(loss)
 
     def _log_memory(self, step: int, memory: PeakMemory, estimate: MemoryEstimate) -> None:
@@ -416,23 +446,24 @@ class _Loop:
         cfg = self.cfg
         last = step == cfg.max_steps
         if step % cfg.log_interval == 0 or last:
-            tokens_per_s = len(progress.window_losses) * self.tokens_per_step / progress.window_seconds
+            tokens_per_s = progress.window_tokens / progress.window_seconds
             row = {
                 "train_loss": sum(progress.window_losses) / len(progress.window_losses),
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s,
                 "mfu": self.mfu(tokens_per_s),
-                "tokens": step * self.tokens_per_step,
+                "tokens": tokens_through(step, cfg, self.block_size),
             }
             progress.history.append({"step": step, **row})
             self.callback(step, row)
-            progress.window_losses, progress.window_seconds = [], 0.0
+            progress.window_losses, progress.window_seconds, progress.window_tokens = [], 0.0, 0
         if step % cfg.eval_interval == 0 or last:
             val_loss = estimate_val_loss(
                 self.model, self.val_data, cfg, self.block_size, self.seed, self.device, self.dist
             )
-            progress.val_history.append({"step": step, "tokens": step * self.tokens_per_step, "val_loss": val_loss})
+            tokens = tokens_through(step, cfg, self.block_size)
+            progress.val_history.append({"step": step, "tokens": tokens, "val_loss": val_loss})
             self.callback(step, {"val_loss": val_loss})
             log.info("step %d: train loss %.4f, val loss %.4f", step, progress.history[-1]["train_loss"], val_loss)
 

@@ -32,6 +32,8 @@ class Progress:
     window_seconds: float = 0.0
     train_seconds: float = 0.0  # timed steps only (each session's first step is warm-up)
     timed_steps: int = 0
+    timed_tokens: int = 0  # trained in the timed steps, over all processes
+    window_tokens: int = 0  # trained in the steps since the last history row
     seconds: float = 0.0  # wall time of earlier sessions
 
     def to_state(self) -> dict[str, Any]:
@@ -55,12 +57,13 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator, device: torch
 
 def capture(
     progress: Progress, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, generator: torch.Generator,
-    device: torch.device, tokens_per_step: int,
+    device: torch.device, tokens_seen: int,
 ) -> dict[str, Any]:  # fmt: skip
-    """The resumable state after progress.step steps: optimizer, loss scale, progress, RNG streams."""
+    """The resumable state after progress.step steps (tokens_seen over all processes): optimizer, loss scale,
+    progress, RNG streams."""
     return {
         "step": progress.step,
-        "tokens_seen": progress.step * tokens_per_step,
+        "tokens_seen": tokens_seen,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "progress": progress.to_state(),
@@ -81,4 +84,9 @@ def restore(
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     restore_rng(state, generator, device)
-    return Progress(**state["progress"])
+    saved = dict(state["progress"])
+    if "timed_tokens" not in saved:  # saved before train.small_batch_steps: every step trained the same tokens
+        per_step = state["tokens_seen"] // max(1, state["step"])
+        saved["timed_tokens"] = saved["timed_steps"] * per_step
+        saved["window_tokens"] = len(saved["window_losses"]) * per_step
+    return Progress(**saved)
