@@ -11,6 +11,7 @@ docs/kv_cache.md is rendered from these outputs by `python docs/results.py`.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -70,7 +71,8 @@ def command(
     cfg = ctx.config.bench
     device = pick_device(cfg.device, key="bench.device")
     model = architecture_model(architecture, seed=ctx.config.seed, device=device)  # the trained shape, seeded weights
-    architecture_differences(model, ctx.config.model, architecture)
+    # architecture_model drops zero_init_proj (where training starts, not the shape): so does the comparison
+    architecture_differences(model, dataclasses.replace(ctx.config.model, zero_init_proj=False), architecture)
     peer, peer_model = None, _peer_model(model, ctx.config.seed, device) if cfg.compare_transformers else None
     if peer_model is not None:
         from nanollm.inference.peers import transformers_settings

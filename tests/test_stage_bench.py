@@ -270,6 +270,19 @@ def test_an_architecture_llama_cannot_express_meets_the_peer_on_its_llama_counte
     assert any("compared on its Llama counterpart" in r.getMessage() for r in caplog.records)
 
 
+def test_zero_initialised_projections_are_no_other_architecture(project, caplog):
+    """The bench measures seeded weights without zero_init_proj; the trained checkpoint's setting is not staleness."""
+    model = _with_architecture(project, zero_init_proj=True)
+    bench = {**UNTRACKED["bench"], "int8": False, "compare_transformers": False}
+    with caplog.at_level(logging.WARNING):
+        result = _run(project, {**UNTRACKED, "model": model, "bench": bench})
+    assert result.exit_code == 0, result.output
+    assert not [r for r in caplog.records if "another architecture" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):  # a real difference still warns
+        _run(project, {**UNTRACKED, "model": {**model, "n_head": 1}, "bench": bench})
+    assert any("model.n_head: 2 in checkpoint, 1 in params" in r.getMessage() for r in caplog.records)
+
+
 def test_an_architecture_with_no_llama_counterpart_is_benched_without_the_peer(project, caplog):
     model = _with_architecture(project, mlp="relu2", qk_norm=True)
     with caplog.at_level(logging.WARNING):
