@@ -45,8 +45,8 @@ def tool_env(**overrides: str) -> dict[str, str]:
 
 
 # Entries of train_state.pt that are the wall clock's, not training's: the only ones a resumed run may differ in
-# (each session's first step is an untimed warm-up, so a resumed run also times one step fewer).
-WALL_CLOCK = {"train_seconds", "window_seconds", "seconds", "timed_steps", "tokens_per_s", "mfu"}
+# (each session's first step is an untimed warm-up, so a resumed run also times one step, and its tokens, fewer).
+WALL_CLOCK = {"train_seconds", "window_seconds", "seconds", "timed_steps", "timed_tokens", "tokens_per_s", "mfu"}
 
 
 def training_state_differences(a, b, path: str = "") -> list[str]:
