@@ -335,9 +335,13 @@ def test_resume_at_the_last_step_only_reports():
     assert again.tokens_per_s == done.tokens_per_s  # the timings of the session that ran the steps
 
     older = copy.deepcopy(snapshots[4]["state"])  # saved before progress counted tokens (every step trained alike)
-    del older["progress"]["timed_tokens"], older["progress"]["window_tokens"]
+    del older["progress"]["timed_tokens"]
     model.load_state_dict(snapshots[4]["model"])
     assert train(model, DATA, DATA, cfg, seed=1, resume=older).tokens_per_s == done.tokens_per_s
+    between = copy.deepcopy(snapshots[4]["state"])  # saved while progress also kept the window's tokens
+    between["progress"]["window_tokens"] = 0
+    model.load_state_dict(snapshots[4]["model"])
+    assert train(model, DATA, DATA, cfg, seed=1, resume=between).history == done.history
 
 
 def test_a_signal_stops_after_the_step_with_a_checkpoint():

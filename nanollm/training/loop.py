@@ -431,7 +431,6 @@ class _Loop:
             progress.timed_steps += 1
             progress.timed_tokens += tokens
         progress.window_seconds += elapsed
-        progress.window_tokens += tokens
         progress.window_losses.append(loss)
 
     def _log_memory(self, step: int, memory: PeakMemory, estimate: MemoryEstimate) -> None:
@@ -446,7 +445,11 @@ class _Loop:
         cfg = self.cfg
         last = step == cfg.max_steps
         if step % cfg.log_interval == 0 or last:
-            tokens_per_s = progress.window_tokens / progress.window_seconds
+            window_start = step - len(progress.window_losses)
+            window_tokens = tokens_through(step, cfg, self.block_size) - tokens_through(
+                window_start, cfg, self.block_size
+            )
+            tokens_per_s = window_tokens / progress.window_seconds
             row = {
                 "train_loss": sum(progress.window_losses) / len(progress.window_losses),
                 "lr": lr,
@@ -457,7 +460,7 @@ class _Loop:
             }
             progress.history.append({"step": step, **row})
             self.callback(step, row)
-            progress.window_losses, progress.window_seconds, progress.window_tokens = [], 0.0, 0
+            progress.window_losses, progress.window_seconds = [], 0.0
         if step % cfg.eval_interval == 0 or last:
             val_loss = estimate_val_loss(
                 self.model, self.val_data, cfg, self.block_size, self.seed, self.device, self.dist

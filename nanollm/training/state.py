@@ -32,8 +32,7 @@ class Progress:
     window_seconds: float = 0.0
     train_seconds: float = 0.0  # timed steps only (each session's first step is warm-up)
     timed_steps: int = 0
-    timed_tokens: int = 0  # trained in the timed steps, over all processes
-    window_tokens: int = 0  # trained in the steps since the last history row
+    timed_tokens: int = 0  # trained in the timed steps, over all processes (which steps were timed: the sessions')
     seconds: float = 0.0  # wall time of earlier sessions
 
     def to_state(self) -> dict[str, Any]:
@@ -85,8 +84,7 @@ def restore(
         scaler.load_state_dict(state["scaler"])
     restore_rng(state, generator, device)
     saved = dict(state["progress"])
+    saved.pop("window_tokens", None)  # kept by some checkpoints; it follows from the step and window_losses
     if "timed_tokens" not in saved:  # saved before train.small_batch_steps: every step trained the same tokens
-        per_step = state["tokens_seen"] // max(1, state["step"])
-        saved["timed_tokens"] = saved["timed_steps"] * per_step
-        saved["window_tokens"] = len(saved["window_losses"]) * per_step
+        saved["timed_tokens"] = saved["timed_steps"] * (state["tokens_seen"] // max(1, state["step"]))
     return Progress(**saved)
