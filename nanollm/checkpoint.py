@@ -315,13 +315,13 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> Tran
     return model.to(device).eval()
 
 
-def architecture_differences(model: Transformer, wanted: ModelConfig, source: str | Path) -> list[str]:
-    """Keys where params.yaml's model section differs from a loaded checkpoint's; logs one warning.
+def architecture_differences(trained: ModelConfig, wanted: ModelConfig, source: str | Path) -> list[str]:
+    """Keys where params.yaml's model section differs from the one a checkpoint records; logs one warning.
 
     The checkpoint's architecture always wins (it is what the weights fit); a difference means
     the checkpoint is stale for the current params, which `dvc repro` would fix by retraining.
     """
-    have = dataclasses.asdict(model.cfg)
+    have = dataclasses.asdict(trained)
     diff = [
         f"model.{k}: {have[k]!r} in checkpoint, {v!r} in params"
         for k, v in dataclasses.asdict(wanted).items()

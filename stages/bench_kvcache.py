@@ -11,7 +11,6 @@ docs/kv_cache.md is rendered from these outputs by `python docs/results.py`.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import click
@@ -55,7 +54,7 @@ def command(
     import torch
 
     from nanollm.atomic import write_json
-    from nanollm.checkpoint import architecture_differences, architecture_model
+    from nanollm.checkpoint import architecture_differences, architecture_model, load_architecture
     from nanollm.hardware import describe_machine, pick_device
     from nanollm.inference.bench.bandwidth import bandwidth, memory_bandwidth, weight_bytes_per_token
     from nanollm.inference.bench.chart import plot
@@ -70,9 +69,8 @@ def command(
 
     cfg = ctx.config.bench
     device = pick_device(cfg.device, key="bench.device")
+    architecture_differences(load_architecture(architecture)[0], ctx.config.model, architecture)
     model = architecture_model(architecture, seed=ctx.config.seed, device=device)  # the trained shape, seeded weights
-    # architecture_model drops zero_init_proj (where training starts, not the shape): so does the comparison
-    architecture_differences(model, dataclasses.replace(ctx.config.model, zero_init_proj=False), architecture)
     peer, peer_model = None, _peer_model(model, ctx.config.seed, device) if cfg.compare_transformers else None
     if peer_model is not None:
         from nanollm.inference.peers import transformers_settings

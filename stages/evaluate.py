@@ -60,7 +60,7 @@ def command(
 
     device = pick_device(cfg.device, key="eval.device")
     model = load_model(checkpoint, device=device)
-    architecture_differences(model, ctx.config.model, checkpoint)
+    architecture_differences(model.cfg, ctx.config.model, checkpoint)
 
     def score(scored: Transformer) -> dict[str, Any]:
         return evaluate_lm(

@@ -162,10 +162,10 @@ def test_architecture_comes_from_config_json(tmp_path, model):
 def test_architecture_differences_are_reported_and_the_checkpoint_wins(tmp_path, model, caplog):
     _save(tmp_path / "ckpt", model)
     loaded = load_model(tmp_path / "ckpt")
-    assert architecture_differences(loaded, loaded.cfg, tmp_path / "ckpt") == []
+    assert architecture_differences(loaded.cfg, loaded.cfg, tmp_path / "ckpt") == []
     wanted = ModelConfig(n_layer=3, n_head=2, n_kv_head=1, n_embd=16, block_size=8, mlp="gelu")
     with caplog.at_level("WARNING"):
-        diff = architecture_differences(loaded, wanted, tmp_path / "ckpt")
+        diff = architecture_differences(loaded.cfg, wanted, tmp_path / "ckpt")
     assert diff == ["model.n_layer: 2 in checkpoint, 3 in params"]
     assert "using the checkpoint's" in caplog.text
     assert loaded.cfg.n_layer == 2

@@ -271,7 +271,7 @@ def test_an_architecture_llama_cannot_express_meets_the_peer_on_its_llama_counte
 
 
 def test_zero_initialised_projections_are_no_other_architecture(project, caplog):
-    """The bench measures seeded weights without zero_init_proj; the trained checkpoint's setting is not staleness."""
+    """The bench compares the architecture the checkpoint records, not the seeded model it measures."""
     model = _with_architecture(project, zero_init_proj=True)
     bench = {**UNTRACKED["bench"], "int8": False, "compare_transformers": False}
     with caplog.at_level(logging.WARNING):
