@@ -358,6 +358,12 @@ class BenchConfig:
     new_tokens: tuple[int, ...] = _spec(factory=lambda: (256,), doc="tokens generated per measurement", min=1)
     repeats: int = _spec(2, doc="timed repetitions per point (the median is reported)", min=1)
     warmup: int = _spec(1, doc="untimed repetitions before timing", min=0)
+    min_seconds: float = _spec(
+        0.0,
+        doc="within each timed round, a setting decodes again until its runs add up to this many seconds, each "
+        "run a sample: the fast settings (compiled, a few ms a token) get enough for a steady median",
+        min=0.0,
+    )
     compare_transformers: bool = _spec(
         True, doc="also time transformers' generate on the same weights (LlamaForCausalLM) in every round"
     )

@@ -77,7 +77,7 @@ def command(
 
         peer = transformers_settings(peer_model)
     rounds = dict(repeats=cfg.repeats, warmup=cfg.warmup, seed=ctx.config.seed, device=device)
-    timing = dict(prompt_lengths=cfg.prompt_lengths, new_tokens=cfg.new_tokens, **rounds)
+    timing = dict(prompt_lengths=cfg.prompt_lengths, new_tokens=cfg.new_tokens, min_seconds=cfg.min_seconds, **rounds)
     rows = bench_kvcache(model, transformers=peer if peer_model is model else None, compiled=cfg.compile, **timing)
     if peer is not None and peer_model is not model:  # the engines, compared on the counterpart alone
         theirs_rows = bench_kvcache(peer_model, transformers=peer, uncached=False, compiled=cfg.compile, **timing)

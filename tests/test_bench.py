@@ -313,6 +313,24 @@ def test_every_transformers_setting_races_in_alternating_rounds_and_the_fastest_
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_min_seconds_gives_the_fast_setting_more_samples_in_each_round(monkeypatch):
+    """A timed round decodes a setting again until its runs there add up to min_seconds; warm-up runs once."""
+    calls = []
+    real = timing.timed_greedy
+    clock = {True: 0.01, False: 0.2}  # seconds a run "took": cached, uncached
+
+    def ours(model, prompt, n, *, use_cache, device):
+        calls.append("cached" if use_cache else "uncached")
+        tokens, _, _ = real(model, prompt, n, use_cache=use_cache, device=device)
+        return tokens, clock[use_cache] / 2, clock[use_cache]
+
+    monkeypatch.setattr(timing, "timed_greedy", ours)
+    (row,) = bench_kvcache(_model(), prompt_lengths=[4], new_tokens=[5], repeats=2, warmup=1, seed=0, min_seconds=0.05)
+    # warm-up: cached once; round 1: cached to 0.05 s (5 runs), uncached once (0.2 s >= 0.05); round 2 reversed
+    assert calls == ["cached"] + ["cached"] * 5 + ["uncached"] + ["uncached"] + ["cached"] * 5
+    assert row["cached_tok_s"] == pytest.approx(5 / 0.01) and row["uncached_tok_s"] == pytest.approx(5 / 0.2)
+
+
 def test_the_peer_is_the_faster_setting_at_each_point():
     import time as clock
 

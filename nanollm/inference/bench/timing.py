@@ -169,6 +169,7 @@ def bench_kvcache(
     transformers: Mapping[str, Peer] | None = None,
     uncached: bool = True,
     compiled: bool = False,
+    min_seconds: float = 0.0,
 ) -> list[Row]:
     """Time greedy decoding with and without the KV cache for every (prompt_len, new_tokens) pair.
 
@@ -176,7 +177,11 @@ def bench_kvcache(
     is a prefix of the longest), so every run of the benchmark sees the same ones. Each
     point runs `warmup` untimed then `repeats` timed rounds, each round one cached and one
     uncached decode (the untimed rounds skip the uncached one: it warms nothing, and at a long
-    prompt it is the slowest run of the point); reported figures are medians. tokens/s is end to end: new_tokens over
+    prompt it is the slowest run of the point); reported figures are medians. With
+    `min_seconds`, a timed round runs each setting again until its runs in that round add
+    up to min_seconds, each run one sample: a compiled decode of 256 tokens takes a tenth of
+    a second, the uncached one at a long prompt many seconds, and the fast settings' medians
+    need more than `repeats` samples to be steady on a shared host. tokens/s is end to end: new_tokens over
     the whole wall time, prefill included, so a long prompt lowers it for both modes; ttft
     is prefill plus the first token. Every run's tokens must equal those of the other mode
     up to a near-tie (see equality.check_same), else KVCacheMismatchError names the point.
@@ -216,7 +221,9 @@ def bench_kvcache(
     rows = []
     for prompt_len, n_new in tqdm(points, desc="bench_kvcache", unit="point", disable=None):
         prompt = longest[:prompt_len].to(device)
-        row = _measure_point(model, prompt, n_new, repeats, warmup, device, transformers or {}, uncached, compiled)
+        row = _measure_point(
+            model, prompt, n_new, repeats, warmup, device, transformers or {}, uncached, compiled, min_seconds
+        )
         log.info(
             "prompt %d + %d new: %.1f tok/s cached%s%s",
             prompt_len,
@@ -243,6 +250,7 @@ def _measure_point(
     peers: Mapping[str, Peer],
     uncached: bool = True,
     compiled: bool = False,
+    min_seconds: float = 0.0,
 ) -> Row:
     """One row of bench_kvcache: warmup + repeats rounds at one (prompt, new tokens) point, order alternating."""
     prompt_len = prompt.numel()
@@ -267,9 +275,14 @@ def _measure_point(
         for name in names:
             if name == "uncached" and not timed:
                 continue  # nothing to warm up (no cache, no compile): the slowest run of a point, skipped
-            outs[name], ttft, seconds = runs[name]()
-            if timed:
-                samples[name].append((ttft, n_new / seconds))
+            spent = 0.0
+            while True:  # untimed: once; timed: once, then again until min_seconds are spent
+                outs[name], ttft, seconds = runs[name]()
+                spent += seconds
+                if timed:
+                    samples[name].append((ttft, n_new / seconds))
+                if not timed or spent >= min_seconds:
+                    break
         reference = outs["uncached" if uncached and timed else "cached"]
         for ours in ("cached", "compiled") if compiled else ("cached",):
             note = check_same(model, prompt, outs[ours], reference) if ours != "cached" or uncached else None
