@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _rounds import alternating_medians, print_table  # benchmarks/ is on sys.path when a script runs
 
 from nanollm.config import Config
 from nanollm.hardware import describe_machine
@@ -86,23 +85,12 @@ def main() -> int:
     print(f"machine: {describe_machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{len(ours)} matrices ({sorted({tuple(p.shape) for p in ours})}), fp32; "
           f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
-    names = list(sides)
-    for name in names:  # warm-up, and the same number of steps on each side before the equality check
-        sides[name][1]()
+    for _, step in sides.values():  # warm-up, and the same number of steps on each side before the equality check
+        step()
     same = all(torch.equal(a, b) for a, b in zip(ours, loop, strict=True))
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(args.rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                sides[name][1]()
-            times[name].append((time.perf_counter() - t0) / args.steps)
+    medians = alternating_medians({name: step for name, (_, step) in sides.items()}, args.rounds, args.steps)
     print(f"load average after: {os.getloadavg()[0]:.2f}; batched and one at a time equal after a step: {same}\n")
-    med = {name: statistics.median(v) for name, v in times.items()}
-    print("| step | ms a step | this / batched |")
-    print("| --- | ---: | ---: |")
-    for name in names:
-        print(f"| {name} | {med[name] * 1e3:.1f} | x{med[name] / med[names[0]]:.2f} |")
+    print_table("step", medians, "batched (ours)")
     return 0 if same else 1
 
 

@@ -396,13 +396,28 @@ def test_compiled_step_times_eager_compiled_and_each_setting_taken_back(tmp_path
     assert "- batch 2: x" in out  # the bound a batch's floor puts on its gain over batch 1
 
 
-@smoke("muon_step.py")
+@smoke("muon_step.py", "_rounds.py")
 def test_muon_step_times_the_three_and_checks_batched_against_one_at_a_time(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("model: {n_layer: 2, n_head: 2, n_embd: 32, block_size: 16}\ntokenizer: {vocab_size: 300}\n")
     out = _run("muon_step.py", "--params", str(params), "--steps", "2", "--rounds", "2", "--threads", "1")
     assert "batched and one at a time equal after a step: True" in out
     header, rows = _table(out, "step")
-    assert header == ["step", "ms a step", "this / batched"]
+    assert header == ["step", "ms a step", "this / batched (ours)"]
     assert [r[0] for r in rows] == ["batched (ours)", "one at a time", "torch.optim.Muon"]
     assert all(_number(r[1]) > 0 for r in rows) and rows[0][2] == "x1.00"
+
+
+@smoke("loss_chunks.py", "_rounds.py")
+def test_loss_chunks_times_each_chunk_size_against_the_whole_logits(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "model: {n_layer: 1, n_head: 2, n_embd: 32, block_size: 16}\ntokenizer: {vocab_size: 300}\n"
+        "train: {batch_size: 4}\n"
+    )
+    out = _run("loss_chunks.py", "--params", str(params), "--chunks", "8,64", "--steps", "1", "--rounds", "2")
+    assert "losses agree to fp32 rounding: True" in out
+    header, rows = _table(out, "forward + backward")
+    assert header == ["forward + backward", "ms a step", "this / whole"]
+    assert [r[0] for r in rows] == ["chunked, 8 rows", "chunked, 64 rows", "whole"]
+    assert all(_number(r[1]) > 0 for r in rows) and rows[-1][2] == "x1.00"

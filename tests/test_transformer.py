@@ -204,3 +204,23 @@ def test_residual_projections_are_scaled_at_init():
     assert abs(model.layers[3].attention.wo.weight.std().item() - scaled) < 0.1 * scaled
     assert abs(model.layers[3].feed_forward.w2.weight.std().item() - scaled) < 0.1 * scaled
     assert torch.equal(model.norm.weight, torch.ones(128))
+
+
+@pytest.mark.parametrize("cap", [None, 15.0])
+def test_the_loss_made_a_chunk_at_a_time_is_cross_entropy_over_all_the_logits(monkeypatch, cap):
+    """forward(targets=...) equals F.cross_entropy over the whole logits, in value and in every gradient, also
+    when the rows do not fill the last chunk and with soft-capped logits."""
+    import nanollm.model.transformer as transformer
+
+    monkeypatch.setattr(transformer, "LOSS_CHUNK", 7)  # 2 x 12 = 24 rows: chunks of 7, 7, 7 and 3
+    whole, chunked = tiny(logit_softcap=cap), tiny(logit_softcap=cap)
+    chunked.load_state_dict(whole.state_dict())
+    x, y = torch.randint(0, 50, (2, 12)), torch.randint(0, 50, (2, 12))
+    reference = F.cross_entropy(whole(x).flatten(0, 1), y.flatten())
+    loss = chunked(x, targets=y)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss, reference)
+    reference.backward()
+    loss.backward()
+    for (name, a), b in zip(whole.named_parameters(), chunked.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)

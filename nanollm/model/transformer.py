@@ -29,7 +29,12 @@ from nanollm.model.norm import RMSNorm
 from nanollm.model.packing import PackedLinears, column_major, pack
 from nanollm.model.rope import RotaryEmbedding
 
-__all__ = ["Block", "FeedForward", "RMSNorm", "Transformer", "value_embed_layers", "value_embed_table"]
+__all__ = ["LOSS_CHUNK", "Block", "FeedForward", "RMSNorm", "Transformer", "value_embed_layers", "value_embed_table"]
+
+# Rows of logits the training loss makes at once (Transformer.forward with targets): 512 x a
+# vocab of 4096 is 8 MB of fp32, which a CPU's last-level cache holds while the chunk is
+# normalised and differentiated.
+LOSS_CHUNK = 512
 
 
 class FeedForward(nn.Module):
@@ -175,9 +180,21 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(
-        self, idx: torch.Tensor, start_pos: int | RaggedStep | None = None, *, last_only: bool = False
+        self,
+        idx: torch.Tensor,
+        start_pos: int | RaggedStep | None = None,
+        *,
+        last_only: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """idx (B, T) int64 -> logits (B, T, vocab) in fp32; (B, 1, vocab) for the last position with last_only.
+        """idx (B, T) int64 -> logits (B, T, vocab) in fp32; (B, 1, vocab) for the last position with last_only;
+        with targets (B, T) int64, the mean next-token cross-entropy instead (a 0-dim fp32 tensor).
+
+        The loss never holds all B*T x vocab logits at once: LOSS_CHUNK rows at a time, each
+        chunk's logits are made, normalised and (in backward) differentiated while they are still
+        in the CPU's cache. The same sums as F.cross_entropy over the whole batch, in another
+        order. On 2 CPU cores a default micro-batch's forward and backward is ~12% faster so
+        (benchmarks/loss_chunks.py, docs/speedrun.md).
 
         start_pos: None for the plain pass, an int for the cached pass, or a RaggedStep (idx
         (B, 1), one token per cache row at that row's own position) for a batched decode step.
@@ -212,12 +229,24 @@ class Transformer(nn.Module):
                 skips.append(x)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
-        logits = self.output(self.norm(x))  # (B, T, vocab)
+        x = self.norm(x)
+        if targets is None:
+            return self._logits(x)  # (B, T, vocab)
+        x, targets = x.flatten(0, 1), targets.reshape(-1)  # (B*T, C), (B*T,)
+        total = torch.zeros((), device=x.device)
+        for i in range(0, x.size(0), LOSS_CHUNK):
+            rows = slice(i, i + LOSS_CHUNK)
+            total = total + F.cross_entropy(self._logits(x[rows]), targets[rows], reduction="sum")
+        return total / targets.numel()
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised hidden states (..., C) -> logits (..., vocab) in fp32, soft-capped when the model caps them."""
+        logits = self.output(x)
         if logits.dtype != torch.float32:
             logits = logits.float()
         cap = self.cfg.logit_softcap
         if cap is not None:
-            logits = cap * torch.tanh(logits / cap)  # (B, T, vocab), each in (-cap, cap)
+            logits = cap * torch.tanh(logits / cap)  # each in (-cap, cap)
         return logits
 
     # ------------------------------------------------------------------ KV cache

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -121,8 +120,7 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCo
 
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = model(x)  # (B, T, vocab), fp32
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+    return model(x, targets=y)  # the mean cross-entropy, fp32, from logits made a chunk at a time
 
 
 # ---------------------------------------------------------------------------- evaluation
