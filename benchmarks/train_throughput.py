@@ -124,14 +124,18 @@ def _peer(cfg, vocab: int):
 
 
 class _LogitsOnly(torch.nn.Module):
-    """Makes a transformers model callable as ours: ids (B, T) -> logits (B, T, vocab)."""
+    """Makes a transformers model callable as ours: ids (B, T) -> logits (B, T, vocab); with targets (B, T), the
+    mean cross-entropy over all the logits at once, as transformers' own loss computes it."""
 
     def __init__(self, inner: torch.nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.inner(input_ids=idx, use_cache=False).logits  # (B, T, vocab)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.inner(input_ids=idx, use_cache=False).logits  # (B, T, vocab)
+        if targets is None:
+            return logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1))
 
 
 def _stepper(model, args):
